@@ -1,0 +1,121 @@
+"""Inference checkpoints: an Orbax PyTree of the model parameters beside `config.json` and `metadata.json`.
+
+Layout of a checkpoint directory:
+    params/         Orbax StandardCheckpointer output (the nnx.Param state of `Csm`)
+    config.json     `CsmConfig.to_dict()`
+    metadata.json   {"format": "csm-jax", "dtype": ..., plus whatever the writer adds (source, layout, ...)}
+A checkpoint is written into a temporary sibling directory and renamed into place, so an interrupted write
+never leaves a directory that `load_model` would accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from csm_jax.config import CsmConfig
+from csm_jax.model import Csm
+
+FORMAT = "csm-jax"
+
+
+class CheckpointError(ValueError):
+    """A path that does not hold a complete csm-jax checkpoint."""
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a fresh temporary directory beside `path`; on success it replaces `path` in one rename.
+
+    On any exception the temporary directory is removed and `path` is left as it was.
+    """
+    final = Path(path).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def abstract_model(config: CsmConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Csm:
+    """A `Csm` whose parameters are `jax.ShapeDtypeStruct`s: a skeleton to restore or convert into."""
+    return nnx.eval_shape(lambda: Csm(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def write_params(directory: Path, params: nnx.State) -> None:
+    """Writes an nnx.Param state (arrays, jax or numpy) as an Orbax PyTree under `directory / "params"`."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "params", nnx.to_pure_dict(params))
+
+
+def save_model(model: Csm, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    """Writes `model`'s parameters, config and metadata to `path` atomically. Returns the path."""
+    params = nnx.state(model, nnx.Param)
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
+    with atomic_directory(path) as tmp:
+        write_params(tmp, params)
+        write_config_and_metadata(tmp, model.config, {"dtype": "/".join(sorted(dtypes)), **(metadata or {})})
+    return Path(path)
+
+
+def write_config_and_metadata(directory: Path, config: CsmConfig, metadata: dict[str, Any]) -> None:
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (directory / "metadata.json").write_text(json.dumps({"format": FORMAT, **metadata}, indent=2) + "\n")
+
+
+def read_config(path: str | os.PathLike) -> CsmConfig:
+    path = Path(path)
+    missing = [name for name in ("config.json", "metadata.json", "params") if not (path / name).exists()]
+    if missing:
+        raise CheckpointError(f"{path} is not a csm-jax checkpoint: it lacks {', '.join(missing)}. Convert a "
+                              f"PyTorch checkpoint first: python -m convert SRC {path}")
+    return CsmConfig.from_dict(json.loads((path / "config.json").read_text()))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(path) / "metadata.json").read_text())
+
+
+def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
+    """Restores the parameter state into the shapes, dtypes (cast on restore) and shardings of `abstract`."""
+    target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                          target)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(Path(path).absolute() / "params", target)
+    state = nnx.state(abstract, nnx.Param)
+    nnx.replace_by_pure_dict(state, restored)
+    return state
+
+
+def load_model(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any | None = None) -> Csm:
+    """Loads a checkpoint written by the converter (or `save_model`, or training's export).
+
+    dtype: the compute dtype (float32 or bfloat16); param_dtype: the stored dtype of the parameters in memory
+    (default: the same as `dtype`). Norms, softmax and logits stay float32 whatever the dtypes.
+    """
+    config = read_config(path)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, load_params(path, abstract))
