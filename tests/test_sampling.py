@@ -1,0 +1,68 @@
+"""The filters keep exactly the tokens they should, on crafted logits; draws respect them and the seed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csm_jax.sampling import (GREEDY, SamplerConfig, filter_logits, min_p_mask, sample, top_k_mask,
+                              top_p_mask)
+
+
+def kept(logits):
+    return set(np.flatnonzero(np.isfinite(np.asarray(logits[0]))).tolist())
+
+
+def test_top_k_keeps_the_k_largest_and_ties_at_the_kth():
+    logits = jnp.array([[1.0, 5.0, 3.0, 3.0, 0.0, 4.0]])
+    assert kept(top_k_mask(logits, 2)) == {1, 5}
+    assert kept(top_k_mask(logits, 3)) == {1, 5, 2, 3}  # 3.0 ties at the third place: both stay
+    assert kept(top_k_mask(logits, 0)) == set(range(6))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([[0.5, 0.05, 0.3, 0.15]])
+    logits = jnp.log(jnp.asarray(probs))
+    assert kept(top_p_mask(logits, 0.5)) == {0}
+    assert kept(top_p_mask(logits, 0.6)) == {0, 2}
+    assert kept(top_p_mask(logits, 0.8)) == {0, 2}  # 0.5 + 0.3 reaches 0.8
+    assert kept(top_p_mask(logits, 0.81)) == {0, 2, 3}
+    assert kept(top_p_mask(logits, 0.01)) == {0}  # the most likely token always stays
+
+
+def test_min_p_keeps_tokens_above_a_fraction_of_the_best():
+    logits = jnp.log(jnp.array([[0.4, 0.2, 0.1, 0.3]]))
+    assert kept(min_p_mask(logits, 0.5)) == {0, 1, 3}  # 0.2 >= 0.5 * 0.4
+    assert kept(min_p_mask(logits, 0.6)) == {0, 3}
+
+
+def test_filters_compose_after_temperature():
+    logits = jnp.array([[2.0, 1.0, 0.0, -1.0, -2.0]])
+    config = SamplerConfig(temperature=0.5, top_k=4, top_p=0.99, min_p=0.05)
+    out = filter_logits(logits, config)
+    # temperature 0.5 doubles the gaps; top-k drops index 4; min-p 0.05 keeps p >= e^-3 of the best: 0, 1
+    assert kept(out) == {0, 1}
+    np.testing.assert_allclose(np.asarray(out[0, :2]), [4.0, 2.0])
+
+
+def test_draws_stay_in_the_kept_set_follow_the_probabilities_and_the_seed():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draws = np.asarray(sample(keys, logits, SamplerConfig(temperature=1.0, top_k=3)))
+    assert set(draws.tolist()) == {0, 1, 2}
+    np.testing.assert_allclose(np.bincount(draws, minlength=4)[:3] / 4000, np.array([0.5, 0.3, 0.15]) / 0.95,
+                               atol=0.03)
+    again = np.asarray(sample(keys, logits, SamplerConfig(temperature=1.0, top_k=3)))
+    np.testing.assert_array_equal(draws, again)
+
+
+def test_greedy_is_argmax():
+    logits = jnp.array([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(np.asarray(sample(None, logits, GREEDY)), [1, 0])
+
+
+def test_bad_settings_say_what_is_allowed():
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplerConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplerConfig(temperature=-1)
