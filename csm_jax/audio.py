@@ -127,7 +127,7 @@ def to_torch(x, device="cpu"):
     if isinstance(x, torch.Tensor):
         return x.to(device)
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(x).to(device)
+        return torch.from_numpy(x if x.flags.writeable else x.copy()).to(device)
     import jax
 
     if isinstance(x, jax.Array):
@@ -135,7 +135,7 @@ def to_torch(x, device="cpu"):
         torch_type = torch.device(device).type
         if (jax_platform, torch_type) in (("cpu", "cpu"), ("gpu", "cuda"), ("cuda", "cuda")):
             return torch.from_dlpack(x).to(device)
-    return torch.from_numpy(np.asarray(x)).to(device)
+    return torch.from_numpy(np.array(x)).to(device)
 
 
 def to_jax(t):
