@@ -99,7 +99,9 @@ class Csm(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(n), codes.shape)
         h, _ = self.decoder_forward(inputs, positions)
         heads = self.audio_head[...].astype(self.dtype)  # (n-1, Dd, V)
-        return jnp.einsum("bnd,ndv->bnv", h[:, 1:], heads, preferred_element_type=jnp.float32)
+        # codebook-major operands: XLA CPU (jax 0.10) has no bf16 x bf16 -> f32 kernel for "bnd,ndv->bnv"
+        logits = jnp.einsum("nbd,ndv->nbv", h[:, 1:].swapaxes(0, 1), heads, preferred_element_type=jnp.float32)
+        return logits.swapaxes(0, 1)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
