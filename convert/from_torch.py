@@ -137,13 +137,13 @@ def copy_codec(reader: TensorReader, source_config: Path, directory: Path) -> bo
 
 
 def convert_to_orbax(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "keep",
-                     config: str | os.PathLike | None = None, download=None) -> Path:
+                     config: str | os.PathLike | None = None) -> Path:
     """Converts a PyTorch CSM checkpoint (directory, weights file or hub repo id) into a csm-jax checkpoint.
 
     dtype: "keep" (the source's), "float32" or "bfloat16". config: a config.json or preset name overriding the
     one beside the weights. Nothing is left at `out` if anything fails.
     """
-    weights = find_weights(resolve_source(src, download))
+    weights = find_weights(resolve_source(src))
     model_config = read_source_config(weights.parent, config)
     reader = open_tensors(weights)
     layout = detect_layout(reader.keys())

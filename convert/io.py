@@ -32,7 +32,7 @@ class TensorReader(Protocol):
 
 # ---- locating the checkpoint -----------------------------------------------------------------------------------
 
-def resolve_source(src: str | os.PathLike, download: Callable[..., str] | None = None) -> Path:
+def resolve_source(src: str | os.PathLike) -> Path:
     """A local file or directory as is; otherwise `src` is taken for a hub repo id and downloaded (config and
     weights only) with `huggingface_hub.snapshot_download`, whose local directory is then read like any other."""
     path = Path(src).expanduser()
@@ -41,10 +41,10 @@ def resolve_source(src: str | os.PathLike, download: Callable[..., str] | None =
     if str(src).count("/") != 1 or str(src).startswith((".", "/", "~")):
         raise ConversionError(f"{src} does not exist. Give a checkpoint directory, a weights file "
                               f"({', '.join(WEIGHT_FILES)}) or a hub repo id such as sesame/csm-1b.")
-    if download is None:
-        from huggingface_hub import snapshot_download as download
+    from huggingface_hub import snapshot_download
+
     try:
-        return Path(download(repo_id=str(src), allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=str(src), allow_patterns=HUB_PATTERNS))
     except Exception as e:  # the hub client raises many types; all mean the same thing here
         raise ConversionError(f"could not download {src} from the Hugging Face hub ({type(e).__name__}: {e}). "
                               f"For gated repos such as sesame/csm-1b accept the licence on the hub and log in "

@@ -1,0 +1,61 @@
+"""Command line: python -m convert SRC OUT [--dtype ...] [--to orbax|transformers|original] [--config ...]
+
+    python -m convert sesame/csm-1b ckpt/csm-1b                     # hub repo (transformers layout) -> Orbax
+    python -m convert ~/csm/ckpt.pt ckpt/csm-1b --config csm_1b     # Sesame's first release -> Orbax
+    python -m convert ckpt/csm-1b export/csm-1b-hf --to transformers
+    python -m convert ckpt/csm-1b export/csm-1b-orig --to original --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from convert.from_torch import convert_to_orbax
+from convert.io import ConversionError
+from convert.layouts import LAYOUTS, LayoutError
+from convert.to_torch import export_checkpoint
+from csm_jax.checkpoint import CheckpointError, read_metadata
+from csm_jax.config import ConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="--to orbax: a PyTorch checkpoint directory, weights file (model.safetensors, "
+                               "model.safetensors.index.json, ckpt.pt) or hub repo id; otherwise a csm-jax checkpoint")
+    p.add_argument("out", help="directory to write (replaced atomically if it exists)")
+    p.add_argument("--to", choices=["orbax", *LAYOUTS], default="orbax", help="output format (default: orbax)")
+    p.add_argument("--dtype", choices=["keep", "float32", "bfloat16"], default="keep",
+                   help="parameter dtype of the output (default: keep the source's)")
+    p.add_argument("--config", help="config.json of either family, or a preset name (csm_1b), overriding the one "
+                                    "beside the weights (--to orbax only)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.to == "orbax":
+            out = convert_to_orbax(args.src, args.out, dtype=args.dtype, config=args.config)
+            meta = read_metadata(out)
+            what = f"{meta['layout']} layout, {meta['source_dtype']} -> {meta['dtype']}"
+            if meta.get("codec"):
+                what += f"; the Mimi codec weights went to {out / meta['codec']}"
+        else:
+            if args.config:
+                raise ConversionError("--config only applies to --to orbax: an export uses the checkpoint's own "
+                                      "config.json.")
+            out = export_checkpoint(args.src, args.out, args.to, dtype=args.dtype)
+            what = f"{args.to} layout"
+    except (ConversionError, LayoutError, ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({what}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
