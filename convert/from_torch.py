@@ -166,3 +166,7 @@ def _at(tree: dict, path: tuple[str, ...]):
     for name in path:
         tree = tree[name]
     return tree
+
+
+def _listing(items: list[str], limit: int = 12) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -55,10 +55,9 @@ def test_transformers_checkpoint_matches_transformers_logits(transformers_checkp
 
 
 def test_bfloat16_load_stays_close_to_float32_reference(transformers_checkpoint, rng):
-    """bfloat16 parameters and activations (8 significant bits, relative rounding 2^-9 per operation) against the
-    float32 reference: measured max |diff| about 0.03-0.06 for logits up to about 4 on tiny configs over a few
-    seeds; the bound is 0.15 absolute (about 4% of the largest logit), and the ranking of the top code must
-    mostly agree."""
+    """bfloat16 parameters and activations (8 significant bits) against the float32 reference. Measured over
+    2 configs x 4 seeds (logits up to about 4.4): max |diff| 0.036-0.089, argmax of codebook 0 equal at 95-100%
+    of positions. Bound: 0.15 absolute (about 3.5% of the largest logit), argmax equal at >= 90%."""
     reference, converted, config = transformers_checkpoint
     tokens, mask, codes = inputs(rng, config, batch=4)
     want = transformers_logits(reference, tokens, mask, codes)[:2]
