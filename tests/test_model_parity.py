@@ -112,3 +112,38 @@ def test_rmsnorm_matches_transformers(rng):
     with torch.no_grad():
         want = ref(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_odd"])
+def test_attention_with_gqa_matches_transformers(preset, rng):
+    """One attention layer of the backbone (tiny: 4 query heads on 2 kv heads, Llama-3 scaled RoPE; tiny_odd:
+    head_dim 24 != dim/heads) against transformers' CsmAttention, weights mapped by the converter's table."""
+    from flax import nnx
+    from transformers import CsmConfig as HfCsmConfig
+    from transformers.models.csm.modeling_csm import CsmAttention, CsmRotaryEmbedding
+
+    from convert.layouts import TRANSFORMERS, TRANSFORMS
+    from csm_jax.layers import Attention, AttentionInputs, attention_mask
+
+    cfg = getattr(CsmConfig, preset)().backbone
+    hf_config = HfCsmConfig(**{k: v for k, v in getattr(CsmConfig, preset)().to_transformers().items()
+                               if k not in ("architectures", "model_type")}, attn_implementation="eager")
+    reference = CsmAttention(hf_config, layer_idx=0).eval()
+    ours = Attention(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    for name, module in [("q_proj", reference.q_proj), ("k_proj", reference.k_proj), ("v_proj", reference.v_proj),
+                         ("o_proj", reference.o_proj)]:
+        weight = rng.normal(size=module.weight.shape).astype(np.float32) / module.weight.shape[1] ** 0.5
+        module.weight.data = torch.from_numpy(weight)
+        rule, _ = TRANSFORMERS.match(f"backbone_model.layers.0.self_attn.{name}.weight")
+        getattr(ours, rule.target[-1])[...] = jnp.asarray(TRANSFORMS[rule.transform].to_nnx(weight, cfg))
+
+    b, t = 2, 9
+    x = rng.normal(size=(b, t, cfg.dim)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(t) + 100, (b, t))  # far enough out for the scaled frequencies to matter
+    with torch.no_grad():
+        cos_sin = CsmRotaryEmbedding(hf_config)(torch.from_numpy(x), torch.from_numpy(positions.copy()))
+        causal = torch.full((t, t), torch.finfo(torch.float32).min).triu(1).expand(b, 1, t, t)
+        want = reference(torch.from_numpy(x), position_embeddings=cos_sin, attention_mask=causal)[0].numpy()
+    segments = jnp.ones((b, t), jnp.int32)
+    got, _ = ours(jnp.asarray(x), AttentionInputs(jnp.asarray(positions), attention_mask(segments, segments, 0)))
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
