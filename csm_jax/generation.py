@@ -6,8 +6,8 @@ Generation: the prompt is prefilled in one backbone call; then each frame is one
 from the backbone hidden state, the 31 depth-decoder steps from an empty 32-slot cache, then the backbone
 step on the new frame). The frames run inside one `lax.while_loop` until every row has produced its all-zero
 end frame (dropped) or the frame cap, so no Python runs per frame. Prompts of a batch are left-padded
-(segment id 0) and each row stops on its own. Randomness: row r's codebook i of frame t draws with
-`fold_in(fold_in(key_r, t), i)`, so a seed gives the same audio alone, in a batch, or streamed.
+(segment id 0) and each row stops on its own. Randomness: row r's codebook i of frame t draws with the i-th
+uniform of `fold_in(key_r, t)`, so a seed gives the same audio alone, in a batch, or streamed.
 """
 
 from __future__ import annotations
@@ -148,14 +148,16 @@ def sample_frame(model: Csm, hidden: jax.Array, keys: jax.Array, step: jax.Array
     n = model.config.num_codebooks
     b = hidden.shape[0]
 
+    # one uniform per (row, codebook): row r's frame t depends only on key_r and t
+    uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (n,)))(keys)
+
     def pick(logits, codebook, config):
         codebook = jnp.asarray(codebook, jnp.int32)
         if logits.shape[-1] > CODEC_CODES:  # never sample an id Mimi cannot decode
             logits = jnp.where(jnp.arange(logits.shape[-1]) < CODEC_CODES, logits, -jnp.inf)
         if processor is not None:
             logits = processor(logits, step, codebook)
-        row_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, step), codebook))(keys)
-        return sample(row_keys, logits, config)
+        return sample(jax.lax.dynamic_index_in_dim(uniforms, codebook, axis=1, keepdims=False), logits, config)
 
     c0 = pick(model.codebook0_logits(hidden), 0, sampling.codebook0)
     cache = KVCache.empty(model.config.decoder, b, n, model.dtype)
@@ -228,11 +230,15 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 class FrameGenerator:
-    """Generates Mimi frames from prompt frames with a `Csm` (no text or audio processing here)."""
+    """Generates Mimi frames from prompt frames with a `Csm` (no text or audio processing here).
+
+    Decodes with a per-layer copy of the layer parameters (`Csm.unstacked`); drop your own reference to a large
+    model after building this to free its stacked arrays.
+    """
 
     def __init__(self, model: Csm):
-        self.model = model
-        self.graphdef, self.params = nnx.split(model)
+        self.model = model.unstacked() if model.backbone.scan_layers else model
+        self.graphdef, self.params = nnx.split(self.model)
         self.config = model.config
 
     def start(self, prompts: Sequence[Frames], max_frames: int, seeds: Sequence[int]) -> DecodeState:

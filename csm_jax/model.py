@@ -31,6 +31,15 @@ class Csm(nnx.Module):
         self.decoder = Transformer(c.decoder, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.audio_head = param(rngs, (n - 1, d, v), ("codebooks", "embed", "vocab"), param_dtype)
 
+    def unstacked(self) -> Csm:
+        """A copy for decoding whose two transformers hold one array per layer (`Transformer.unstacked`); the
+        other parameters are shared. The stacked layer arrays are freed once the caller drops this model."""
+        graphdef, state = nnx.split(self)
+        copy = nnx.merge(graphdef, state)
+        copy.backbone = self.backbone.unstacked()
+        copy.decoder = self.decoder.unstacked()
+        return copy
+
     # ---- embeddings ----------------------------------------------------------------------------------------
 
     def embed_audio(self, codes: jax.Array, codebooks: jax.Array) -> jax.Array:

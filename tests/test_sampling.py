@@ -47,13 +47,35 @@ def test_filters_compose_after_temperature():
 
 def test_draws_stay_in_the_kept_set_follow_the_probabilities_and_the_seed():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
-    keys = jax.random.split(jax.random.key(0), 4000)
-    draws = np.asarray(sample(keys, logits, SamplerConfig(temperature=1.0, top_k=3)))
+    uniforms = jax.random.uniform(jax.random.key(0), (4000,))
+    draws = np.asarray(sample(uniforms, logits, SamplerConfig(temperature=1.0, top_k=3)))
     assert set(draws.tolist()) == {0, 1, 2}
     np.testing.assert_allclose(np.bincount(draws, minlength=4)[:3] / 4000, np.array([0.5, 0.3, 0.15]) / 0.95,
                                atol=0.03)
-    again = np.asarray(sample(keys, logits, SamplerConfig(temperature=1.0, top_k=3)))
+    again = np.asarray(sample(uniforms, logits, SamplerConfig(temperature=1.0, top_k=3)))
     np.testing.assert_array_equal(draws, again)
+
+
+def test_inverse_cdf_picks_the_token_whose_interval_holds_the_uniform():
+    logits = jnp.log(jnp.array([[0.0, 0.25, 0.0, 0.5, 0.25]] * 5))
+    uniforms = jnp.array([0.0, 0.2499, 0.25, 0.7499, 0.9999])
+    picked = sample(uniforms, logits, SamplerConfig(temperature=1.0, top_k=0))
+    np.testing.assert_array_equal(np.asarray(picked), [1, 1, 3, 3, 4])  # zero-probability tokens never
+
+
+def test_bisection_filters_agree_with_sorting_on_random_rows():
+    logits = jax.random.normal(jax.random.key(1), (64, 2051)) * 3
+    logits = logits.at[:, :5].set(logits[:, 5:6])  # ties
+    order = np.sort(np.asarray(logits), axis=-1)[:, ::-1]
+    for k in (1, 7, 50):
+        expect = np.asarray(logits) >= order[:, k - 1:k]
+        np.testing.assert_array_equal(np.isfinite(np.asarray(top_k_mask(logits, k))), expect)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(order), axis=-1))
+    for p in (0.3, 0.9):
+        before = np.cumsum(probs, axis=-1) - probs
+        threshold = np.where(before < p, order, np.inf).min(axis=-1, keepdims=True)
+        np.testing.assert_array_equal(np.isfinite(np.asarray(top_p_mask(logits, p))),
+                                      np.asarray(logits) >= threshold)
 
 
 def test_greedy_is_argmax():
