@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from convert.from_torch import CODEC_DIR, CODEC_PREFIX, DTYPES, _at, target_shape
+from convert.from_torch import CODEC_DIR, CODEC_PREFIX, DTYPES, param_at, target_shape
 from convert.io import ConversionError, SafetensorsReader, TensorSpec, write_safetensors
 from convert.layouts import LAYOUTS, TRANSFORMS, Layout, Rule, stack_config
 from csm_jax.checkpoint import abstract_model, atomic_directory, load_params, read_config, read_metadata
@@ -64,7 +64,7 @@ def _config_json(config: CsmConfig, layout: Layout, checkpoint: Path) -> dict[st
 
 
 def _torch_tensor(params: dict, rule: Rule, layer: int | None, config: CsmConfig, dtype: np.dtype) -> np.ndarray:
-    value = np.asarray(_at(params, rule.target))
+    value = np.asarray(param_at(params, rule.target))
     value = value if layer is None else value[layer]
     return TRANSFORMS[rule.transform].to_torch(value, stack_config(config, rule.stack)).astype(dtype, copy=False)
 
