@@ -65,8 +65,8 @@ def abstract_model(config: CsmConfig, *, dtype: Any = jnp.float32, param_dtype: 
 def write_params(directory: Path, params: nnx.State, concurrent_gb: int = 96) -> None:
     """Writes an nnx.Param state (arrays, jax or numpy) as an Orbax PyTree under `directory / "params"`.
 
-    concurrent_gb: how many GB Orbax may have in flight at once (its default is 96). Orbax copies what it
-    writes, so 1 keeps the peak near one copy of the parameters (measured: converting CSM-1B).
+    concurrent_gb: how many GB Orbax may write at once (its default is 96; it must fit the largest array).
+    Orbax copies what it writes, so a small value lowers the peak (the converter passes its largest array's size).
     """
     with ocp.StandardCheckpointer(save_concurrent_gb=concurrent_gb) as ckptr:
         ckptr.save(directory / "params", nnx.to_pure_dict(params))
