@@ -48,7 +48,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, lay
         tensors += _codec_tensors(checkpoint)
     with atomic_directory(out) as tmp:
         write_safetensors(tmp / "model.safetensors", tensors)
-        config_json["dtype"] = target.name
+        if layout == "transformers":  # Sesame's ModelArgs takes exactly the five original fields
+            config_json["dtype"] = target.name
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     return Path(out)
 
