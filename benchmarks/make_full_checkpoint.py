@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from convert.from_torch import DTYPES, target_shape
 from convert.io import write_safetensors
 from convert.layouts import LAYOUTS, TRANSFORMS, Layout
 from csm_jax.checkpoint import abstract_model
 from csm_jax.config import CsmConfig
-from flax import nnx
 
 
 def random_tensor(shape: tuple[int, ...], dtype: np.dtype, seed: int) -> np.ndarray:

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                                       "config.json.")
             out = export_checkpoint(args.src, args.out, args.to, dtype=args.dtype)
             what = f"{args.to} layout"
+            if args.to == "transformers" and not read_metadata(args.src).get("codec"):
+                what += ("; it has no Mimi codec weights, so transformers will initialise codec_model randomly: "
+                         "set model.codec_model = MimiModel.from_pretrained('kyutai/mimi') before decoding audio")
     except (ConversionError, LayoutError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -63,7 +63,7 @@ def plan(reader: TensorReader, layout: Layout, config: CsmConfig) -> list[tuple[
             misshaped.append(f"{source}: shape {got}, expected {want}")
         steps.append((source, rule, layer))
     used = {s for s, _, _ in steps} | set(aliases)
-    unexpected = sorted(k for k in keys - used if not layout.is_ignored(k))
+    unexpected = [_explain_unexpected(k, layout, config) for k in sorted(keys - used) if not layout.is_ignored(k)]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing tensor(s): {_listing(missing)}")
@@ -79,6 +79,15 @@ def plan(reader: TensorReader, layout: Layout, config: CsmConfig) -> list[tuple[
             "\nCheck that config.json belongs to these weights (or pass the right one with --config) and that no "
             "file is missing.")
     return steps
+
+
+def _explain_unexpected(key: str, layout: Layout, config: CsmConfig) -> str:
+    """A known per-layer name beyond the config's depth says the config is wrong, not the file."""
+    match = layout.match(key)
+    if match is None or match[0].stack is None:
+        return key
+    layers = stack_config(config, match[0].stack).num_layers
+    return f"{key} (the config's {match[0].stack} has {layers} layers)"
 
 
 def target_shape(targets: dict, rule: Rule) -> tuple[int, ...]:

@@ -179,7 +179,8 @@ def test_every_problem_is_reported_at_once(hf_tiny, tmp_path):
     message = str(e.value)
     assert "1 missing tensor(s): backbone_model.layers.1.mlp.up_proj.weight" in message
     assert "lm_head.weight: shape (67, 63), expected (67, 64)" in message
-    assert "1 unexpected tensor(s): backbone_model.layers.7.mlp.up_proj.weight" in message
+    assert ("1 unexpected tensor(s): backbone_model.layers.7.mlp.up_proj.weight (the config's backbone has 3 "
+            "layers)") in message
     assert "--config" in message and not (tmp_path / "out").exists()
 
 
