@@ -160,7 +160,7 @@ def sample_frame(model: Csm, hidden: jax.Array, keys: jax.Array, step: jax.Array
         return sample(jax.lax.dynamic_index_in_dim(uniforms, codebook, axis=1, keepdims=False), logits, config)
 
     c0 = pick(model.codebook0_logits(hidden), 0, sampling.codebook0)
-    cache = KVCache.empty(model.config.decoder, b, n, model.dtype)
+    cache = KVCache.empty(model.config.decoder, b, n, model.dtype, per_layer=not model.decoder.scan_layers)
     first = jnp.stack([hidden.astype(model.dtype), model.embed_audio(c0, 0)], axis=1)  # positions 0 and 1 together
     h, cache = model.decoder_forward(first, jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (b, 2)), cache, 0)
     codes = jnp.zeros((b, n), jnp.int32).at[:, 0].set(c0)
@@ -192,7 +192,7 @@ def decode_step(model: Csm, state: DecodeState, sampling: FrameSampling,
 
     tokens = jnp.concatenate([codes, jnp.zeros((b, 1), jnp.int32)], axis=-1)[:, None]
     mask = jnp.broadcast_to(jnp.arange(n + 1) < n, tokens.shape)
-    cache_index = state.cache.k.shape[2] - state.frames.shape[1] + state.step
+    cache_index = state.cache.segment_ids.shape[1] - state.frames.shape[1] + state.step
     hidden, cache = model.backbone(model.embed_frames(tokens, mask), state.positions[:, None],
                                    jnp.ones((b, 1), jnp.int32), state.cache, cache_index)
     return state.replace(step=state.step + 1, hidden=hidden[:, 0], cache=cache, positions=state.positions + 1,
@@ -204,7 +204,8 @@ def _prefill(graphdef, params, tokens, mask, segment_ids, keys, max_frames, fram
     model = nnx.merge(graphdef, params)
     b, p = segment_ids.shape
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
-    cache = KVCache.empty(model.config.backbone, b, p + frame_capacity, model.dtype)
+    cache = KVCache.empty(model.config.backbone, b, p + frame_capacity, model.dtype,
+                          per_layer=not model.backbone.scan_layers)
     hidden, cache = model.backbone(model.embed_frames(tokens, mask), positions, segment_ids, cache, 0)
     n = model.config.num_codebooks
     return DecodeState(step=jnp.zeros((), jnp.int32), hidden=hidden[:, -1], cache=cache,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from csm_jax import kernels
 from csm_jax.config import RopeScaling, TransformerConfig
 
 DType = Any
@@ -77,19 +78,25 @@ class RotaryEmbedding(nnx.Module):
 class KVCache:
     """Fixed-size cache for a whole layer stack.
 
-    k, v: (L, B, S, K, hd) in the compute dtype; segment_ids: (B, S) int32, the segment of the token written in
-    each slot (0 = empty or padding), shared by all layers. Slots are written at one index for the whole batch.
+    k, v: (L, B, S, K, hd) in the compute dtype, or (`per_layer`, for an unstacked Transformer) tuples of L
+    (B, S, K, hd) arrays, so that a decode step updates each layer in place instead of copying slices of one
+    stacked array; segment_ids: (B, S) int32, the segment of the token written in each slot (0 = empty or
+    padding), shared by all layers. Slots are written at one index for the whole batch.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     segment_ids: jax.Array
 
     @classmethod
-    def empty(cls, cfg: TransformerConfig, batch: int, length: int, dtype: DType) -> KVCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   segment_ids=jnp.zeros((batch, length), jnp.int32))
+    def empty(cls, cfg: TransformerConfig, batch: int, length: int, dtype: DType, per_layer: bool = False) -> KVCache:
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        if per_layer:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        else:
+            k = v = jnp.zeros((cfg.num_layers, *shape), dtype)
+        return cls(k=k, v=v, segment_ids=jnp.zeros((batch, length), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +118,22 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_offset: jax.A
     return causal[None] & (q_segments[:, :, None] == k_segments[:, None, :])
 
 
+def dense(x: jax.Array, w: jax.Array, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
+    """x (..., K) @ w (K, N) in the compute dtype (accumulated to `out_dtype` if given). float32 activations of a
+    decode step (a few rows) against bfloat16 weights use the CPU kernel of `csm_jax.kernels` (XLA's CPU backend
+    reads bfloat16 weights at ~1.7 GB/s); that case is float32 either way."""
+    if kernels.use_for(x, w, dtype):
+        return kernels.matvec_bf16(x, w)
+    return jnp.dot(x, w.astype(dtype), preferred_element_type=out_dtype)
+
+
+def _project_in(x: jax.Array, w: jax.Array, dtype: DType) -> jax.Array:
+    """"btd,dnh->btnh" as one 2-D matmul: XLA's CPU backend runs the 3-D einsum form at ~6 GB/s of weights, the
+    (free) reshaped matmul at full bandwidth."""
+    d, n, h = w.shape
+    return dense(x, w.reshape(d, n * h), dtype).reshape(*x.shape[:-1], n, h)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         d, h, k, hd = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -128,9 +151,9 @@ class Attention(nnx.Module):
         Returns (out (B, T, D), updated (k, v) or None).
         """
         dt = self.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+        q = _project_in(x, self.wq[...], dt)
+        k = _project_in(x, self.wk[...], dt)
+        v = _project_in(x, self.wv[...], dt)
         q = self.rope(q, inputs.positions)
         k = self.rope(k, inputs.positions)
         if kv is not None:
@@ -149,7 +172,8 @@ class Attention(nnx.Module):
         scores = jnp.where(inputs.mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, hd)
-        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), new_kv
+        wo = self.wo[...]
+        return dense(out.reshape(b, t, h * hd), wo.reshape(h * hd, wo.shape[-1]), dt), new_kv
 
 
 class MLP(nnx.Module):
@@ -163,8 +187,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
-        return (gate * (x @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+        gate = jax.nn.silu(dense(x, self.w_gate[...], dt))
+        return dense(gate * dense(x, self.w_up[...], dt), self.w_down[...], dt)
 
 
 class Block(nnx.Module):
@@ -245,14 +269,16 @@ class Transformer(nnx.Module):
         return self.norm(x), KVCache(k=k, v=v, segment_ids=seg)
 
     def _unrolled(self, x, inputs: AttentionInputs, cache: KVCache | None, cache_index, segment_ids):
-        k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+        """The blocks as a Python loop; the cache comes back per layer (see `KVCache`)."""
+        ks, vs = [], []
         for i, block in enumerate(self.blocks):
-            x, new_kv = block(x, inputs, None if cache is None else (k_all[i], v_all[i]), cache_index)
+            x, new_kv = block(x, inputs, None if cache is None else (cache.k[i], cache.v[i]), cache_index)
             if cache is not None:
-                k_all, v_all = k_all.at[i].set(new_kv[0]), v_all.at[i].set(new_kv[1])
+                ks.append(new_kv[0])
+                vs.append(new_kv[1])
         if cache is None:
             return self.norm(x), None
-        return self.norm(x), KVCache(k=k_all, v=v_all, segment_ids=segment_ids)
+        return self.norm(x), KVCache(k=tuple(ks), v=tuple(vs), segment_ids=segment_ids)
 
     def unstacked(self) -> Transformer:
         """A copy with one parameter array per layer (see the class docstring); the norm is shared."""

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from csm_jax.config import CsmConfig
-from csm_jax.layers import DType, KVCache, Transformer, param
+from csm_jax.layers import DType, KVCache, Transformer, dense, param
 
 
 class Csm(nnx.Module):
@@ -68,7 +68,7 @@ class Csm(nnx.Module):
 
     def codebook0_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden (..., D) -> (..., audio_vocab) float32."""
-        return jnp.dot(hidden, self.codebook0_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return dense(hidden, self.codebook0_head[...], self.dtype, jnp.float32)
 
     def __call__(self, tokens: jax.Array, mask: jax.Array, segment_ids: jax.Array | None = None):
         """Teacher-forced backbone: tokens (B, S, 33) int32, mask (B, S, 33) bool.
@@ -88,13 +88,13 @@ class Csm(nnx.Module):
     def decoder_forward(self, inputs: jax.Array, positions: jax.Array, cache: KVCache | None = None,
                         cache_index: jax.Array | int = 0):
         """inputs (B, T, D_backbone) in backbone space -> (decoder hidden (B, T, D_decoder), updated cache)."""
-        x = inputs.astype(self.dtype) @ self.projection[...].astype(self.dtype)
+        x = dense(inputs.astype(self.dtype), self.projection[...], self.dtype)
         return self.decoder(x, positions, jnp.ones(positions.shape, jnp.int32), cache, cache_index)
 
     def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
         """Decoder hidden (B, D_decoder) at position i -> logits (B, audio_vocab) float32 of codebook i (1..n-1)."""
-        head = jnp.take(self.audio_head[...], jnp.asarray(codebook) - 1, axis=0).astype(self.dtype)
-        return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+        head = jnp.take(self.audio_head[...], jnp.asarray(codebook) - 1, axis=0)
+        return dense(hidden, head, self.dtype, jnp.float32)
 
     def depth_logits(self, hidden: jax.Array, codes: jax.Array) -> jax.Array:
         """Teacher-forced depth decoder for one frame per row.

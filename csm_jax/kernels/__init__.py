@@ -1,0 +1,104 @@
+"""A CPU matrix-vector kernel for decode steps with bfloat16 weights (see matvec.cc for why).
+
+Compiled on first use with the system C++ compiler (g++ or c++) for this CPU, cached under
+~/.cache/csm_jax/kernels, and registered as an XLA FFI target. Without a compiler everything still works, through
+XLA's slower path, after a one-time warning. On GPUs the plain matmul is used (`lax.platform_dependent`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).with_name("matvec.cc")
+TARGET = "csm_matvec_bf16"
+MAX_ROWS = 16  # decode steps (batch x 1 or 2 positions); more rows are a prefill
+_available: bool | None = None
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = os.uname().machine
+    return flags
+
+
+def _build() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
+    cache = Path(os.environ.get("CSM_JAX_CACHE", Path.home() / ".cache" / "csm_jax")) / "kernels"
+    library = cache / f"matvec-{digest[:16]}.so"
+    if library.exists():
+        return library
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = library.with_suffix(f".{os.getpid()}.tmp")
+    subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+                    f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)],
+                   check=True, capture_output=True, text=True)
+    partial.rename(library)
+    return library
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (tries once per process)."""
+    global _available
+    if _available is None:
+        try:
+            library = ctypes.cdll.LoadLibrary(str(_build()))
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.CsmMatvecBf16), platform="cpu")
+            _available = True
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            warnings.warn(f"the bfloat16 CPU decode kernel could not be built ({detail.strip()[:300]}); bfloat16 "
+                          f"weights decode through XLA instead, which is much slower on CPU. Install g++ to fix.")
+            _available = False
+    return _available
+
+
+@jax.custom_vjp
+def matvec_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) float32 @ w (K, N) bfloat16 -> (..., N) float32, exact (weights widened, float32 sums): the
+    kernel for up to MAX_ROWS rows on CPU, else a float32 matmul on explicitly widened weights."""
+    k, n = w.shape
+    rows = x.reshape(-1, k)
+
+    def cpu(rows, w):
+        if rows.shape[0] > MAX_ROWS:  # a prefill: widen the weights once, unfused, then a float32 matmul
+            return rows @ jax.lax.optimization_barrier(w.astype(jnp.float32))
+        return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, w)
+
+    def other(rows, w):
+        return rows @ w.astype(jnp.float32)
+
+    return jax.lax.platform_dependent(rows, w, cpu=cpu, default=other).reshape(*x.shape[:-1], n)
+
+
+def _forward(x, w):
+    return matvec_bf16(x, w), (x, w)
+
+
+def _backward(residuals, dy):
+    x, w = residuals
+    dx = dy @ w.astype(jnp.float32).T
+    dw = jnp.einsum("...k,...n->kn", x, dy).astype(w.dtype)
+    return dx, dw
+
+
+matvec_bf16.defvjp(_forward, _backward)
+
+
+def use_for(x: jax.Array, w: jax.Array, dtype) -> bool:
+    """The kernel applies to float32 activations against bfloat16 weights."""
+    return (w.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32
+            and available())
