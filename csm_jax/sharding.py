@@ -66,15 +66,17 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     return PartitionSpec(*spec)
 
 
-def param_shardings(module_or_state, mesh: Mesh, rules=DEFAULT_RULES):
-    """An nnx.State of `NamedSharding`s, one per parameter, from its `logical_axes` metadata."""
-    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
+def param_shardings(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """A pure dict (the layout of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`) of `NamedSharding`s, one per
+    parameter, from its `logical_axes` metadata. `model` may be abstract (`nnx.eval_shape`)."""
 
-    def sharding(p):
-        axes = p.get_metadata().get("logical_axes", (None,) * p.ndim)
-        return NamedSharding(mesh, logical_to_spec(axes, p.shape, mesh, rules))
+    def sharding(p: nnx.Variable) -> nnx.Variable:
+        shape = p.get_value().shape
+        axes = p.get_metadata().get("logical_axes", (None,) * len(shape))
+        return p.replace(NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)))
 
-    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = nnx.state(model, nnx.Param)
+    return nnx.to_pure_dict(jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
