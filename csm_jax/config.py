@@ -86,6 +86,11 @@ class CsmConfig:
             text_vocab_size=300, audio_vocab_size=67, num_codebooks=32)
 
     @classmethod
+    def tiny_full_vocab(cls) -> CsmConfig:
+        """`tiny` with CSM's real vocabularies (Llama-3 text ids, 2051 audio ids): fits real tokenizers and Mimi."""
+        return dataclasses.replace(cls.tiny(), text_vocab_size=128_256, audio_vocab_size=2051)
+
+    @classmethod
     def tiny_odd(cls) -> CsmConfig:
         """Unlike `tiny` in every dimension: head_dim != dim/heads, MHA in one stack, other vocab and codebooks."""
         return cls(

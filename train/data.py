@@ -1,0 +1,255 @@
+"""Emilia-format data as Grain datasets: WebDataset tar shards (or `prepare`d ArrayRecord shards) -> fixed-shape
+frame batches.
+
+Emilia shards (`{LANG}/{LANG}-B000000.tar`) hold utterances as member pairs with one key: `{key}.mp3` (or .wav,
+.flac) and `{key}.json` (`text`, `duration`, `language`, `dnsmos`, `speaker`, ...). Pipeline, per JAX process:
+its share of the shards (every process_count-th, in a seeded order) -> shards interleaved -> metadata filters
+(language, duration, dnsmos) -> window shuffle -> featurize (decode, resample to 24 kHz, Mimi codes, Llama-3
+text) -> frames as the reference builds a segment (text frames, audio frames, the all-zero end frame) ->
+padded to `max_frames` and batched. Every stage is checkpointable (shard and position), so training resumes on
+the next example. Corrupt members are skipped and counted in `SKIPPED`, never fatal.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from csm_jax.generation import Segment, segment_frames
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
+SKIPPED: collections.Counter = collections.Counter()  # reason -> count, for this process
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = ""  # a directory of .tar (or .array_record) shards, or a hub dataset id
+    languages: tuple[str, ...] = ()  # e.g. ("EN", "ZH"); empty = all
+    min_duration: float = 0.0
+    max_duration: float = 30.0
+    min_dnsmos: float = 0.0
+    speaker: int = 0  # CSM speaker id given to every utterance (the published fine-tunes use 0)
+    max_frames: int = 512  # sequence length of a batch row; longer utterances are skipped
+    batch_size: int = 8  # rows per micro-batch for this process
+    shuffle_window: int = 64
+    interleave: int = 4  # shards read at once
+    seed: int = 0
+
+
+def skip(reason: str, key: str) -> None:
+    SKIPPED[reason] += 1
+    log.warning("skipping %s: %s", key, reason)
+
+
+# ---- shards --------------------------------------------------------------------------------------------------
+
+
+def list_shards(source: str, suffix: str = ".tar") -> list[Path]:
+    """All shards under a local directory, or (when `source` is a hub dataset id) after downloading them."""
+    path = Path(source)
+    if not path.exists():
+        if source.count("/") != 1:
+            raise FileNotFoundError(f"data source {source!r} is neither a directory nor a hub dataset id")
+        from huggingface_hub import snapshot_download
+        path = Path(snapshot_download(source, repo_type="dataset", allow_patterns=[f"*{suffix}"]))
+    shards = sorted(path.rglob(f"*{suffix}")) if path.is_dir() else [path]
+    if not shards:
+        raise FileNotFoundError(f"no *{suffix} shards under {source}")
+    return shards
+
+
+def process_share(shards: Sequence[Path], process_index: int, process_count: int, seed: int) -> list[Path]:
+    """This process's shards: a seeded permutation, then every process_count-th."""
+    if len(shards) < process_count:
+        raise ValueError(f"{len(shards)} shards cannot feed {process_count} processes: every process needs at "
+                         f"least one shard (split shards, or use fewer processes)")
+    order = np.random.default_rng(seed).permutation(len(shards))
+    return [shards[i] for i in order[process_index::process_count]]
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset naming: "dir/abc.mp3" -> ("dir/abc", ".mp3"); the key ends at the basename's first dot."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), dot + ext
+
+
+class _TarIterator(grain.DatasetIterator):
+    """Utterances (member groups with one key) of one tar shard in order; the state is the members consumed."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path, self._consumed = path, 0
+        self._open()
+
+    def _open(self):
+        self._tar = tarfile.open(self._path)
+        self._members = iter(self._tar)
+        self._pending: tarfile.TarInfo | None = None
+        for _ in range(self._consumed):
+            next(self._members)
+
+    def _take(self) -> tarfile.TarInfo | None:
+        member, self._pending = self._pending, None
+        return member if member is not None else next(self._members, None)
+
+    def __next__(self) -> dict[str, Any]:
+        first = self._take()
+        while first is not None and not first.isfile():
+            self._consumed += 1
+            first = self._take()
+        if first is None:
+            raise StopIteration
+        self._consumed += 1
+        key, ext = _split_key(first.name)
+        parts = {ext: first}
+        while (member := self._take()) is not None:
+            if not member.isfile() or _split_key(member.name)[0] != key:
+                self._pending = member
+                break
+            self._consumed += 1
+            parts[_split_key(member.name)[1]] = member
+        example: dict[str, Any] = {"key": f"{Path(self._path).name}:{key}"}
+        for ext, member in parts.items():
+            example[ext] = self._tar.extractfile(member).read()
+        return example
+
+    def get_state(self):
+        return {"consumed": self._consumed}
+
+    def set_state(self, state):
+        self._consumed = state["consumed"]
+        self._open()
+
+
+class TarShard(grain.IterDataset):
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = str(path)
+
+    def __iter__(self):
+        return _TarIterator(self.path)
+
+
+# ---- examples ------------------------------------------------------------------------------------------------
+
+
+def parse_metadata(example: dict[str, Any]) -> dict[str, Any] | None:
+    """Adds the parsed json under "meta"; None (counted) when the json is missing or unreadable."""
+    if ".json" not in example:
+        return skip("missing json", example["key"])
+    try:
+        meta = json.loads(example[".json"])
+    except (ValueError, UnicodeDecodeError):
+        return skip("bad json", example["key"])
+    if not isinstance(meta, dict) or not str(meta.get("text", "")).strip():
+        return skip("empty text", example["key"])
+    return {**example, "meta": meta}
+
+
+def keep(example: dict[str, Any] | None, cfg: DataConfig) -> bool:
+    """Metadata filters (language, duration, dnsmos); fields that are absent pass."""
+    if example is None:
+        return False
+    meta = example["meta"]
+    if cfg.languages and meta.get("language", "").upper() not in {x.upper() for x in cfg.languages}:
+        return False
+    duration = float(meta.get("duration", cfg.min_duration))
+    return cfg.min_duration <= duration <= cfg.max_duration and float(meta.get("dnsmos", 5.0)) >= cfg.min_dnsmos
+
+
+def decode_audio(example: dict[str, Any]) -> np.ndarray | None:
+    """The member's audio as 24 kHz mono float32; None (counted) when it is missing, undecodable or not finite."""
+    import sphn
+
+    from csm_jax.audio import SAMPLE_RATE, resample
+
+    ext = next((e for e in AUDIO_EXTENSIONS if e in example), None)
+    if ext is None:
+        return skip("missing audio", example["key"])
+    with tempfile.NamedTemporaryFile(suffix=ext) as f:  # sphn decodes mp3 (symphonia) from files only
+        f.write(example[ext])
+        f.flush()
+        try:
+            audio, rate = sphn.read(f.name)
+        except Exception:  # noqa: BLE001 - any decoder failure is a corrupt member
+            return skip("bad audio", example["key"])
+    if audio.size == 0:
+        return skip("bad audio", example["key"])
+    mono = audio.mean(axis=0)
+    if not np.isfinite(mono).all():
+        return skip("non-finite audio", example["key"])
+    return resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono.astype(np.float32)
+
+
+@dataclasses.dataclass
+class Featurizer:
+    """Raw example -> {"tokens", "mask"} frames of one utterance (or None when it is skipped)."""
+
+    tokenizer: Any
+    mimi: Any
+    cfg: DataConfig
+    num_codebooks: int = 32
+
+    def encode(self, example: dict[str, Any]) -> dict[str, Any] | None:
+        """Tar example -> {"key", "text", "codes" (n, T)}: the expensive part, which `prepare` does once."""
+        from csm_jax.audio import encode
+
+        audio = decode_audio(example)
+        if audio is None:
+            return None
+        codes = encode(self.mimi, audio)[: self.num_codebooks]
+        return {"key": example["key"], "text": str(example["meta"]["text"]).strip(), "codes": codes}
+
+    def frames(self, encoded: dict[str, Any] | None) -> dict[str, np.ndarray] | None:
+        if encoded is None:
+            return None
+        frames = segment_frames(self.tokenizer, Segment(self.cfg.speaker, encoded["text"]), encoded["codes"],
+                                self.num_codebooks)
+        if len(frames) > self.cfg.max_frames:
+            return skip(f"longer than max_frames={self.cfg.max_frames}", encoded["key"])
+        return {"tokens": frames.tokens, "mask": frames.mask}
+
+
+def pad_frames(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Pads one utterance's frames to `length`; segment_ids mark real frames 1 and padding 0."""
+    n = len(example["tokens"])
+    pad = ((0, length - n), (0, 0))
+    return {"tokens": np.pad(example["tokens"], pad), "mask": np.pad(example["mask"], pad),
+            "segment_ids": np.pad(np.ones(n, np.int32), (0, length - n))}
+
+
+def batches(examples: grain.IterDataset, cfg: DataConfig, accumulation: int) -> grain.IterDataset:
+    """Frames -> padded batches shaped (accumulation, batch_size, max_frames, ...): one shape, no recompiles."""
+    rows = cfg.batch_size * accumulation
+    return (examples.filter(lambda x: x is not None)
+            .map(lambda x: pad_frames(x, cfg.max_frames))
+            .batch(rows, drop_remainder=True)
+            .map(lambda b: {k: v.reshape(accumulation, cfg.batch_size, *v.shape[1:]) for k, v in b.items()}))
+
+
+def tar_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
+                repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The training pipeline over tar shards (Mimi encoding on the fly)."""
+    mine = process_share(shards, process_index, process_count, cfg.seed)
+    raw = grain.experimental.InterleaveIterDataset(grain.MapDataset.source(mine).map(TarShard),
+                                                   cycle_length=min(cfg.interleave, len(mine)))
+    examples = raw.map(parse_metadata).filter(lambda x: keep(x, cfg))
+    if repeat:
+        examples = grain.experimental.RepeatIterDataset(examples, num_epochs=None)
+    examples = grain.experimental.WindowShuffleIterDataset(examples, window_size=cfg.shuffle_window, seed=cfg.seed)
+    return batches(examples.map(featurizer.encode).map(featurizer.frames), cfg, accumulation)
