@@ -397,21 +397,25 @@ class Generator:
                 yield audio.decode(self.mimi, codes[None])[0]
 
 
-def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, tokenizer: str | None = None,
-                mimi=None, mimi_device: str = "cpu", watermark: bool = True, cache_dir: str | None = None) -> Generator:
+def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_dtype=None,
+                tokenizer: str | None = None, mimi=None, mimi_device: str = "cpu", watermark: bool = True,
+                cache_dir: str | None = None) -> Generator:
     """A ready `Generator`, like the original's `load_csm_1b`.
 
     checkpoint: a csm-jax checkpoint directory, or anything the converter reads (a hub id such as
     "sesame/csm-1b", a PyTorch checkpoint directory or file), converted once into `cache_dir`
-    (default ~/.cache/csm_jax). tokenizer: a path or hub id (default: the offline Llama-3 tokenizer).
-    mimi: a moshi Mimi model, a weights path or hub id (default: kyutai's Mimi from the hub).
+    (default ~/.cache/csm_jax). dtype: the compute dtype; param_dtype: the weights' dtype (default: dtype).
+    On CPU the fastest choice is float32 compute over bfloat16 weights. tokenizer: a path or hub id (default:
+    the offline Llama-3 tokenizer). mimi: a moshi Mimi model, a weights path or hub id (default: kyutai's Mimi
+    from the hub).
     """
     from csm_jax import audio
     from csm_jax.checkpoint import load_model
     from csm_jax.text import load_tokenizer
     from csm_jax.watermark import load_watermarker
 
-    model = load_model(resolve_checkpoint(checkpoint, dtype, cache_dir), dtype=dtype)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    model = load_model(resolve_checkpoint(checkpoint, param_dtype, cache_dir), dtype=dtype, param_dtype=param_dtype)
     if mimi is None or isinstance(mimi, (str, bytes)) or hasattr(mimi, "__fspath__"):
         mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=model.config.num_codebooks)
     return Generator(model, load_tokenizer(tokenizer), mimi, load_watermarker(mimi_device) if watermark else None)

@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import espeak_wav
+from tests.conftest import espeak_wav
 from csm_jax import audio
 
 

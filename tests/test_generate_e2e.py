@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 from flax import nnx
 
-from conftest import espeak_wav
+from tests.conftest import espeak_wav
 from csm_jax import audio
 from csm_jax.checkpoint import save_model
 from csm_jax.config import CsmConfig
@@ -45,7 +45,7 @@ def test_cli_writes_a_24k_wav_with_one_frame_of_audio_per_generated_frame(model,
     result = subprocess.run(
         [sys.executable, "-m", "csm_jax.generate", "--text", "Hello there.", "--speaker", "1", "--out", str(out),
          "--context", context_wav, "this is what came before", "0", "--checkpoint", str(ckpt), "--mimi", "random",
-         "--max-audio-length-ms", "800", "--seed", "3", "--depth-topk", "20"],
+         "--max-audio-length-ms", "800", "--seed", "3", "--depth-topk", "20", "--weights-dtype", "bfloat16"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "silentcipher is not installed" in result.stderr  # the watermark is optional, and says so

@@ -13,7 +13,7 @@ from csm_jax.generation import (Frames, FrameGenerator, PromptTooLongError, Segm
                                 max_frames_for, segment_frames, text_frames)
 from csm_jax.sampling import GREEDY, FrameSampling, SamplerConfig
 from csm_jax.text import load_tokenizer
-from hf_reference import csm_from_transformers, transformers_csm
+from tests.hf_reference import csm_from_transformers, transformers_csm
 
 CONFIG = CsmConfig.tiny()
 GREEDY_FRAMES = FrameSampling.same(GREEDY)

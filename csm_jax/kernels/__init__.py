@@ -101,4 +101,4 @@ matvec_bf16.defvjp(_forward, _backward)
 def use_for(x: jax.Array, w: jax.Array, dtype) -> bool:
     """The kernel applies to float32 activations against bfloat16 weights."""
     return (w.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32
-            and available())
+            and jax.default_backend() == "cpu" and available())

@@ -1,0 +1,200 @@
+"""Our on-device sampler against transformers' `generate`, on the same random weights, in one run.
+
+    flock /tmp/csm-heavy.lock python benchmarks/bench_generate.py --config csm_1b --dtype float32 --frames 8
+    flock /tmp/csm-heavy.lock python benchmarks/bench_generate.py --config csm_1b --dtype bfloat16 --frames 8 \
+        --ours-dtype bfloat16-weights
+    flock /tmp/csm-heavy.lock python benchmarks/bench_generate.py --config small --batch 1 8 --frames 64
+
+Both sample with the reference settings (temperature 0.9, top-k 50, every codebook) from the same prompt (text
+and audio frames). Per-frame time = (time for 2N frames - time for N frames) / N, so the prompt's prefill (shown
+apart) does not blur it; compilation (ours) and a warm-up call (both) are excluded. frames/s = batch / that.
+Effective weight bandwidth = weight bytes one frame reads (backbone + codebook-0 head + 31 x (depth decoder +
+projection + one codebook head)) x frames/s. Full-size float32 needs about 13 GB: transformers is timed first,
+its weights are copied into ours, then it is freed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from convert.from_torch import fill_params, plan  # noqa: E402
+from convert.io import torch_to_numpy  # noqa: E402
+from convert.layouts import detect_layout  # noqa: E402
+from csm_jax.checkpoint import abstract_model  # noqa: E402
+from csm_jax.config import CsmConfig  # noqa: E402
+from csm_jax.generation import Frames, FrameGenerator, audio_frames, text_frames  # noqa: E402
+from csm_jax.sampling import FrameSampling  # noqa: E402
+
+FRAME_SECONDS = 0.08
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class StateDictReader:
+    """The converter's TensorReader over an in-memory torch state dict."""
+
+    def __init__(self, state_dict):
+        self.sd = state_dict
+
+    def keys(self):
+        return list(self.sd)
+
+    def shape(self, key):
+        return tuple(self.sd[key].shape)
+
+    def dtype(self, key):
+        return self.read(key).dtype
+
+    def read(self, key):
+        return torch_to_numpy(self.sd[key].detach())
+
+
+def weight_bytes_per_frame(config: CsmConfig, itemsize: int) -> int:
+    b, d, v, n = config.backbone.dim, config.decoder.dim, config.audio_vocab_size, config.num_codebooks
+    per_depth_step = config.decoder.num_params + b * d + d * v
+    return itemsize * (config.backbone.num_params + b * v + (n - 1) * per_depth_step)
+
+
+def prompt(config: CsmConfig, seed: int = 0) -> Frames:
+    rng = np.random.default_rng(seed)
+    return Frames.concat([text_frames(rng.integers(0, config.text_vocab_size, 12), config.num_codebooks),
+                          audio_frames(rng.integers(1, 2048, (config.num_codebooks, 40))),
+                          text_frames(rng.integers(0, config.text_vocab_size, 10), config.num_codebooks)])
+
+
+def per_frame(run, frames: int) -> tuple[float, float]:
+    """(seconds per frame, prefill seconds) from timing `frames` and `2 * frames` frames: the difference is
+    pure decoding, so prompt length does not blur the per-frame figure. `run(n)` returns the frames it made."""
+    times = []
+    for n in (frames, 2 * frames):
+        start = time.perf_counter()
+        made = run(n)
+        times.append(time.perf_counter() - start)
+        assert made == n, f"a row stopped early ({made} of {n} frames); use another seed"
+    step = (times[1] - times[0]) / frames
+    return step, times[0] - frames * step
+
+
+def time_transformers(hf, config, prompts, frames: int, dtype) -> tuple[float, float]:
+    embed_model = csm_embeds(hf, config)
+    embeds = torch.cat([embed_model(p) for p in prompts]).to(TORCH_DTYPES[dtype])
+    kwargs = dict(do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
+                  depth_decoder_temperature=0.9, depth_decoder_top_k=50)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+
+    def run(n):
+        with torch.inference_mode():
+            return hf.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, **kwargs).shape[1]
+
+    run(2)  # warm-up
+    return per_frame(run, frames)
+
+
+def csm_embeds(hf, config):
+    """transformers' prompt embedding of our frames (its 3-D input_ids path takes audio-only frames)."""
+    n = config.num_codebooks
+
+    def embed(p: Frames) -> torch.Tensor:
+        tokens, mask = torch.from_numpy(p.tokens).long(), torch.from_numpy(p.mask)
+        text = hf.embed_text_tokens(tokens[:, n])
+        audio = hf.backbone_model.embed_tokens(tokens[None, :, :n])[0]
+        return torch.where(mask[:, n:], text, audio).float()[None]
+
+    return embed
+
+
+def weight_dtype(dtype: str) -> str:
+    return "bfloat16" if dtype == "bfloat16-weights" else dtype
+
+
+def ours_from_transformers(hf, config: CsmConfig, dtype: str):
+    reader = StateDictReader(hf.state_dict())
+    return fill_params(reader, plan(reader, detect_layout(reader.keys()), config), config,
+                       NP_DTYPES[weight_dtype(dtype)])
+
+
+def build_ours(params, config, dtype: str):
+    compute = jnp.float32 if dtype == "bfloat16-weights" else jnp.dtype(dtype)
+    abstract = abstract_model(config, dtype=compute, param_dtype=jnp.dtype(weight_dtype(dtype)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state)
+
+
+def time_ours(gen: FrameGenerator, prompts, frames: int) -> tuple[float, float]:
+    sampling = FrameSampling()
+    seeds = list(range(len(prompts)))
+
+    def run(n):
+        return min(c.shape[1] for c in gen.generate(prompts, n, sampling, seeds))
+
+    run(frames), run(2 * frames)  # compile (frame caps round up to buckets of 64) + warm-up
+    return per_frame(run, frames)
+
+
+def report(name, step, prefill, batch, bytes_per_frame):
+    gbps = bytes_per_frame / step / 1e9
+    print(f"{name:28s} batch {batch:2d}: {batch / step:8.2f} frames/s  {step * 1e3:9.1f} ms/frame  "
+          f"RTF {step / FRAME_SECONDS:6.3f}  weights {gbps:6.1f} GB/s  (prefill {prefill:.2f} s; load average "
+          f"{os.getloadavg()[0]:.1f})", flush=True)
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="small", choices=["small", "csm_1b", "tiny"])
+    p.add_argument("--dtype", default="float32", choices=list(NP_DTYPES), help="both models' dtype")
+    p.add_argument("--ours-dtype", default=None, choices=[*NP_DTYPES, "bfloat16-weights"],
+                   help="ours only (default: --dtype); bfloat16-weights = bfloat16 weights, float32 compute")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--skip-transformers", action="store_true")
+    args = p.parse_args()
+    config = getattr(CsmConfig, args.config)()
+    ours_dtype = args.ours_dtype or args.dtype
+    print(f"{args.config}: {config.num_params / 1e6:.1f} M parameters; jax {jax.__version__} on "
+          f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+          f"{os.cpu_count()} cores", flush=True)
+
+    torch.manual_seed(0)
+    from transformers import CsmConfig as HfConfig, CsmForConditionalGeneration
+
+    hf = CsmForConditionalGeneration(HfConfig(**config.to_transformers())).eval().to(TORCH_DTYPES[args.dtype])
+    theirs = {}
+    if not args.skip_transformers:
+        for batch in args.batch:
+            prompts = [prompt(config, seed) for seed in range(batch)]
+            step, prefill = time_transformers(hf, config, prompts, args.frames, args.dtype)
+            theirs[batch] = report(f"transformers {args.dtype}", step, prefill, batch,
+                                   weight_bytes_per_frame(config, np.dtype(NP_DTYPES[args.dtype]).itemsize))
+    params = ours_from_transformers(hf, config, ours_dtype)
+    del hf
+    gc.collect()
+    generator = FrameGenerator(build_ours(params, config, ours_dtype))  # keeps only its per-layer copy
+    del params
+    gc.collect()
+    for batch in args.batch:
+        prompts = [prompt(config, seed) for seed in range(batch)]
+        step, prefill = time_ours(generator, prompts, args.frames)
+        ours = report(f"csm-jax {ours_dtype}", step, prefill, batch,
+                      weight_bytes_per_frame(config, NP_DTYPES[weight_dtype(ours_dtype)].itemsize))
+        if batch in theirs:
+            print(f"{'':28s} batch {batch:2d}: csm-jax is {theirs[batch] / ours:.2f}x faster than transformers",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
