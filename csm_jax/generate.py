@@ -1,4 +1,4 @@
-"""Command line: text (+ optional context utterances) -> a 24 kHz mono wav.
+r"""Command line: text (+ optional context utterances) -> a 24 kHz mono wav.
 
     python -m csm_jax.generate --text "Hello there." --speaker 0 --out hello.wav \
         --context prev.wav "What the previous speaker said." 1 --checkpoint sesame/csm-1b
