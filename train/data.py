@@ -245,11 +245,11 @@ def batches(examples: grain.IterDataset, cfg: DataConfig, accumulation: int) -> 
 def tar_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
                 repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The training pipeline over tar shards (Mimi encoding on the fly)."""
-    mine = process_share(shards, process_index, process_count, cfg.seed)
-    raw = grain.experimental.InterleaveIterDataset(grain.MapDataset.source(mine).map(TarShard),
-                                                   cycle_length=min(cfg.interleave, len(mine)))
+    share = process_share(shards, process_index, process_count, cfg.seed)
+    mine = grain.MapDataset.source(share)
+    if repeat:  # repeat the shard list, not the interleaved stream: grain cannot restore a repeated interleave
+        mine = mine.repeat(None)
+    raw = grain.experimental.InterleaveIterDataset(mine.map(TarShard), cycle_length=min(cfg.interleave, len(share)))
     examples = raw.map(parse_metadata).filter(lambda x: keep(x, cfg))
-    if repeat:
-        examples = grain.experimental.RepeatIterDataset(examples, num_epochs=None)
     examples = grain.experimental.WindowShuffleIterDataset(examples, window_size=cfg.shuffle_window, seed=cfg.seed)
     return batches(examples.map(featurizer.encode).map(featurizer.frames), cfg, accumulation)

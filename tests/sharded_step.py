@@ -1,0 +1,56 @@
+"""Run as a script (it sets the device count before JAX starts): one training step of the tiny model on a
+(data, fsdp, tensor) mesh, and the same step on one device; prints a JSON report.
+
+    python tests/sharded_step.py 2 2 2
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from csm_jax.config import CsmConfig  # noqa: E402
+from csm_jax.sharding import make_mesh  # noqa: E402
+from train.trainer import OptimConfig, Trainer  # noqa: E402
+
+
+def batch(config: CsmConfig, accumulation=2, rows=4, length=16, seed=0):
+    rng = np.random.default_rng(seed)
+    n = config.num_codebooks
+    tokens = np.zeros((accumulation, rows, length, n + 1), np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    tokens[..., :4, n] = rng.integers(0, config.text_vocab_size, (accumulation, rows, 4))
+    mask[..., :4, n] = True
+    tokens[..., 4:-1, :n] = rng.integers(0, config.audio_vocab_size, (accumulation, rows, length - 5, n))
+    mask[..., 4:, :n] = True
+    return {"tokens": tokens, "mask": mask, "segment_ids": np.ones(tokens.shape[:3], np.int32)}
+
+
+def main(shape):
+    config = CsmConfig.tiny()
+    optim = OptimConfig(learning_rate=1e-3, warmup_steps=0, accumulation=2)
+    results = {}
+    for mesh_shape in [(1, 1, 1), shape]:
+        mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+        trainer = Trainer(config, optim, mesh, compute_dtype=jnp.float32)
+        state, metrics = trainer.step(trainer.init_state(0), batch(config))
+        results[mesh_shape] = (jax.device_get(state.params), jax.device_get(metrics), state.params)
+    (one, one_m, _), (many, many_m, sharded) = results[(1, 1, 1)], results[shape]
+    diffs = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many))]
+    specs = {"wq": str(sharded["backbone"]["blocks"]["attn"]["wq"].sharding.spec),
+             "w_down": str(sharded["backbone"]["blocks"]["mlp"]["w_down"].sharding.spec),
+             "text_embeddings": str(sharded["text_embeddings"].sharding.spec),
+             "wq_shard_shape": list(sharded["backbone"]["blocks"]["attn"]["wq"].addressable_shards[0].data.shape)}
+    print(json.dumps({"loss": [float(one_m["loss"]), float(many_m["loss"])], "max_param_diff": max(diffs),
+                      "specs": specs}))
+
+
+if __name__ == "__main__":
+    main(tuple(int(x) for x in sys.argv[1:4]))
