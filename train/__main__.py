@@ -28,14 +28,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_pipeline(cfg: TrainConfig, model_config, source: str, repeat: bool = True):
     from csm_jax import audio, text
-    from train.data import Featurizer, list_shards, tar_dataset
+    from train.data import Featurizer, dataset
 
     data = dataclasses.replace(cfg.data, source=source)
     mimi = (audio.random_mimi(cfg.seed, num_codebooks=model_config.num_codebooks) if cfg.mimi == "random"
             else audio.load_mimi(cfg.mimi, num_codebooks=model_config.num_codebooks))
     featurizer = Featurizer(text.load_tokenizer(cfg.tokenizer), mimi, data, model_config.num_codebooks)
-    return tar_dataset(list_shards(source), data, featurizer, cfg.optim.accumulation, repeat=repeat,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+    return dataset(source, data, featurizer, accumulation=cfg.optim.accumulation, repeat=repeat,
+                   process_index=jax.process_index(), process_count=jax.process_count())
 
 
 class MetricsLog:

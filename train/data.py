@@ -242,14 +242,44 @@ def batches(examples: grain.IterDataset, cfg: DataConfig, accumulation: int) -> 
             .map(lambda b: {k: v.reshape(accumulation, cfg.batch_size, *v.shape[1:]) for k, v in b.items()}))
 
 
+def _interleaved(share: list[Path], cfg: DataConfig, repeat: bool, open_shard) -> grain.IterDataset:
+    mine = grain.MapDataset.source(share)
+    if repeat:  # repeat the shard list, not the interleaved stream: grain cannot restore a repeated interleave
+        mine = mine.repeat(None)
+    return grain.experimental.InterleaveIterDataset(mine.map(open_shard),
+                                                    cycle_length=min(cfg.interleave, len(share)))
+
+
+def _shuffled(examples: grain.IterDataset, cfg: DataConfig) -> grain.IterDataset:
+    return grain.experimental.WindowShuffleIterDataset(examples, window_size=cfg.shuffle_window, seed=cfg.seed)
+
+
 def tar_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
                 repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The training pipeline over tar shards (Mimi encoding on the fly)."""
     share = process_share(shards, process_index, process_count, cfg.seed)
-    mine = grain.MapDataset.source(share)
-    if repeat:  # repeat the shard list, not the interleaved stream: grain cannot restore a repeated interleave
-        mine = mine.repeat(None)
-    raw = grain.experimental.InterleaveIterDataset(mine.map(TarShard), cycle_length=min(cfg.interleave, len(share)))
-    examples = raw.map(parse_metadata).filter(lambda x: keep(x, cfg))
-    examples = grain.experimental.WindowShuffleIterDataset(examples, window_size=cfg.shuffle_window, seed=cfg.seed)
-    return batches(examples.map(featurizer.encode).map(featurizer.frames), cfg, accumulation)
+    examples = _interleaved(share, cfg, repeat, TarShard).map(parse_metadata).filter(lambda x: keep(x, cfg))
+    return batches(_shuffled(examples, cfg).map(featurizer.encode).map(featurizer.frames), cfg, accumulation)
+
+
+def prepared_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
+                     repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The same pipeline over `python -m train.prepare` ArrayRecord shards (Mimi codes stored, no audio work)."""
+    from train.prepare import deserialize
+
+    def open_shard(path):
+        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource([str(path)])).to_iter_dataset()
+
+    share = process_share(shards, process_index, process_count, cfg.seed)
+    examples = _interleaved(share, cfg, repeat, open_shard).map(deserialize).filter(lambda x: keep(x, cfg))
+    return batches(_shuffled(examples, cfg).map(featurizer.frames), cfg, accumulation)
+
+
+def dataset(source: str, cfg: DataConfig, featurizer: Featurizer, **kwargs) -> grain.IterDataset:
+    """`prepared_dataset` when `source` holds ArrayRecord shards, else `tar_dataset`."""
+    from train.prepare import SUFFIX
+
+    path = Path(source)
+    if path.is_dir() and next(path.rglob(f"*{SUFFIX}"), None) is not None:
+        return prepared_dataset(list_shards(source, SUFFIX), cfg, featurizer, **kwargs)
+    return tar_dataset(list_shards(source), cfg, featurizer, **kwargs)

@@ -1,0 +1,138 @@
+"""python -m train.prepare SRC OUT --worker I --workers N: Mimi-encode Emilia tar shards once into ArrayRecord.
+
+Mimi encoding is the expensive step of the tar pipeline; `prepare` does it once per utterance and training then
+reads the ArrayRecord shards (`data.source=OUT`). Worker I of N takes every N-th shard of the sorted list, so the
+work splits across a SLURM array (`--worker $SLURM_ARRAY_TASK_ID --workers $SLURM_ARRAY_TASK_COUNT`) or one
+process per host. Each output shard is written under a temporary name and renamed when complete, next to a
+`.json` report of what was skipped; shards whose output exists are skipped, so a killed worker is simply rerun.
+
+A record holds the utterance key, text, Emilia metadata and codes (num_codebooks, T) int16; the metadata filters
+(language, duration, dnsmos) apply at training time, so one prepared copy serves every filter setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from train.data import SKIPPED, DataConfig, TarShard, decode_audio, list_shards, parse_metadata
+
+SUFFIX = ".array_record"
+
+
+def serialize(key: str, text: str, meta: dict, codes: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), text=np.array(text), meta=np.array(json.dumps(meta)),
+             codes=codes.astype(np.int16))
+    return buffer.getvalue()
+
+
+def deserialize(record: bytes) -> dict:
+    """A prepared record -> the tar pipeline's encoded example {"key", "text", "codes", "meta"}."""
+    with np.load(io.BytesIO(record)) as z:
+        return {"key": str(z["key"]), "text": str(z["text"]), "meta": json.loads(str(z["meta"])),
+                "codes": z["codes"].astype(np.int32)}
+
+
+def encode_batch(mimi, audios: list[np.ndarray]) -> list[np.ndarray]:
+    """Mimi codes of several utterances in one call, zero-padded to the longest; Mimi is causal, so each
+    utterance's codes equal encoding it alone (checked in tests/test_prepare.py)."""
+    import torch
+
+    from csm_jax.audio import FRAME_SAMPLES, _device_of
+
+    frames = [-(-len(a) // FRAME_SAMPLES) for a in audios]
+    batch = np.zeros((len(audios), 1, max(frames) * FRAME_SAMPLES), np.float32)
+    for i, a in enumerate(audios):
+        batch[i, 0, :len(a)] = a
+    with torch.no_grad():
+        codes = mimi.encode(torch.from_numpy(batch).to(_device_of(mimi))).to(torch.int32).cpu().numpy()
+    return [c[:, :n] for c, n in zip(codes, frames)]
+
+
+def prepare_shard(tar: Path, output: Path, mimi, num_codebooks: int = 32, batch_size: int = 16) -> dict:
+    """One tar shard -> one ArrayRecord shard (atomically); returns the report written next to it."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    SKIPPED.clear()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    writer = ArrayRecordWriter(str(partial), "group_size:1")
+    written, pending = 0, []
+
+    def flush():
+        nonlocal written
+        if pending:
+            for (example, _), codes in zip(pending, encode_batch(mimi, [a for _, a in pending])):
+                meta = example["meta"]
+                writer.write(serialize(example["key"], str(meta["text"]).strip(), meta, codes[:num_codebooks]))
+                written += 1
+            pending.clear()
+
+    for raw in TarShard(tar):
+        example = parse_metadata(raw)
+        audio = decode_audio(example) if example is not None else None
+        if audio is not None:
+            pending.append((example, audio))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    writer.close()
+    report = {"source": str(tar), "records": written, "skipped": dict(SKIPPED)}
+    output.with_suffix(".json").write_text(json.dumps(report))
+    os.replace(partial, output)  # the shard appears only when complete
+    return report
+
+
+def my_shards(source: str, out: Path, worker: int, workers: int) -> list[tuple[Path, Path]]:
+    """(tar, output) pairs of this worker's share that are not done yet."""
+    if not 0 <= worker < workers:
+        raise ValueError(f"--worker {worker} is outside 0..{workers - 1}; pass --workers N and --worker in [0, N)")
+    root = Path(source)
+    shards = list_shards(source)
+    pairs = [(s, out / (s.relative_to(root) if root.is_dir() else Path(s.name)).with_suffix(SUFFIX))
+             for s in shards[worker::workers]]
+    return [(s, o) for s, o in pairs if not o.exists()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a directory of Emilia .tar shards (or a hub dataset id)")
+    p.add_argument("out", help="output directory; mirrors the source's layout with .array_record shards")
+    p.add_argument("--worker", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
+    p.add_argument("--workers", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
+    p.add_argument("--mimi", default=None, help="Mimi weights (file or hub id); 'random' for tests")
+    p.add_argument("--num-codebooks", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16, help="utterances per Mimi call")
+    p.add_argument("--device", default=None, help="torch device for Mimi (default: cuda when available)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from csm_jax import audio
+
+    try:
+        todo = my_shards(args.source, Path(args.out), args.worker, args.workers)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mimi = (audio.random_mimi(0, device, args.num_codebooks) if args.mimi == "random"
+            else audio.load_mimi(args.mimi, device, args.num_codebooks))
+    for tar, output in todo:
+        report = prepare_shard(tar, output, mimi, args.num_codebooks, args.batch_size)
+        print(json.dumps({"output": str(output), **report}), flush=True)
+    print(f"worker {args.worker}/{args.workers}: {len(todo)} shards prepared", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
