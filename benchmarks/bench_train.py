@@ -1,0 +1,116 @@
+"""One training step, ours against transformers' CSM, on the same config and batch: forward with the training
+loss (codebook 0 on every audio frame, depth decoder on a fixed fraction of frames), backward, AdamW update.
+
+    flock /tmp/csm-heavy.lock env PYTHONPATH=. python benchmarks/bench_train.py --config small --batch 4 --frames 128
+
+Prints both medians, the ratio (transformers / ours; > 1 means ours is faster), frames/s and, when a GPU is
+present, model FLOPs utilisation against --peak-tflops.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from csm_jax.config import CsmConfig
+from csm_jax.sharding import make_mesh
+from tests.hf_reference import transformers_csm
+from tests.test_train_loss import utterance_batch
+from train.trainer import OptimConfig, Trainer
+
+
+def median_time(step, repeats: int) -> float:
+    step()
+    step()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def transformers_step(config, tokens, mask, depth_mask, lr):
+    hf = transformers_csm(config).train()
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-3)
+    n = config.num_codebooks
+    t = torch.tensor(tokens)
+    is_audio = torch.tensor(mask[..., 0])
+    labels = torch.where(is_audio[..., None], t[..., :n], torch.full_like(t[..., :n], -100))
+    labels[..., 1:][torch.tensor(~depth_mask)] = -100  # what transformers makes of -101: depth decoder skips the frame
+
+    def step():
+        embeds = torch.where(is_audio[..., None], hf.backbone_model.embed_tokens(t[..., :n]),
+                             hf.embed_text_tokens(t[..., n]))
+        loss = hf(inputs_embeds=embeds, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def our_step(config, tokens, mask, depth_fraction, lr, dtype):
+    trainer = Trainer(config, OptimConfig(learning_rate=lr, warmup_steps=0, depth_fraction=depth_fraction),
+                      make_mesh(-1, 1, 1), compute_dtype=dtype)
+    state = trainer.init_state(0)
+    batch = trainer.put_batch({"tokens": tokens[None].astype(np.int32), "mask": mask[None],
+                               "segment_ids": np.ones((1, *tokens.shape[:2]), np.int32)})
+    step_fn = trainer._step
+
+    def step():
+        nonlocal state
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics)
+
+    return step
+
+
+def train_flops(config: CsmConfig, frames: int, depth_frames: int) -> float:
+    """6 x matmul parameters x tokens: the backbone (and codebook-0 head) over every frame, the depth decoder (and
+    its heads) over the chosen frames' codebooks; attention scores left out."""
+    b, d, v = config.backbone, config.decoder, config.audio_vocab_size
+    return 6 * (frames * (b.num_params() + b.dim * v)
+                + depth_frames * (config.num_codebooks - 1) * (d.num_params() + d.dim * v))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="small")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--frames", type=int, default=128)
+    p.add_argument("--depth-fraction", type=float, default=1 / 16)
+    p.add_argument("--dtype", default="float32", help="our compute dtype (transformers runs float32)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM bf16 dense)")
+    args = p.parse_args()
+
+    config = getattr(CsmConfig, args.config)()
+    rng = np.random.default_rng(0)
+    text_len = args.frames // 8
+    tokens, mask = utterance_batch(rng, config, args.batch, text_len, args.frames - text_len)
+    depth_frames = int(args.batch * args.frames * args.depth_fraction)
+    audio = np.argwhere(mask[..., 0])
+    depth_mask = np.zeros(tokens.shape[:2], bool)
+    depth_mask[tuple(audio[rng.choice(len(audio), depth_frames, replace=False)].T)] = True
+
+    ours = median_time(our_step(config, tokens, mask, args.depth_fraction, 1e-4, jnp.dtype(args.dtype)),
+                       args.repeats)
+    theirs = median_time(transformers_step(config, tokens, mask, depth_mask, 1e-4), args.repeats)
+    frames = args.batch * args.frames
+    print(f"{args.config}: batch {args.batch} x {args.frames} frames, depth on {depth_frames} frames, "
+          f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+    print(f"ours ({args.dtype}):         {ours * 1e3:8.1f} ms/step  {frames / ours:8.0f} frames/s")
+    print(f"transformers (float32): {theirs * 1e3:8.1f} ms/step  {frames / theirs:8.0f} frames/s")
+    print(f"ratio transformers/ours: {theirs / ours:.2f}")
+    if jax.devices()[0].platform == "gpu":
+        print(f"MFU: {train_flops(config, frames, depth_frames) / ours / (args.peak_tflops * 1e12):.1%}")
+
+
+if __name__ == "__main__":
+    main()
