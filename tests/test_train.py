@@ -1,9 +1,10 @@
 """Fine-tuning: data pipeline, sharded step equivalence, the CLI (overfit, resume, export, generate)."""
 
 import json
-import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grain
@@ -114,8 +115,14 @@ def test_cli_overfits_resumes_exactly_and_generates(shards, tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.8 * losses[0], losses  # measured: 14.8 -> 10.5 in 12 steps
 
-    run_train(*common, f"workdir={tmp_path / 'resumed'}", "steps=6")  # stops after its step-6 checkpoint
-    run_train(*common, f"workdir={tmp_path / 'resumed'}", "steps=12")  # restores step 6, model and data order
+    killed = subprocess.Popen([sys.executable, "-m", "train", "--config", "train/configs/smoke.py", *common,
+                               f"workdir={tmp_path / 'resumed'}", "steps=12"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (tmp_path / "resumed" / "checkpoints" / "3").exists() and killed.poll() is None:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)  # mid-run, possibly mid-save of the next checkpoint
+    assert killed.wait() == -signal.SIGKILL and not (tmp_path / "resumed" / "export").exists()
+    run_train(*common, f"workdir={tmp_path / 'resumed'}", "steps=12")  # restores model, optimizer and data order
     for a, b in zip(exported_params(tmp_path / "straight" / "export"), exported_params(tmp_path / "resumed" / "export")):
         np.testing.assert_array_equal(a, b)
 
