@@ -4,6 +4,10 @@ bf16 compute over f32 weights, 8 utterances x 4 GPUs x 10 accumulation steps, 10
     python -m train --config train/configs/emilia_1b.py init=ckpt/csm-1b data.source=/data/Emilia/ZH \\
         workdir=runs/zh mesh="(-1,1,1)"
 
+Mimi codes once (recommended; a SLURM array of workers, each on its share of the shards, rerunnable):
+    sbatch --array=0-63 --gres=gpu:1 --wrap "python -m train.prepare /data/Emilia/ZH /data/Emilia-mimi/ZH"
+    ... then data.source=/data/Emilia-mimi/ZH
+
 Multi-host (one process per host; `jax.distributed.initialize()` reads SLURM or the JAX_* variables):
     srun python -m train --config train/configs/emilia_1b.py --distributed ...
 """
