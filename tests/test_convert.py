@@ -17,8 +17,8 @@ from convert.__main__ import main
 from convert.layouts import LAYOUTS, TRANSFORMS, stack_config
 from csm_jax.checkpoint import CheckpointError, abstract_model, load_model, read_metadata
 from csm_jax.config import ConfigError, CsmConfig
-from test_model import random_frames
-from torch_references import original_model, save_original, transformers_logits, transformers_model
+from tests.test_model import random_frames
+from tests.torch_references import original_model, save_original, transformers_logits, transformers_model
 
 
 def leaves(model) -> dict[str, np.ndarray]:

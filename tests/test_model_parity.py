@@ -14,8 +14,8 @@ from convert import convert_to_orbax
 from csm_jax.checkpoint import load_model
 from csm_jax.config import CsmConfig
 from csm_jax.layers import RMSNorm, rope_frequencies
-from test_model import random_frames
-from torch_references import original_model, save_original, transformers_logits, transformers_model
+from tests.test_model import random_frames
+from tests.torch_references import original_model, save_original, transformers_logits, transformers_model
 
 FLOAT32_ATOL = 1e-4
 
