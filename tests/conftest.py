@@ -26,3 +26,14 @@ def espeak_wav(path, text: str, voice: str = "en-us", rate: int = 24000) -> str:
     subprocess.run(["sox", "-t", "wav", "-", "-r", str(rate), "-c", "1", "-b", "16", str(path)], input=speech,
                    check=True, capture_output=True)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two Emilia-format shards of espeak-ng speech: EN (with four corrupt members) and ZH."""
+    from tests.emilia import ENGLISH, MANDARIN, make_shard
+
+    d = tmp_path_factory.mktemp("emilia")
+    make_shard(d / "EN" / "EN-B000000.tar", "EN", ENGLISH, corrupt=True)
+    make_shard(d / "ZH" / "ZH-B000000.tar", "ZH", MANDARIN)
+    return d

@@ -1,7 +1,6 @@
 """The on-device sampler against transformers' greedy `generate`, a plain step-by-step loop, and itself
 (batched, streamed, seeded); prompt building and the frame budget."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -7,20 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from tests.emilia import ENGLISH, MANDARIN, make_shard
+from tests.emilia import ENGLISH, MANDARIN
 from train.data import DataConfig, Featurizer, dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("emilia")
-    make_shard(d / "EN" / "EN-B000000.tar", "EN", ENGLISH, corrupt=True)
-    make_shard(d / "ZH" / "ZH-B000000.tar", "ZH", MANDARIN)
-    return d
 
 
 def test_batched_mimi_codes_equal_one_utterance_at_a_time():

@@ -12,19 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from tests.emilia import ENGLISH, MANDARIN, make_shard
+from tests.emilia import ENGLISH, MANDARIN
 from train.data import (SKIPPED, DataConfig, Featurizer, TarShard, keep, list_shards, parse_metadata,
                         process_share, tar_dataset)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("emilia")
-    make_shard(d / "EN" / "EN-B000000.tar", "EN", ENGLISH, corrupt=True)
-    make_shard(d / "ZH" / "ZH-B000000.tar", "ZH", MANDARIN)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import json
 import logging
-import math
 import os
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np

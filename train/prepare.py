@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.data import SKIPPED, DataConfig, TarShard, decode_audio, list_shards, parse_metadata
+from train.data import SKIPPED, TarShard, decode_audio, list_shards, parse_metadata
 
 SUFFIX = ".array_record"
 
