@@ -88,6 +88,7 @@ class Trainer:
                                           rng=replicated)
         self._step = jax.jit(self._train_step, donate_argnums=0,
                              out_shardings=(self.state_shardings, replicated))
+        self._eval = jax.jit(self._eval_metrics)
 
     # ---- state --------------------------------------------------------------------------------------------
 
@@ -156,11 +157,13 @@ class Trainer:
     def step(self, state: TrainState, local_batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
         return self._step(state, self.put_batch(local_batch))
 
+    def _eval_metrics(self, params: dict, batch: dict[str, jax.Array], rng: jax.Array) -> dict:
+        key = jax.random.wrap_key_data(rng)
+        return jax.tree.map(jnp.mean, jax.lax.map(lambda micro: self._loss(params, micro, key)[1], batch))
+
     def eval_loss(self, state: TrainState, local_batch: dict[str, np.ndarray]) -> dict:
-        batch = self.put_batch(local_batch)
-        key = jax.random.wrap_key_data(state.rng)
-        return jax.jit(lambda p, b: jax.tree.map(jnp.mean, jax.lax.map(
-            lambda mb: self._loss(p, mb, key)[1], b)))(state.params, batch)
+        """Loss metrics on a held-out batch (compiled once, not per call)."""
+        return self._eval(state.params, self.put_batch(local_batch), state.rng)
 
     # ---- export -------------------------------------------------------------------------------------------
 
