@@ -70,3 +70,27 @@ def test_targets_skip_text_padding_and_segment_starts():
     mask[0, [1, 2, 3, 4, 5], :32] = True  # frame 0 text, 1-5 audio, 6 padding
     seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 0]])
     np.testing.assert_array_equal(target_frames(jnp.asarray(mask), seg), [[0, 1, 1, 0, 1, 1, 0]])
+
+
+def test_trainer_eval_loss_is_the_mean_c0_loss_of_its_micro_batches(rng):
+    import jax
+    from flax import nnx
+
+    from csm_jax.sharding import make_mesh
+    from train.trainer import OptimConfig, Trainer
+
+    config = CsmConfig.tiny()
+    trainer = Trainer(config, OptimConfig(), make_mesh(1, 1, 1, devices=jax.devices()[:1]), compute_dtype=jnp.float32)
+    state = trainer.init_state(0)
+    micro = [utterance_batch(rng, config, batch=2, text_len=4, audio_len=8) for _ in range(2)]
+    batch = {"tokens": np.stack([t for t, _ in micro]).astype(np.int32), "mask": np.stack([m for _, m in micro]),
+             "segment_ids": np.ones((2, 2, 12), np.int32)}
+    metrics = trainer.eval_loss(state, batch)
+    model = nnx.merge(trainer.graphdef, state.params)
+    expected = []
+    for tokens, mask in micro:
+        _, m = csm_loss(model, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jnp.ones((2, 12), jnp.int32),
+                        jnp.zeros(1, jnp.int32), jnp.zeros(1))
+        expected.append(float(m["c0_loss"]))
+    np.testing.assert_allclose(metrics["c0_loss"], np.mean(expected), rtol=1e-5)
+    assert trainer.eval_loss(state, batch)["c0_loss"] == metrics["c0_loss"]
