@@ -8,6 +8,8 @@ at the position before frame t predicts codebook 0 (`codebook0_head`); the depth
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,12 +34,17 @@ class Csm(nnx.Module):
         self.audio_head = param(rngs, (n - 1, d, v), ("codebooks", "embed", "vocab"), param_dtype)
 
     def unstacked(self) -> Csm:
-        """A copy for decoding whose two transformers hold one array per layer (`Transformer.unstacked`); the
-        other parameters are shared. The stacked layer arrays are freed once the caller drops this model."""
+        """A copy for decoding whose two transformers hold one array per layer (`Transformer.unstacked`) and whose
+        audio head is one array per codebook (`audio_logits` then picks one with a switch instead of copying it out
+        of the stacked array on every depth step); the other parameters are shared. The stacked arrays are freed
+        once the caller drops this model."""
         graphdef, state = nnx.split(self)
         copy = nnx.merge(graphdef, state)
         copy.backbone = self.backbone.unstacked()
         copy.decoder = self.decoder.unstacked()
+        heads = self.audio_head[...]
+        copy.audio_head = nnx.List([nnx.Param(heads[i], logical_axes=("embed", "vocab"))
+                                    for i in range(heads.shape[0])])
         return copy
 
     # ---- embeddings ----------------------------------------------------------------------------------------
@@ -93,6 +100,10 @@ class Csm(nnx.Module):
 
     def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
         """Decoder hidden (B, D_decoder) at position i -> logits (B, audio_vocab) float32 of codebook i (1..n-1)."""
+        if isinstance(self.audio_head, nnx.List):  # the decode copy of `unstacked`
+            branches = [functools.partial(dense, w=head[...], dtype=self.dtype, out_dtype=jnp.float32)
+                        for head in self.audio_head]
+            return jax.lax.switch(jnp.asarray(codebook) - 1, branches, hidden)
         head = jnp.take(self.audio_head[...], jnp.asarray(codebook) - 1, axis=0)
         return dense(hidden, head, self.dtype, jnp.float32)
 
