@@ -124,14 +124,16 @@ def sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig) -> jax
 
 
 def blocked_cumsum(x: jax.Array, block: int = 64) -> jax.Array:
-    """Cumulative sum over the last axis as cumsums within blocks plus block offsets: XLA lowers a plain cumsum
-    over 2051 entries to a quadratic reduce-window on CPU."""
+    """Cumulative sum over the last axis as two small matmuls with triangular ones: within blocks of `block`, then
+    over the block totals. XLA lowers a plain cumsum to a reduce-window, quadratic in the length on CPU and one of
+    the slowest parts of a small model's frame."""
     v = x.shape[-1]
-    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -v % block)])
-    blocks = padded.reshape(*x.shape[:-1], -1, block)
-    within = jnp.cumsum(blocks, axis=-1)
-    offsets = jnp.cumsum(within[..., -1], axis=-1) - within[..., -1]
-    return (within + offsets[..., None]).reshape(*x.shape[:-1], -1)[..., :v]
+    blocks = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -v % block)]).reshape(*x.shape[:-1], -1, block)
+    exact = jax.lax.Precision.HIGHEST  # no reduced-precision (TF32) passes on GPUs
+    within = jnp.matmul(blocks, jnp.triu(jnp.ones((block, block), x.dtype)), precision=exact)
+    totals = within[..., -1]
+    before = jnp.matmul(totals, jnp.triu(jnp.ones((totals.shape[-1],) * 2, x.dtype), k=1), precision=exact)
+    return (within + before[..., None]).reshape(*x.shape[:-1], -1)[..., :v]
 
 
 @dataclasses.dataclass(frozen=True)

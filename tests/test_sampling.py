@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csm_jax.sampling import (GREEDY, SamplerConfig, filter_logits, min_p_mask, sample, top_k_mask,
+from csm_jax.sampling import (GREEDY, SamplerConfig, blocked_cumsum, filter_logits, min_p_mask, sample, top_k_mask,
                               top_p_mask)
 
 
@@ -63,7 +63,7 @@ def test_inverse_cdf_picks_the_token_whose_interval_holds_the_uniform():
     np.testing.assert_array_equal(np.asarray(picked), [1, 1, 3, 3, 4])  # zero-probability tokens never
 
 
-def test_bisection_filters_agree_with_sorting_on_random_rows():
+def test_threshold_filters_agree_with_sorting_on_random_rows():
     logits = jax.random.normal(jax.random.key(1), (64, 2051)) * 3
     logits = logits.at[:, :5].set(logits[:, 5:6])  # ties
     order = np.sort(np.asarray(logits), axis=-1)[:, ::-1]
@@ -76,6 +76,13 @@ def test_bisection_filters_agree_with_sorting_on_random_rows():
         threshold = np.where(before < p, order, np.inf).min(axis=-1, keepdims=True)
         np.testing.assert_array_equal(np.isfinite(np.asarray(top_p_mask(logits, p))),
                                       np.asarray(logits) >= threshold)
+
+
+@pytest.mark.parametrize("width", [1, 63, 64, 2051])
+def test_blocked_cumsum_equals_cumsum(width):
+    x = jax.random.uniform(jax.random.key(width), (3, width))
+    np.testing.assert_allclose(np.asarray(blocked_cumsum(x)), np.cumsum(np.asarray(x, np.float64), axis=-1),
+                               rtol=1e-6)
 
 
 def test_greedy_is_argmax():
