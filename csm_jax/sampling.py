@@ -9,10 +9,13 @@ race. A temperature of 0 means greedy (argmax), whatever the filters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from csm_jax import kernels
 
 NEG_INF = -jnp.inf
 
@@ -111,10 +114,18 @@ def sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig) -> jax
 
     One uniform per draw (not V Gumbel variates: random bits dominate a small model's frame on CPU), and each
     row's draw depends only on its own uniform. The distribution is the reference's (softmax of the filtered
-    logits).
+    logits). On CPU the fused kernel of `csm_jax.kernels` makes the same draw.
     """
     if config.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if kernels.on_cpu():
+        return kernels.sample_rows(uniforms, logits, config.temperature, config.top_k, config.top_p, config.min_p,
+                                   fallback=functools.partial(inverse_cdf_sample, config=config))
+    return inverse_cdf_sample(uniforms, logits, config)
+
+
+def inverse_cdf_sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig) -> jax.Array:
+    """`sample` in jnp: the filtered softmax's cumulative sums, and the first entry above uniform x total."""
     filtered = filter_logits(logits, config)
     weights = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))  # 0 for filtered-out tokens
     cdf = blocked_cumsum(weights)

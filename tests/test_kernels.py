@@ -1,5 +1,8 @@
-"""The bfloat16 decode kernel: exact against a float32 matmul of the widened weights, differentiable, and the
-same greedy frames as a float32 model holding the same (bfloat16-representable) weights."""
+"""The CPU kernels. The bfloat16 matvec: exact against a float32 matmul of the widened weights, differentiable, and
+the same greedy frames as a float32 model holding the same (bfloat16-representable) weights. The sampler: the same
+draws as the jnp sampler, filters and ties included."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ from csm_jax import kernels
 from csm_jax.config import CsmConfig
 from csm_jax.generation import FrameGenerator, Frames, audio_frames, text_frames
 from csm_jax.model import Csm
-from csm_jax.sampling import GREEDY, FrameSampling
+from csm_jax.sampling import GREEDY, FrameSampling, SamplerConfig, inverse_cdf_sample, sample
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build the kernel")
 
@@ -49,3 +52,16 @@ def test_bfloat16_weights_generate_the_frames_of_float32_weights():
     expect = FrameGenerator(full).generate([prompt, prompt], 12, sampling)
     for a, b in zip(ours, expect):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p",
+                         [(0.9, 50, 1.0, 0.0), (1.3, 0, 1.0, 0.0), (0.7, 7, 0.9, 0.0), (1.0, 0, 0.3, 0.1),
+                          (0.5, 1, 1.0, 0.0), (1.0, 50, 0.95, 0.05)])
+def test_sampling_kernel_draws_what_the_jnp_sampler_draws(temperature, top_k, top_p, min_p):
+    logits = jax.random.normal(jax.random.key(1), (256, 2051)) * 3
+    logits = logits.at[:, :5].set(logits[:, 5:6]).at[:, 2048:].set(-jnp.inf)  # ties, and ids Mimi cannot decode
+    uniforms = jax.random.uniform(jax.random.key(2), (256,))
+    config = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    ours = jax.jit(functools.partial(sample, config=config))(uniforms, logits)
+    expect = jax.jit(functools.partial(inverse_cdf_sample, config=config))(uniforms, logits)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(expect))

@@ -1,4 +1,5 @@
-"""A CPU matrix-vector kernel for decode steps with bfloat16 weights (see matvec.cc for why).
+"""CPU kernels for decoding: a matrix-vector product over bfloat16 weights (matvec.cc) and the token sampler
+(sample.cc); each file says why XLA's CPU backend needs it.
 
 Compiled on first use with the system C++ compiler (g++ or c++) for this CPU, cached under
 ~/.cache/csm_jax/kernels, and registered as an XLA FFI target. Without a compiler everything still works, through
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-SOURCE = Path(__file__).with_name("matvec.cc")
-TARGET = "csm_matvec_bf16"
+SOURCES = sorted(Path(__file__).parent.glob("*.cc"))
+TARGETS = {"csm_matvec_bf16": "CsmMatvecBf16", "csm_sample_f32": "CsmSampleF32"}  # FFI name -> C symbol
 MAX_ROWS = 16  # decode steps (batch x 1 or 2 positions); more rows are a prefill
 _available: bool | None = None
 
@@ -33,9 +35,10 @@ def _cpu_signature() -> str:
 
 
 def _build() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
+    sources = b"".join(path.read_bytes() for path in SOURCES)
+    digest = hashlib.sha256(sources + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
     cache = Path(os.environ.get("CSM_JAX_CACHE", Path.home() / ".cache" / "csm_jax")) / "kernels"
-    library = cache / f"matvec-{digest[:16]}.so"
+    library = cache / f"kernels-{digest[:16]}.so"
     if library.exists():
         return library
     compiler = shutil.which("g++") or shutil.which("c++")
@@ -44,7 +47,7 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(f".{os.getpid()}.tmp")
     subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-                    f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)],
+                    f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial)],
                    check=True, capture_output=True, text=True)
     partial.rename(library)
     return library
@@ -56,12 +59,13 @@ def available() -> bool:
     if _available is None:
         try:
             library = ctypes.cdll.LoadLibrary(str(_build()))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.CsmMatvecBf16), platform="cpu")
+            for name, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
             _available = True
         except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
-            warnings.warn(f"the bfloat16 CPU decode kernel could not be built ({detail.strip()[:300]}); bfloat16 "
-                          f"weights decode through XLA instead, which is much slower on CPU. Install g++ to fix.")
+            warnings.warn(f"the CPU decode kernels could not be built ({detail.strip()[:300]}); bfloat16 weights "
+                          f"and sampling run through XLA instead, which is slower on CPU. Install g++ to fix.")
             _available = False
     return _available
 
@@ -76,7 +80,7 @@ def matvec_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
     def cpu(rows, w):
         if rows.shape[0] > MAX_ROWS:  # a prefill: widen the weights once, unfused, then a float32 matmul
             return rows @ jax.lax.optimization_barrier(w.astype(jnp.float32))
-        return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, w)
+        return jax.ffi.ffi_call("csm_matvec_bf16", jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, w)
 
     def other(rows, w):
         return rows @ w.astype(jnp.float32)
@@ -101,4 +105,23 @@ matvec_bf16.defvjp(_forward, _backward)
 def use_for(x: jax.Array, w: jax.Array, dtype) -> bool:
     """The kernel applies to float32 activations against bfloat16 weights."""
     return (w.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32
-            and jax.default_backend() == "cpu" and available())
+            and on_cpu())
+
+
+def on_cpu() -> bool:
+    """Whether computations run on CPU and the kernels are there."""
+    return jax.default_backend() == "cpu" and available()
+
+
+def sample_rows(uniforms: jax.Array, logits: jax.Array, temperature: float, top_k: int, top_p: float, min_p: float,
+                fallback) -> jax.Array:
+    """One token per row of float32 logits (B, V) with uniforms (B,): sample.cc on CPU, `fallback(uniforms, logits)`
+    (the same draw in jnp) elsewhere."""
+
+    def cpu(uniforms, logits):
+        return jax.ffi.ffi_call("csm_sample_f32", jax.ShapeDtypeStruct(uniforms.shape, jnp.int32))(
+            logits, uniforms, temperature=np.float32(temperature), top_k=np.int64(top_k), top_p=np.float32(top_p),
+            min_p=np.float32(min_p))
+
+    return jax.lax.platform_dependent(uniforms.astype(jnp.float32), logits.astype(jnp.float32), cpu=cpu,
+                                      default=fallback)
