@@ -9,8 +9,10 @@ Both sample with the reference settings (temperature 0.9, top-k 50, every codebo
 and audio frames). Per-frame time = (time for 2N frames - time for N frames) / N, so the prompt's prefill (shown
 apart) does not blur it; compilation (ours) and a warm-up call (both) are excluded. frames/s = batch / that.
 Effective weight bandwidth = weight bytes one frame reads (backbone + codebook-0 head + 31 x (depth decoder +
-projection + one codebook head)) x frames/s. Full-size float32 needs about 13 GB: transformers is timed first,
-its weights are copied into ours, then it is freed.
+projection + one codebook head)) x frames/s, also shown as a share of the machine's read bandwidth (measured
+first: a jitted sum over 1 GiB), which bounds batch-1 decoding from below: bytes per frame / read bandwidth.
+Full-size float32 needs about 13 GB: transformers is timed first, its weights are copied into ours, then it is
+freed.
 """
 
 from __future__ import annotations
@@ -71,11 +73,26 @@ def weight_bytes_per_frame(config: CsmConfig, itemsize: int) -> int:
 def prompt(config: CsmConfig, seed: int = 0) -> Frames:
     rng = np.random.default_rng(seed)
     return Frames.concat([text_frames(rng.integers(0, config.text_vocab_size, 12), config.num_codebooks),
-                          audio_frames(rng.integers(1, 2048, (config.num_codebooks, 40))),
+                          audio_frames(rng.integers(1, min(2048, config.audio_vocab_size),
+                                                    (config.num_codebooks, 40))),
                           text_frames(rng.integers(0, config.text_vocab_size, 10), config.num_codebooks)])
 
 
 REPEATS = 3
+
+
+def read_bandwidth() -> float:
+    """Bytes per second a jitted float32 sum over 1 GiB reads (the best of REPEATS), i.e. what streaming weights
+    from memory can reach on this machine."""
+    data = jnp.ones((1 << 28,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(data).block_until_ready()
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        total(data).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
 
 
 def per_frame(run, frames: int) -> tuple[float, float]:
@@ -150,11 +167,11 @@ def time_ours(gen: FrameGenerator, prompts, frames: int) -> tuple[float, float]:
     return per_frame(run, frames)
 
 
-def report(name, step, prefill, batch, bytes_per_frame):
-    gbps = bytes_per_frame / step / 1e9
+def report(name, step, prefill, batch, bytes_per_frame, bandwidth):
+    rate = bytes_per_frame / step
     print(f"{name:28s} batch {batch:2d}: {batch / step:8.2f} frames/s  {step * 1e3:9.1f} ms/frame  "
-          f"RTF {step / FRAME_SECONDS:6.3f}  weights {gbps:6.1f} GB/s  (prefill {prefill:.2f} s; load average "
-          f"{os.getloadavg()[0]:.1f})", flush=True)
+          f"RTF {step / FRAME_SECONDS:6.3f}  weights {rate / 1e9:6.1f} GB/s = {rate / bandwidth:4.0%} of memory  "
+          f"(prefill {prefill:.2f} s; load average {os.getloadavg()[0]:.1f})", flush=True)
     return step
 
 
@@ -173,6 +190,12 @@ def main():
     print(f"{args.config}: {config.num_params / 1e6:.1f} M parameters; jax {jax.__version__} on "
           f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
           f"{os.cpu_count()} cores", flush=True)
+    bandwidth = read_bandwidth()
+    for name, itemsize in [(args.dtype, NP_DTYPES[args.dtype].itemsize),
+                           (ours_dtype, NP_DTYPES[weight_dtype(ours_dtype)].itemsize)][: 1 + (ours_dtype != args.dtype)]:
+        floor = weight_bytes_per_frame(config, itemsize) / bandwidth
+        print(f"memory reads {bandwidth / 1e9:.1f} GB/s: one frame's {name} weights take at least {floor * 1e3:.1f} ms "
+              f"at batch 1 (unless caches hold them)", flush=True)
 
     torch.manual_seed(0)
     from transformers import CsmConfig as HfConfig, CsmForConditionalGeneration
@@ -184,7 +207,7 @@ def main():
             prompts = [prompt(config, seed) for seed in range(batch)]
             step, prefill = time_transformers(hf, config, prompts, args.frames, args.dtype)
             theirs[batch] = report(f"transformers {args.dtype}", step, prefill, batch,
-                                   weight_bytes_per_frame(config, np.dtype(NP_DTYPES[args.dtype]).itemsize))
+                                   weight_bytes_per_frame(config, NP_DTYPES[args.dtype].itemsize), bandwidth)
     params = ours_from_transformers(hf, config, ours_dtype)
     del hf
     gc.collect()
@@ -195,7 +218,7 @@ def main():
         prompts = [prompt(config, seed) for seed in range(batch)]
         step, prefill = time_ours(generator, prompts, args.frames)
         ours = report(f"csm-jax {ours_dtype}", step, prefill, batch,
-                      weight_bytes_per_frame(config, NP_DTYPES[weight_dtype(ours_dtype)].itemsize))
+                      weight_bytes_per_frame(config, NP_DTYPES[weight_dtype(ours_dtype)].itemsize), bandwidth)
         if batch in theirs:
             print(f"{'':28s} batch {batch:2d}: csm-jax is {theirs[batch] / ours:.2f}x faster than transformers",
                   flush=True)
