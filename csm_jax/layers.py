@@ -120,10 +120,11 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_offset: jax.A
 
 def dense(x: jax.Array, w: jax.Array, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
     """x (..., K) @ w (K, N) in the compute dtype (accumulated to `out_dtype` if given). float32 activations of a
-    decode step (a few rows) against bfloat16 weights use the CPU kernel of `csm_jax.kernels` (XLA's CPU backend
-    reads bfloat16 weights at ~1.7 GB/s); that case is float32 either way."""
+    decode step (a few rows) against bfloat16 or float32 weights use the CPU kernel of `csm_jax.kernels` (XLA's
+    CPU backend reads bfloat16 weights at ~1.7 GB/s, and runs small products on one core); that case is float32
+    either way."""
     if kernels.use_for(x, w, dtype):
-        return kernels.matvec_bf16(x, w)
+        return kernels.matvec(x, w)
     return jnp.dot(x, w.astype(dtype), preferred_element_type=out_dtype)
 
 

@@ -1,4 +1,4 @@
-"""The CPU kernels. The bfloat16 matvec: exact against a float32 matmul of the widened weights, differentiable, and
+"""The CPU kernels. The matvec (bfloat16 or float32 weights): exact against a float32 matmul of the widened weights, differentiable, and
 the same greedy frames as a float32 model holding the same (bfloat16-representable) weights. The sampler: the same
 draws as the jnp sampler, filters and ties included."""
 
@@ -19,12 +19,14 @@ from csm_jax.sampling import GREEDY, FrameSampling, SamplerConfig, inverse_cdf_s
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build the kernel")
 
 
-@pytest.mark.parametrize("rows, k, n", [(1, 64, 2051), (3, 33, 300), (8, 128, 1024), (16, 40, 17), (40, 64, 96)])
-def test_kernel_matches_float32_matmul(rows, k, n):
+@pytest.mark.parametrize("weights", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("rows, k, n", [(1, 64, 2051), (3, 33, 300), (8, 128, 1024), (16, 40, 17), (40, 64, 96),
+                                        (1, 512, 128), (2, 128, 64)])
+def test_kernel_matches_float32_matmul(rows, k, n, weights):
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
-    out = jax.jit(kernels.matvec_bf16)(x, w)
+    w = jnp.asarray(rng.standard_normal((k, n)), weights)
+    out = jax.jit(kernels.matvec)(x, w)
     expect = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
     assert out.dtype == jnp.float32 and out.shape == (rows, n)
     np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-5, atol=1e-5 * np.sqrt(k))
@@ -34,7 +36,7 @@ def test_kernel_gradients_match_the_plain_matmul():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((16, 24)), jnp.bfloat16)
-    ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(kernels.matvec_bf16(x, w))), argnums=(0, 1))(x, w)
+    ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(kernels.matvec(x, w))), argnums=(0, 1))(x, w)
     plain = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w.astype(jnp.float32))), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(np.asarray(ours[0]), np.asarray(plain[0]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(ours[1], np.float32), np.asarray(plain[1], np.float32), rtol=1e-2)

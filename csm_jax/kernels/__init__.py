@@ -1,5 +1,5 @@
-"""CPU kernels for decoding: a matrix-vector product over bfloat16 weights (matvec.cc) and the token sampler
-(sample.cc); each file says why XLA's CPU backend needs it.
+"""CPU kernels for decoding: a matrix-vector product over bfloat16 or float32 weights (matvec.cc) and the token
+sampler (sample.cc); each file says why XLA's CPU backend needs it.
 
 Compiled on first use with the system C++ compiler (g++ or c++) for this CPU, cached under
 ~/.cache/csm_jax/kernels, and registered as an XLA FFI target. Without a compiler everything still works, through
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cc"))
-TARGETS = {"csm_matvec_bf16": "CsmMatvecBf16", "csm_sample_f32": "CsmSampleF32"}  # FFI name -> C symbol
+TARGETS = {  # FFI name -> C symbol
+    "csm_matvec_bf16": "CsmMatvecBf16", "csm_matvec_f32": "CsmMatvecF32", "csm_sample_f32": "CsmSampleF32"}
 MAX_ROWS = 16  # decode steps (batch x 1 or 2 positions); more rows are a prefill
 _available: bool | None = None
 
@@ -71,16 +72,19 @@ def available() -> bool:
 
 
 @jax.custom_vjp
-def matvec_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., K) float32 @ w (K, N) bfloat16 -> (..., N) float32, exact (weights widened, float32 sums): the
-    kernel for up to MAX_ROWS rows on CPU, else a float32 matmul on explicitly widened weights."""
+def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) float32 @ w (K, N) bfloat16 or float32 -> (..., N) float32, exact (weights widened, float32
+    sums): the kernel for up to MAX_ROWS rows on CPU, else a float32 matmul (on explicitly widened weights)."""
     k, n = w.shape
     rows = x.reshape(-1, k)
 
     def cpu(rows, w):
+        if rows.shape[0] > MAX_ROWS and w.dtype == jnp.float32:
+            return rows @ w
         if rows.shape[0] > MAX_ROWS:  # a prefill: widen the weights once, unfused, then a float32 matmul
             return rows @ jax.lax.optimization_barrier(w.astype(jnp.float32))
-        return jax.ffi.ffi_call("csm_matvec_bf16", jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, w)
+        target = "csm_matvec_bf16" if w.dtype == jnp.bfloat16 else "csm_matvec_f32"
+        return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, w)
 
     def other(rows, w):
         return rows @ w.astype(jnp.float32)
@@ -89,7 +93,7 @@ def matvec_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _forward(x, w):
-    return matvec_bf16(x, w), (x, w)
+    return matvec(x, w), (x, w)
 
 
 def _backward(residuals, dy):
@@ -99,12 +103,12 @@ def _backward(residuals, dy):
     return dx, dw
 
 
-matvec_bf16.defvjp(_forward, _backward)
+matvec.defvjp(_forward, _backward)
 
 
 def use_for(x: jax.Array, w: jax.Array, dtype) -> bool:
-    """The kernel applies to float32 activations against bfloat16 weights."""
-    return (w.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32
+    """The kernel applies to float32 activations against bfloat16 or float32 weights."""
+    return (w.dtype in (jnp.bfloat16, jnp.float32) and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32
             and on_cpu())
 
 

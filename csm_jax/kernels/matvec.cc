@@ -1,10 +1,10 @@
-// y (M, N) f32 = x (M, K) f32 @ w (K, N) bfloat16, for the few rows (M <= 16) of a decode step.
-// (The template also takes float weights; XLA's own float32 path is as fast, so only bfloat16 is exported.)
+// y (M, N) f32 = x (M, K) f32 @ w (K, N) bfloat16 or float32, for the few rows (M <= 16) of a decode step.
 //
 // Why: XLA's CPU backend runs these matrix-vector products well below memory bandwidth, and bfloat16 ones at
-// ~1.7 GB/s. Decoding is bound by reading the weights once per step, so this kernel streams each thread's
-// column slab of w row by row (long contiguous reads), widens bfloat16 to float32 exactly (a 16-bit shift) and
-// accumulates in float32 into y held in L1/L2. Work is split over XLA's own intra-op thread pool.
+// ~1.7 GB/s; and it runs small ones on one core, whose L2 cannot hold all of a small depth decoder's layers.
+// Decoding is bound by reading the weights once per step, so this kernel streams each thread's column slab of w
+// row by row (long contiguous reads), widens bfloat16 to float32 exactly (a 16-bit shift) and accumulates in
+// float32 into y held in L1/L2. Work is split over XLA's own intra-op thread pool.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -24,8 +24,10 @@ struct Task {
   const void* w;
   float* y;
   int64_t m, k, n, slab, slabs;
-  std::atomic<int64_t> next{0};
+  std::atomic<uint64_t> claimed{0};  // bit s: someone runs slab s
   std::atomic<int64_t> finished{0};
+
+  bool claim(int64_t s) { return !(claimed.fetch_or(uint64_t{1} << s) & (uint64_t{1} << s)); }
 };
 
 #if defined(__AVX512F__)
@@ -110,14 +112,6 @@ void run_slab(const Task& t, int64_t s) {
 }
 
 template <typename W>
-void drain(Task& t) {
-  for (int64_t s; (s = t.next.fetch_add(1)) < t.slabs;) {
-    run_slab<W>(t, s);
-    t.finished.fetch_add(1, std::memory_order_release);
-  }
-}
-
-template <typename W>
 ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                   ffi::Result<ffi::Buffer<ffi::F32>> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -129,12 +123,23 @@ ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   task->m = xd[0];
   task->k = xd[1];
   task->n = wd[1];
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // slabs of whole register tiles, about one per thread
-  task->slab = std::max<int64_t>(256, ((task->n + threads - 1) / threads + 255) / 256 * 256);
+  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, 64);
+  // One column slab per thread, slab s preferably on the s-th thread, so that each core's cache keeps its share of
+  // weights that are read again and again (a depth decoder's layers, 31 times per frame). The caller runs every
+  // slab that no pool thread has started soon after its own: it never waits on a busy pool (which may be itself).
+  const int64_t slabs = std::max<int64_t>(1, std::min(threads, task->n / 64));
+  task->slab = ((task->n + slabs - 1) / slabs + 15) / 16 * 16;
   task->slabs = (task->n + task->slab - 1) / task->slab;
-  for (int64_t i = 1; i < std::min(threads, task->slabs); ++i) pool.Schedule([task] { drain<W>(*task); });
-  drain<W>(*task);
+  auto run = [](Task& t, int64_t s) {
+    if (!t.claim(s)) return;
+    run_slab<W>(t, s);
+    t.finished.fetch_add(1, std::memory_order_release);
+  };
+  for (int64_t s = 1; s < task->slabs; ++s) pool.Schedule([task, s, run] { run(*task, s); });
+  run(*task, 0);
+  const uint64_t all = task->slabs == 64 ? ~uint64_t{0} : (uint64_t{1} << task->slabs) - 1;
+  for (int spin = 0; spin < 400 && task->claimed.load(std::memory_order_relaxed) != all; ++spin) _mm_pause();
+  for (int64_t s = 1; s < task->slabs; ++s) run(*task, s);
   while (task->finished.load(std::memory_order_acquire) < task->slabs) _mm_pause();
   return ffi::Error::Success();
 }
@@ -142,6 +147,13 @@ ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CsmMatvecBf16, matvec<uint16_t>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CsmMatvecF32, matvec<float>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
