@@ -144,6 +144,25 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), param_dtype)
         self.rope = RotaryEmbedding(hd, cfg.rope_base, cfg.rope_scaling)
+        self.wqkv: nnx.Param | None = nnx.data(None)  # see `fuse`
+
+    def fuse(self):
+        """For decoding: wq, wk and wv side by side in one (D, (H + 2K) * hd) array, so that a step makes one small
+        matrix product instead of three (on CPU each is a kernel call with its own overhead)."""
+        d = self.wq.shape[0]
+        self.wqkv = nnx.Param(jnp.concatenate([w[...].reshape(d, -1) for w in (self.wq, self.wk, self.wv)], axis=1),
+                              logical_axes=("embed", None))
+        self.wq = self.wk = self.wv = None
+
+    def _project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (B, T, D) -> q (B, T, H, hd), k and v (B, T, K, hd)."""
+        if self.wqkv is None:
+            return tuple(_project_in(x, w[...], self.dtype) for w in (self.wq, self.wk, self.wv))
+        hd = self.wo.shape[1]
+        h = self.wo.shape[0]
+        qkv = dense(x, self.wqkv[...], self.dtype)
+        q, k, v = jnp.split(qkv, [h * hd, h * hd + (qkv.shape[-1] - h * hd) // 2], axis=-1)
+        return tuple(a.reshape(*x.shape[:-1], -1, hd) for a in (q, k, v))
 
     def __call__(self, x: jax.Array, inputs: AttentionInputs, kv: tuple[jax.Array, jax.Array] | None = None,
                  cache_index: jax.Array | int = 0):
@@ -152,9 +171,7 @@ class Attention(nnx.Module):
         Returns (out (B, T, D), updated (k, v) or None).
         """
         dt = self.dtype
-        q = _project_in(x, self.wq[...], dt)
-        k = _project_in(x, self.wk[...], dt)
-        v = _project_in(x, self.wv[...], dt)
+        q, k, v = self._project_qkv(x)
         q = self.rope(q, inputs.positions)
         k = self.rope(k, inputs.positions)
         if kv is not None:
@@ -185,11 +202,21 @@ class MLP(nnx.Module):
         self.w_gate = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype)
         self.w_up = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype)
         self.w_down = param(rngs, (hidden, dim), ("mlp", "embed"), param_dtype)
+        self.w_gate_up: nnx.Param | None = nnx.data(None)  # see `fuse`
+
+    def fuse(self):
+        """For decoding: w_gate and w_up side by side in one (D, 2F) array (one matrix product per step)."""
+        self.w_gate_up = nnx.Param(jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1),
+                                   logical_axes=("embed", None))
+        self.w_gate = self.w_up = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate = jax.nn.silu(dense(x, self.w_gate[...], dt))
-        return dense(gate * dense(x, self.w_up[...], dt), self.w_down[...], dt)
+        if self.w_gate_up is None:
+            gate, up = dense(x, self.w_gate[...], dt), dense(x, self.w_up[...], dt)
+        else:
+            gate, up = jnp.split(dense(x, self.w_gate_up[...], dt), 2, axis=-1)
+        return dense(jax.nn.silu(gate) * up, self.w_down[...], dt)
 
 
 class Block(nnx.Module):
@@ -282,7 +309,8 @@ class Transformer(nnx.Module):
         return self.norm(x), KVCache(k=tuple(ks), v=tuple(vs), segment_ids=segment_ids)
 
     def unstacked(self) -> Transformer:
-        """A copy with one parameter array per layer (see the class docstring); the norm is shared."""
+        """A copy with one parameter array per layer (see the class docstring) and fused input projections
+        (`Attention.fuse`, `MLP.fuse`); the norm is shared."""
         assert self.scan_layers, "already unstacked"
         param_dtype = self.norm.scale[...].dtype
         flat = nnx.eval_shape(lambda: Transformer(self.cfg, dtype=self.dtype, param_dtype=param_dtype,
@@ -290,5 +318,7 @@ class Transformer(nnx.Module):
         stacked = nnx.state(self.blocks)
         for i, block in enumerate(flat.blocks):
             nnx.update(block, jax.tree.map(lambda a: a[i], stacked))
+            block.attn.fuse()
+            block.mlp.fuse()
         flat.norm = self.norm
         return flat
