@@ -107,9 +107,11 @@ matvec.defvjp(_forward, _backward)
 
 
 def use_for(x: jax.Array, w: jax.Array, dtype) -> bool:
-    """The kernel applies to float32 activations against bfloat16 or float32 weights."""
-    return (w.dtype in (jnp.bfloat16, jnp.float32) and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32
-            and on_cpu())
+    """The kernel applies to float32 activations against bfloat16 weights, and against float32 weights for a single
+    row (batch-1 decoding, where splitting the product over the cores pays; XLA's own product is faster for more)."""
+    single_row = x.size == x.shape[-1]
+    return ((w.dtype == jnp.bfloat16 or (w.dtype == jnp.float32 and single_row))
+            and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32 and on_cpu())
 
 
 def on_cpu() -> bool:

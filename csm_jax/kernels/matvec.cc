@@ -48,7 +48,8 @@ inline float widen1(float v) { return v; }
 
 #if defined(__AVX512F__)
 constexpr int64_t kTile = 256;  // columns per register tile: 16 accumulators of 16 floats
-constexpr int64_t kDepth = 128;  // rows of w per pass: a 64-128 KB tile that stays in L2 across the M rows
+constexpr int64_t kDepth = 128;
+constexpr int64_t kPrefetchRows = 4;  // rows of w per pass: a 64-128 KB tile that stays in L2 across the M rows
 
 // Several rows: each (kDepth x kTile) tile of w is read from memory once and reused from L2 for every row, with
 // the row's 256 outputs in registers.
@@ -89,7 +90,11 @@ void run_slab(const Task& t, int64_t s) {
     if (t.m == 1) {
       const __m512 a = _mm512_set1_ps(t.x[kk]);
       float* y = t.y;
+      const W* ahead = row + kPrefetchRows * t.n;  // the same columns a few rows on: more reads in flight
       for (; j + 64 <= n1; j += 64) {
+        if (kk + kPrefetchRows < t.k)
+          for (size_t b = 0; b < 64 * sizeof(W); b += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(ahead + j) + b, _MM_HINT_T0);
         _mm512_storeu_ps(y + j, _mm512_fmadd_ps(a, widen16(row + j), _mm512_loadu_ps(y + j)));
         _mm512_storeu_ps(y + j + 16, _mm512_fmadd_ps(a, widen16(row + j + 16), _mm512_loadu_ps(y + j + 16)));
         _mm512_storeu_ps(y + j + 32, _mm512_fmadd_ps(a, widen16(row + j + 32), _mm512_loadu_ps(y + j + 32)));
