@@ -1,6 +1,6 @@
-"""The CPU kernels. The matvec (bfloat16 or float32 weights): exact against a float32 matmul of the widened weights, differentiable, and
-the same greedy frames as a float32 model holding the same (bfloat16-representable) weights. The sampler: the same
-draws as the jnp sampler, filters and ties included."""
+"""The CPU kernels. The matvec (bfloat16 or float32 weights): exact against a float32 matmul of the widened
+weights, differentiable, and the same greedy frames as a float32 model holding the same (bfloat16-representable)
+weights. The sampler: the same draws as the jnp sampler, filters and ties included."""
 
 import functools
 

@@ -80,10 +80,8 @@ def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
     rows = x.reshape(-1, k)
 
     def cpu(rows, w):
-        if rows.shape[0] > MAX_ROWS and w.dtype == jnp.float32:
-            return rows @ w
-        if rows.shape[0] > MAX_ROWS:  # a prefill: widen the weights once, unfused, then a float32 matmul
-            return rows @ jax.lax.optimization_barrier(w.astype(jnp.float32))
+        if rows.shape[0] > MAX_ROWS:  # a prefill: widen bfloat16 weights once, unfused, then a float32 matmul
+            return rows @ (w if w.dtype == jnp.float32 else jax.lax.optimization_barrier(w.astype(jnp.float32)))
         target = "csm_matvec_bf16" if w.dtype == jnp.bfloat16 else "csm_matvec_f32"
         return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, w)
 

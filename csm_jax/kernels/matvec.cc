@@ -48,8 +48,8 @@ inline float widen1(float v) { return v; }
 
 #if defined(__AVX512F__)
 constexpr int64_t kTile = 256;  // columns per register tile: 16 accumulators of 16 floats
-constexpr int64_t kDepth = 128;
-constexpr int64_t kPrefetchRows = 4;  // rows of w per pass: a 64-128 KB tile that stays in L2 across the M rows
+constexpr int64_t kDepth = 128;  // rows of w per pass: a 64-128 KB tile that stays in L2 across the M rows
+constexpr int64_t kPrefetchRows = 4;  // one-row products: how many rows ahead to prefetch
 
 // Several rows: each (kDepth x kTile) tile of w is read from memory once and reused from L2 for every row, with
 // the row's 256 outputs in registers.
