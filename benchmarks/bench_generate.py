@@ -35,10 +35,11 @@ from flax import nnx  # noqa: E402
 from convert.from_torch import fill_params, plan  # noqa: E402
 from convert.io import torch_to_numpy  # noqa: E402
 from convert.layouts import detect_layout  # noqa: E402
-from csm_jax.checkpoint import abstract_model  # noqa: E402
-from csm_jax.config import CsmConfig  # noqa: E402
-from csm_jax.generation import Frames, FrameGenerator, audio_frames, text_frames  # noqa: E402
-from csm_jax.sampling import FrameSampling  # noqa: E402
+from csm_jax.io.checkpoint import abstract_model  # noqa: E402
+from csm_jax.core.config import CsmConfig, preset  # noqa: E402
+from csm_jax.inference.loop import FrameGenerator  # noqa: E402
+from csm_jax.io.frames import Frames, audio_frames, text_frames  # noqa: E402
+from csm_jax.inference.sampling import FrameSampling  # noqa: E402
 
 FRAME_SECONDS = 0.08
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -185,7 +186,7 @@ def main():
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--skip-transformers", action="store_true")
     args = p.parse_args()
-    config = getattr(CsmConfig, args.config)()
+    config = preset(args.config)
     ours_dtype = args.ours_dtype or args.dtype
     print(f"{args.config}: {config.num_params / 1e6:.1f} M parameters; jax {jax.__version__} on "
           f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads; "

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from csm_jax.config import CsmConfig
-from csm_jax.sharding import make_mesh
+from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.sharding import make_mesh
 from tests.hf_reference import transformers_csm
 from tests.test_train_loss import utterance_batch
 from train.trainer import OptimConfig, Trainer
@@ -90,7 +90,7 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM bf16 dense)")
     args = p.parse_args()
 
-    config = getattr(CsmConfig, args.config)()
+    config = preset(args.config)
     rng = np.random.default_rng(0)
     text_len = args.frames // 8
     tokens, mask = utterance_batch(rng, config, args.batch, text_len, args.frames - text_len)

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from convert.from_torch import DTYPES, target_shape
 from convert.io import write_safetensors
-from convert.layouts import LAYOUTS, TRANSFORMS, Layout
-from csm_jax.checkpoint import abstract_model
-from csm_jax.config import CsmConfig
+from convert.layouts import DTYPES, LAYOUTS, TRANSFORMS, Layout, target_shape
+from csm_jax.io.checkpoint import abstract_model
+from csm_jax.core.config import CsmConfig, preset
 
 
 def random_tensor(shape: tuple[int, ...], dtype: np.dtype, seed: int) -> np.ndarray:
@@ -51,7 +50,7 @@ def main() -> None:
     p.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     args = p.parse_args()
-    config = CsmConfig.csm_1b()
+    config = preset("csm_1b")
     for name in LAYOUTS if args.layout == "both" else [args.layout]:
         start = time.perf_counter()
         write_layout(args.out / name, LAYOUTS[name], config, DTYPES[args.dtype])

@@ -16,8 +16,8 @@ from convert.from_torch import convert_to_orbax
 from convert.io import ConversionError
 from convert.layouts import LAYOUTS, LayoutError
 from convert.to_torch import export_checkpoint
-from csm_jax.checkpoint import CheckpointError, read_metadata
-from csm_jax.config import ConfigError
+from csm_jax.io.checkpoint import CheckpointError, read_metadata
+from csm_jax.core.config import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,26 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from convert.io import (ConversionError, TensorReader, find_weights, open_tensors, resolve_source,
                         write_safetensors)
-from convert.layouts import TRANSFORMS, Layout, Rule, detect_layout, stack_config
-from csm_jax.checkpoint import abstract_model, atomic_directory, write_config_and_metadata, write_params
-from csm_jax.config import CsmConfig
+from convert.layouts import (CODEC_DIR, CODEC_PREFIX, DTYPES, TRANSFORMS, Layout, Rule, detect_layout, param_at,
+                             stack_config, target_shape)
+from csm_jax.io.checkpoint import abstract_model, atomic_directory, write_config_and_metadata, write_params
+from csm_jax.core.config import PRESETS, CsmConfig, preset
 
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-CODEC_PREFIX = "codec_model."
-CODEC_DIR = "codec"
 
 
 def read_source_config(source_dir: Path, config: str | os.PathLike | None) -> CsmConfig:
     """`config` (a config.json of any family, or a preset name such as csm_1b) or the config.json beside the
     weights."""
-    if config is not None and hasattr(CsmConfig, str(config)) and not Path(config).exists():
-        return getattr(CsmConfig, str(config))()
+    if config is not None and str(config) in PRESETS and not Path(config).exists():
+        return preset(str(config))
     path = Path(config) if config is not None else source_dir / "config.json"
     if not path.exists():
         raise ConversionError(f"no config.json at {path}. Pass --config with a config.json of either family or a "
@@ -88,12 +85,6 @@ def _explain_unexpected(key: str, layout: Layout, config: CsmConfig) -> str:
         return key
     layers = stack_config(config, match[0].stack).num_layers
     return f"{key} (the config's {match[0].stack} has {layers} layers)"
-
-
-def target_shape(targets: dict, rule: Rule) -> tuple[int, ...]:
-    """Shape of the parameter one tensor fills (one layer's slice for a stacked parameter)."""
-    shape = param_at(targets, rule.target).shape
-    return tuple(shape[1:]) if rule.stack else tuple(shape)
 
 
 def choose_dtype(reader: TensorReader, steps: list[tuple[str, Rule, int | None]], dtype: str) -> np.dtype:
@@ -180,13 +171,6 @@ def convert_to_orbax(src: str | os.PathLike, out: str | os.PathLike, dtype: str 
         metadata["codec"] = CODEC_DIR if copy_codec(reader, weights.parent / "config.json", tmp) else None
         write_config_and_metadata(tmp, model_config, metadata)
     return Path(out)
-
-
-def param_at(tree: dict, path: tuple[str, ...]):
-    """The leaf of a nested parameter dict at `path` (a rule's target)."""
-    for name in path:
-        tree = tree[name]
-    return tree
 
 
 def _listing(items: list[str], limit: int = 12) -> str:

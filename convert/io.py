@@ -15,11 +15,14 @@ from typing import Callable, Iterable, Protocol
 import ml_dtypes
 import numpy as np
 
+from csm_jax.core.errors import UserError
+from csm_jax.io.hub import looks_like_hub_id
+
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "ckpt.pt")
 HUB_PATTERNS = ["config.json", "model.safetensors.index.json", "*.safetensors", "ckpt.pt"]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that cannot be converted; the message lists every problem found and how to fix it."""
 
 
@@ -38,7 +41,7 @@ def resolve_source(src: str | os.PathLike) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         return path
-    if str(src).count("/") != 1 or str(src).startswith((".", "/", "~")):
+    if not looks_like_hub_id(src):
         raise ConversionError(f"{src} does not exist. Give a checkpoint directory, a weights file "
                               f"({', '.join(WEIGHT_FILES)}) or a hub repo id such as sesame/csm-1b.")
     from huggingface_hub import snapshot_download

@@ -17,14 +17,20 @@ import dataclasses
 import re
 from typing import Callable, Iterable
 
+import ml_dtypes
 import numpy as np
 
-from csm_jax.config import CsmConfig, TransformerConfig
+from csm_jax.core.config import CsmConfig, TransformerConfig
+from csm_jax.core.errors import UserError
 
 Path = tuple[str, ...]
 
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}  # the dtypes we convert to
+CODEC_PREFIX = "codec_model."  # transformers checkpoints carry the Mimi codec under this prefix ...
+CODEC_DIR = "codec"  # ... which a csm-jax checkpoint keeps in this subdirectory
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError):
     """Tensor names that match no known CSM checkpoint layout."""
 
 
@@ -218,3 +224,16 @@ def detect_layout(keys: Iterable[str]) -> Layout:
         f"'backbone.layers.' (Sesame's original layout) or 'backbone_model.' (transformers' "
         f"CsmForConditionalGeneration); found {sample}{' ...' if len(keys) > 8 else ''}. If the names carry an "
         f"extra prefix (e.g. 'model.' or '_orig_mod.'), strip it from the state dict and save it again.")
+
+
+def param_at(tree: dict, path: tuple[str, ...]):
+    """The leaf of a nested parameter dict at `path` (a rule's target)."""
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def target_shape(targets: dict, rule: Rule) -> tuple[int, ...]:
+    """Shape of the parameter one tensor fills (one layer's slice for a stacked parameter)."""
+    shape = param_at(targets, rule.target).shape
+    return tuple(shape[1:]) if rule.stack else tuple(shape)

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from convert.from_torch import CODEC_DIR, CODEC_PREFIX, DTYPES, param_at, target_shape
 from convert.io import ConversionError, SafetensorsReader, TensorSpec, write_safetensors
-from convert.layouts import LAYOUTS, TRANSFORMS, Layout, Rule, stack_config
-from csm_jax.checkpoint import abstract_model, atomic_directory, load_params, read_config, read_metadata
-from csm_jax.config import CsmConfig
+from convert.layouts import (CODEC_DIR, CODEC_PREFIX, DTYPES, LAYOUTS, TRANSFORMS, Layout, Rule, param_at,
+                             stack_config, target_shape)
+from csm_jax.io.checkpoint import abstract_model, atomic_directory, load_params, read_config, read_metadata
+from csm_jax.core.config import CsmConfig
 
 STORED_DTYPES = {**DTYPES, "float16": np.dtype(np.float16)}
 

@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from csm_jax.core.codec import FRAME_MS, FRAME_SECONDS
+
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-FRAME_SECONDS = 0.08
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampling_from_args(args, parser):
-    from csm_jax.sampling import GREEDY, FrameSampling, SamplerConfig
+    from csm_jax.inference.sampling import GREEDY, FrameSampling, SamplerConfig
 
     if args.greedy:
         return FrameSampling.same(GREEDY)
@@ -78,8 +78,8 @@ def sampling_from_args(args, parser):
 
 
 def context_from_args(args, parser):
-    from csm_jax.audio import AudioError, read_audio
-    from csm_jax.generation import Segment
+    from csm_jax.io.audio import AudioError, read_audio
+    from csm_jax.io.frames import Segment
 
     segments = []
     for values in args.context:
@@ -101,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     sampling = sampling_from_args(args, parser)
     context = context_from_args(args, parser)
-    if args.max_audio_length_ms < 80:
-        parser.error(f"--max-audio-length-ms {args.max_audio_length_ms} is shorter than one 80 ms frame")
+    if args.max_audio_length_ms < FRAME_MS:
+        parser.error(f"--max-audio-length-ms {args.max_audio_length_ms} is shorter than one {FRAME_MS} ms frame")
     if not args.text.strip():
         parser.error("--text is empty; give the words to say")
 
     import jax.numpy as jnp
 
-    from csm_jax import audio
-    from csm_jax.generation import Request, load_csm_1b, max_frames_for
+    from csm_jax.io import audio
+    from csm_jax.inference.generator import Request, load_csm_1b
+    from csm_jax.inference.prompt import max_frames_for
 
     try:
         mimi = audio.random_mimi(0) if args.mimi == "random" else args.mimi
@@ -134,7 +135,7 @@ def run_with_progress(generator, chunks, max_frames: int, args) -> int:
     import soundfile as sf
     from tqdm import tqdm
 
-    from csm_jax import audio
+    from csm_jax.io import audio
 
     start = time.perf_counter()
     bar = tqdm(total=max_frames, unit="frame", file=sys.stderr, desc="generating")

@@ -7,9 +7,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import torch
 
-from csm_jax.checkpoint import load_model
-from csm_jax.config import CsmConfig
-from csm_jax.model import Csm
+from csm_jax.io.checkpoint import load_model
+from csm_jax.core.config import CsmConfig
+from csm_jax.core.model import Csm
 from convert import convert_to_orbax
 
 

@@ -32,15 +32,15 @@ if args.processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.processes, process_id=args.process_id)
 
-from csm_jax import audio, text  # noqa: E402
-from csm_jax.config import CsmConfig  # noqa: E402
-from csm_jax.sharding import make_mesh  # noqa: E402
+from csm_jax.io import audio, text  # noqa: E402
+from csm_jax.core.config import preset  # noqa: E402
+from csm_jax.core.sharding import make_mesh  # noqa: E402
 from train.data import DataConfig, Featurizer, list_shards, process_share, tar_dataset  # noqa: E402
 from train.trainer import (OptimConfig, Trainer, checkpoint_manager, restore_checkpoint,  # noqa: E402
                            save_checkpoint)
 
 STEPS = 2
-config = CsmConfig.tiny_full_vocab()
+config = preset("tiny_full_vocab")
 data = DataConfig(max_frames=96, batch_size=2, shuffle_window=2, interleave=1)
 featurizer = Featurizer(text.load_tokenizer(), audio.random_mimi(0), data)
 shards = list_shards(args.shards)

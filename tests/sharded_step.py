@@ -16,12 +16,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from csm_jax.config import CsmConfig  # noqa: E402
-from csm_jax.sharding import make_mesh  # noqa: E402
+from csm_jax.core.config import preset  # noqa: E402
+from csm_jax.core.sharding import make_mesh  # noqa: E402
 from train.trainer import OptimConfig, Trainer  # noqa: E402
 
 
-def batch(config: CsmConfig, accumulation=2, rows=4, length=16, seed=0):
+def batch(config, accumulation=2, rows=4, length=16, seed=0):
     rng = np.random.default_rng(seed)
     n = config.num_codebooks
     tokens = np.zeros((accumulation, rows, length, n + 1), np.int32)
@@ -34,7 +34,7 @@ def batch(config: CsmConfig, accumulation=2, rows=4, length=16, seed=0):
 
 
 def main(shape):
-    config = CsmConfig.tiny()
+    config = preset("tiny")
     optim = OptimConfig(learning_rate=1e-3, warmup_steps=0, accumulation=2)
     results = {}
     for mesh_shape in [(1, 1, 1), shape]:

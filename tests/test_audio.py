@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 
 from tests.conftest import espeak_wav
-from csm_jax import audio
+from csm_jax.io import audio
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from convert import ConversionError, LayoutError, convert_to_orbax, export_checkpoint
 from convert.__main__ import main
 from convert.layouts import LAYOUTS, TRANSFORMS, stack_config
-from csm_jax.checkpoint import CheckpointError, abstract_model, load_model, read_metadata
-from csm_jax.config import ConfigError, CsmConfig
+from csm_jax.io.checkpoint import CheckpointError, abstract_model, load_model, read_metadata
+from csm_jax.core.config import ConfigError, CsmConfig, preset
 from tests.test_model import random_frames
 from tests.torch_references import original_model, save_original, transformers_logits, transformers_model
 
@@ -35,7 +35,7 @@ def assert_same_tensors(got: dict, want: dict):
 @pytest.fixture(scope="module")
 def hf_tiny(tmp_path_factory):
     """A random transformers CSM (tiny) saved with save_pretrained, and the reference model."""
-    model = transformers_model(CsmConfig.tiny(), seed=3)
+    model = transformers_model(preset("tiny"), seed=3)
     path = tmp_path_factory.mktemp("hf_tiny")
     model.save_pretrained(path)
     return path, model
@@ -48,16 +48,16 @@ def hf_tiny_orbax(hf_tiny, tmp_path_factory):
 
 @pytest.fixture
 def original_tiny(tmp_path):
-    model = original_model(CsmConfig.tiny(), seed=4)
+    model = original_model(preset("tiny"), seed=4)
     return save_original(model, tmp_path / "original", "safetensors"), model
 
 
 # ---- the key tables ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("preset", ["tiny", "tiny_odd"])
-def test_layout_fills_every_parameter_once_and_transforms_invert(layout, preset, rng):
-    config = getattr(CsmConfig, preset)()
+@pytest.mark.parametrize("name", ["tiny", "tiny_odd"])
+def test_layout_fills_every_parameter_once_and_transforms_invert(layout, name, rng):
+    config = preset(name)
     skeleton = leaves_of_abstract(config)
     filled = {}
     for key, rule, layer in LAYOUTS[layout].expected_keys(config):
@@ -92,7 +92,7 @@ def test_transformers_round_trip_is_bit_exact_and_loads_in_transformers(hf_tiny,
 
     loaded, info = CsmForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    tokens, mask = random_frames(rng, CsmConfig.tiny(), 2, 6)
+    tokens, mask = random_frames(rng, preset("tiny"), 2, 6)
     codes = rng.integers(0, 67, (2, 32))
     for got, want in zip(transformers_logits(loaded.eval(), tokens, mask, codes),
                          transformers_logits(reference, tokens, mask, codes)):
@@ -101,7 +101,7 @@ def test_transformers_round_trip_is_bit_exact_and_loads_in_transformers(hf_tiny,
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_original_round_trip_is_bit_exact(fmt, tmp_path):
-    model = original_model(CsmConfig.tiny(), seed=5)
+    model = original_model(preset("tiny"), seed=5)
     src = save_original(model, tmp_path / "src", fmt)
     out = export_checkpoint(convert_to_orbax(src, tmp_path / "orbax"), tmp_path / "back", "original")
     want = {k: v for k, v in model.state_dict().items() if not k.endswith("causal_mask")}
@@ -110,7 +110,7 @@ def test_original_round_trip_is_bit_exact(fmt, tmp_path):
 
 
 def test_bfloat16_source_round_trips_and_dtype_casts(tmp_path):
-    model = transformers_model(CsmConfig.tiny_odd(), seed=6).to(torch.bfloat16)
+    model = transformers_model(preset("tiny_odd"), seed=6).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "src")
     kept = convert_to_orbax(tmp_path / "src", tmp_path / "kept")
     assert read_metadata(kept)["dtype"] == "bfloat16"
@@ -151,7 +151,7 @@ def test_original_exported_to_transformers_matches_the_torchtune_reference(origi
     loaded, info = CsmForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] and all(k.startswith("codec_model.") for k in info["missing_keys"])
     assert not info["unexpected_keys"]
-    tokens, mask = random_frames(rng, CsmConfig.tiny(), 2, 6)
+    tokens, mask = random_frames(rng, preset("tiny"), 2, 6)
     codes = rng.integers(0, 67, (2, 32))
     for got, want in zip(transformers_logits(loaded.eval(), tokens, mask, codes)[:2],
                          reference.logits(tokens, mask, codes)[:2]):
@@ -185,7 +185,7 @@ def test_every_problem_is_reported_at_once(hf_tiny, tmp_path):
 
 
 def test_config_that_does_not_fit_the_weights(hf_tiny, tmp_path):
-    (tmp_path / "odd.json").write_text(json.dumps(CsmConfig.tiny_odd().to_dict()))
+    (tmp_path / "odd.json").write_text(json.dumps(preset("tiny_odd").to_dict()))
     with pytest.raises(ConversionError, match=r"(?s)missing tensor.*wrong shape.*unexpected tensor"):
         convert_to_orbax(hf_tiny[0], tmp_path / "out", config=tmp_path / "odd.json")
 
@@ -193,14 +193,14 @@ def test_config_that_does_not_fit_the_weights(hf_tiny, tmp_path):
 def test_unknown_layout_is_named(tmp_path):
     (tmp_path / "src").mkdir()
     save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, tmp_path / "src" / "model.safetensors")
-    (tmp_path / "src" / "config.json").write_text(json.dumps(CsmConfig.tiny().to_original()))
+    (tmp_path / "src" / "config.json").write_text(json.dumps(preset("tiny").to_original()))
     with pytest.raises(LayoutError, match=r"not a CSM checkpoint.*found model\.embed_tokens\.weight.*prefix"):
         convert_to_orbax(tmp_path / "src", tmp_path / "out")
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_truncated_file_is_called_truncated(fmt, tmp_path):
-    src = save_original(original_model(CsmConfig.tiny(), seed=7), tmp_path / "src", fmt)
+    src = save_original(original_model(preset("tiny"), seed=7), tmp_path / "src", fmt)
     weights = src / ("ckpt.pt" if fmt == "pt" else "model.safetensors")
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ConversionError, match=rf"could not read .*{weights.name}.*truncated or corrupt"):
@@ -229,7 +229,7 @@ def test_missing_config_and_bad_requests_explain_the_fix(original_tiny, hf_tiny_
         export_checkpoint(src, tmp_path / "out3", "transformers")
     odd = tmp_path / "odd"
     shutil.copytree(hf_tiny_orbax, odd)
-    (odd / "config.json").write_text(json.dumps(CsmConfig.tiny_odd().to_dict()))
+    (odd / "config.json").write_text(json.dumps(preset("tiny_odd").to_dict()))
     with pytest.raises(ConfigError, match="cannot be written in the original layout"):
         export_checkpoint(odd, tmp_path / "out4", "original")
 

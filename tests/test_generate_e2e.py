@@ -11,16 +11,17 @@ import soundfile as sf
 from flax import nnx
 
 from tests.conftest import espeak_wav
-from csm_jax import audio
-from csm_jax.checkpoint import save_model
-from csm_jax.config import CsmConfig
+from csm_jax.io import audio
+from csm_jax.io.checkpoint import save_model
+from csm_jax.core.config import CsmConfig, preset
 from csm_jax.generate import main
-from csm_jax.generation import Generator, Request, Segment
-from csm_jax.model import Csm
-from csm_jax.text import load_tokenizer
+from csm_jax.inference.generator import Generator, Request
+from csm_jax.io.frames import Segment
+from csm_jax.core.model import Csm
+from csm_jax.io.text import load_tokenizer
 
 # tiny stacks, but the real vocabularies: Llama-3 text ids and 2048 Mimi codes must embed
-CONFIG = dataclasses.replace(CsmConfig.tiny(), text_vocab_size=128_256, audio_vocab_size=2051)
+CONFIG = dataclasses.replace(preset("tiny"), text_vocab_size=128_256, audio_vocab_size=2051)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,6 @@ def test_python_api_single_batched_and_streamed_agree(generator, context_wav):
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused():
-    small = Csm(CsmConfig.tiny(), rngs=nnx.Rngs(0))
+    small = Csm(preset("tiny"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="use the tokenizer the model was trained with"):
         Generator(small, load_tokenizer(), mimi=None)

@@ -7,14 +7,15 @@ import pytest
 import torch
 from flax import nnx
 
-from csm_jax.config import CsmConfig
-from csm_jax.generation import (Frames, FrameGenerator, PromptTooLongError, Segment, audio_frames, check_budget,
-                                max_frames_for, segment_frames, text_frames)
-from csm_jax.sampling import GREEDY, FrameSampling, SamplerConfig
-from csm_jax.text import load_tokenizer
+from csm_jax.core.config import CsmConfig, preset
+from csm_jax.inference.loop import FrameGenerator
+from csm_jax.inference.prompt import PromptTooLongError, check_budget, max_frames_for
+from csm_jax.io.frames import Frames, Segment, audio_frames, segment_frames, text_frames
+from csm_jax.inference.sampling import GREEDY, FrameSampling, SamplerConfig
+from csm_jax.io.text import load_tokenizer
 from tests.hf_reference import csm_from_transformers, transformers_csm
 
-CONFIG = CsmConfig.tiny()
+CONFIG = preset("tiny")
 GREEDY_FRAMES = FrameSampling.same(GREEDY)
 
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from csm_jax import kernels
-from csm_jax.config import CsmConfig
-from csm_jax.generation import FrameGenerator, Frames, audio_frames, text_frames
-from csm_jax.model import Csm
-from csm_jax.sampling import GREEDY, FrameSampling, SamplerConfig, inverse_cdf_sample, sample
+from csm_jax.inference import kernels
+from csm_jax.core.config import CsmConfig, preset
+from csm_jax.inference.loop import FrameGenerator
+from csm_jax.io.frames import Frames, audio_frames, text_frames
+from csm_jax.core.model import Csm
+from csm_jax.inference.sampling import GREEDY, FrameSampling, SamplerConfig, inverse_cdf_sample, sample
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build the kernel")
 
@@ -43,7 +44,7 @@ def test_kernel_gradients_match_the_plain_matmul():
 
 
 def test_bfloat16_weights_generate_the_frames_of_float32_weights():
-    config = CsmConfig.tiny()
+    config = preset("tiny")
     half = Csm(config, dtype=jnp.float32, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
     full = Csm(config, rngs=nnx.Rngs(0))
     nnx.update(full, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(half, nnx.Param)))
@@ -56,6 +57,28 @@ def test_bfloat16_weights_generate_the_frames_of_float32_weights():
         np.testing.assert_array_equal(a, b)
 
 
+def test_kernel_switch_changes_the_path_not_the_frames(monkeypatch):
+    """The decode layout's switch: explicit argument first, then $CSM_JAX_CPU_KERNELS, then on for the CPU."""
+    from csm_jax.inference.decode_model import KERNELS_ENV, decode_model, use_cpu_kernels
+
+    model = Csm(preset("tiny"), dtype=jnp.float32, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    monkeypatch.setenv(KERNELS_ENV, "0")
+    assert not use_cpu_kernels() and use_cpu_kernels(True)
+    monkeypatch.setenv(KERNELS_ENV, "maybe")
+    with pytest.raises(ValueError, match="set it to 1 or 0"):
+        use_cpu_kernels()
+    monkeypatch.delenv(KERNELS_ENV)
+    assert use_cpu_kernels() and not use_cpu_kernels(False)
+    rng = np.random.default_rng(1)
+    prompt = Frames.concat([text_frames(rng.integers(0, 300, 6)), audio_frames(rng.integers(1, 67, (32, 4)))])
+    off, on = decode_model(model, cpu_kernels=False), decode_model(model, cpu_kernels=True)
+    assert (off.cpu_kernels, on.cpu_kernels) == (False, True)
+    sampling = FrameSampling.same(SamplerConfig(temperature=0.8, top_k=20))
+    for a, b in zip(FrameGenerator(off).generate([prompt], 10, sampling, [5]),
+                    FrameGenerator(on).generate([prompt], 10, sampling, [5])):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p, min_p",
                          [(0.9, 50, 1.0, 0.0), (1.3, 0, 1.0, 0.0), (0.7, 7, 0.9, 0.0), (1.0, 0, 0.3, 0.1),
                           (0.5, 1, 1.0, 0.0), (1.0, 50, 0.95, 0.05)])
@@ -64,6 +87,6 @@ def test_sampling_kernel_draws_what_the_jnp_sampler_draws(temperature, top_k, to
     logits = logits.at[:, :5].set(logits[:, 5:6]).at[:, 2048:].set(-jnp.inf)  # ties, and ids Mimi cannot decode
     uniforms = jax.random.uniform(jax.random.key(2), (256,))
     config = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    ours = jax.jit(functools.partial(sample, config=config))(uniforms, logits)
+    ours = jax.jit(functools.partial(sample, config=config, cpu_kernel=True))(uniforms, logits)
     expect = jax.jit(functools.partial(inverse_cdf_sample, config=config))(uniforms, logits)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(expect))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from csm_jax.checkpoint import CheckpointError, load_model, read_metadata, save_model
-from csm_jax.config import CsmConfig
-from csm_jax.layers import KVCache
-from csm_jax.model import Csm, segment_positions
+from csm_jax.io.checkpoint import CheckpointError, load_model, read_metadata, save_model
+from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.layers import KVCache
+from csm_jax.core.model import Csm, segment_positions
 
 
 def random_frames(rng, config: CsmConfig, batch: int, length: int):
@@ -26,33 +26,33 @@ def random_frames(rng, config: CsmConfig, batch: int, length: int):
 
 @pytest.fixture(scope="module")
 def model():
-    return Csm(CsmConfig.tiny(), rngs=nnx.Rngs(0))
+    return Csm(preset("tiny"), rngs=nnx.Rngs(0))
 
 
 def test_config_presets_count_parameters():
-    assert CsmConfig.csm_1b().num_params == 1_552_791_552  # the published figure
-    for preset in (CsmConfig.tiny(), CsmConfig.tiny_odd()):
-        model = Csm(preset, rngs=nnx.Rngs(0))
-        assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == preset.num_params
+    assert preset("csm_1b").num_params == 1_552_791_552  # the published figure
+    for config in (preset("tiny"), preset("tiny_odd")):
+        model = Csm(config, rngs=nnx.Rngs(0))
+        assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == config.num_params
 
 
 def test_config_json_families_round_trip(tmp_path):
     import json
-    for cfg in (CsmConfig.tiny(), CsmConfig.tiny_odd(), CsmConfig.csm_1b()):
+    for cfg in (preset("tiny"), preset("tiny_odd"), preset("csm_1b")):
         assert CsmConfig.from_transformers(cfg.to_transformers()) == cfg
         assert CsmConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    assert CsmConfig.from_original(CsmConfig.csm_1b().to_original()) == CsmConfig.csm_1b()
-    assert CsmConfig.csm_1b().to_original()["backbone_flavor"] == "llama-1B"
-    tiny = CsmConfig.tiny()
+    assert CsmConfig.from_original(preset("csm_1b").to_original()) == preset("csm_1b")
+    assert preset("csm_1b").to_original()["backbone_flavor"] == "llama-1B"
+    tiny = preset("tiny")
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny.to_original()))
     assert CsmConfig.from_json_file(path) == tiny
 
 
 def test_config_errors_say_what_is_wrong(tmp_path):
-    from csm_jax.config import ConfigError
+    from csm_jax.core.config import ConfigError
     with pytest.raises(ConfigError, match="head_dim == dim // num_heads"):
-        CsmConfig.tiny_odd().to_original()
+        preset("tiny_odd").to_original()
     with pytest.raises(ConfigError, match="unknown flavor 'llama-7B'"):
         CsmConfig.from_original({"backbone_flavor": "llama-7B", "decoder_flavor": "llama-100M"})
     (tmp_path / "c.json").write_text('{"model_type": "llama"}')
@@ -125,8 +125,8 @@ def test_left_padding_leaves_rows_unchanged(model, rng):
 
 
 def test_bfloat16_compute_keeps_float32_logits(rng):
-    ref = Csm(CsmConfig.tiny(), rngs=nnx.Rngs(0))
-    model = Csm(CsmConfig.tiny(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    ref = Csm(preset("tiny"), rngs=nnx.Rngs(0))
+    model = Csm(preset("tiny"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
     nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(ref, nnx.Param)))
     tokens, mask = random_frames(rng, model.config, 2, 8)
     logits, hidden = model(tokens, mask)
@@ -151,7 +151,7 @@ def test_checkpoint_round_trip_is_exact(model, tmp_path, rng):
 
 
 def test_interrupted_save_leaves_nothing(model, tmp_path, monkeypatch):
-    import csm_jax.checkpoint as ckpt
+    import csm_jax.io.checkpoint as ckpt
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from convert import convert_to_orbax
-from csm_jax.checkpoint import load_model
-from csm_jax.config import CsmConfig
-from csm_jax.layers import RMSNorm, rope_frequencies
+from csm_jax.io.checkpoint import load_model
+from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.layers import RMSNorm, rope_frequencies
 from tests.test_model import random_frames
 from tests.torch_references import original_model, save_original, transformers_logits, transformers_model
 
@@ -40,7 +40,7 @@ def assert_logits_close(ours, reference, atol):
 @pytest.fixture(scope="module", params=["tiny", "tiny_odd"])
 def transformers_checkpoint(request, tmp_path_factory):
     """(reference model, converted csm-jax checkpoint directory, config) for a random transformers CSM."""
-    config = getattr(CsmConfig, request.param)()
+    config = preset(request.param)
     reference = transformers_model(config, seed=1)
     src = tmp_path_factory.mktemp(f"hf_{request.param}")
     reference.save_pretrained(src)
@@ -69,7 +69,7 @@ def test_bfloat16_load_stays_close_to_float32_reference(transformers_checkpoint,
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_original_checkpoint_matches_torchtune_reference(fmt, tmp_path, rng):
-    config = CsmConfig.tiny()
+    config = preset("tiny")
     reference = original_model(config, seed=2)
     src = save_original(reference, tmp_path / "src", fmt)
     converted = convert_to_orbax(src, tmp_path / "orbax")
@@ -88,9 +88,9 @@ def test_rope_frequencies_match_transformers_and_torchtune(stack):
     from transformers import CsmConfig as HfCsmConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    cfg = getattr(CsmConfig.csm_1b(), stack)
+    cfg = getattr(preset("csm_1b"), stack)
     ours = rope_frequencies(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
-    hf_config = HfCsmConfig(**{k: v for k, v in CsmConfig.csm_1b().to_transformers().items()
+    hf_config = HfCsmConfig(**{k: v for k, v in preset("csm_1b").to_transformers().items()
                                if k not in ("architectures", "model_type")})
     hf_config = hf_config if stack == "backbone" else hf_config.depth_decoder_config
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
@@ -114,8 +114,8 @@ def test_rmsnorm_matches_transformers(rng):
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_odd"])
-def test_attention_with_gqa_matches_transformers(preset, rng):
+@pytest.mark.parametrize("name", ["tiny", "tiny_odd"])
+def test_attention_with_gqa_matches_transformers(name, rng):
     """One attention layer of the backbone (tiny: 4 query heads on 2 kv heads, Llama-3 scaled RoPE; tiny_odd:
     head_dim 24 != dim/heads) against transformers' CsmAttention, weights mapped by the converter's table."""
     from flax import nnx
@@ -123,10 +123,10 @@ def test_attention_with_gqa_matches_transformers(preset, rng):
     from transformers.models.csm.modeling_csm import CsmAttention, CsmRotaryEmbedding
 
     from convert.layouts import TRANSFORMERS, TRANSFORMS
-    from csm_jax.layers import Attention, AttentionInputs, attention_mask
+    from csm_jax.core.layers import Attention, AttentionInputs, attention_mask
 
-    cfg = getattr(CsmConfig, preset)().backbone
-    hf_config = HfCsmConfig(**{k: v for k, v in getattr(CsmConfig, preset)().to_transformers().items()
+    cfg = preset(name).backbone
+    hf_config = HfCsmConfig(**{k: v for k, v in preset(name).to_transformers().items()
                                if k not in ("architectures", "model_type")}, attn_implementation="eager")
     reference = CsmAttention(hf_config, layer_idx=0).eval()
     ours = Attention(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_batched_mimi_codes_equal_one_utterance_at_a_time():
-    from csm_jax import audio
-    from train.prepare import encode_batch
+    from csm_jax.io import audio
+    from csm_jax.io.audio import encode_batch
 
     mimi = audio.random_mimi(0)
     rng = np.random.default_rng(0)
@@ -45,7 +45,7 @@ def test_workers_split_shards_skip_done_ones_and_training_reads_the_same_batches
     assert by_shard["ZH-B000000"] == {**by_shard["ZH-B000000"], "records": len(MANDARIN), "skipped": {}}
     assert prepare(shards, out, 0, 2) == [] and not list(out.rglob(".*partial*"))  # done shards are skipped
 
-    from csm_jax import audio, text
+    from csm_jax.io import audio, text
     cfg = DataConfig(max_frames=128, batch_size=1, shuffle_window=1, interleave=1)
     featurizer = Featurizer(text.load_tokenizer(), audio.random_mimi(0), cfg)
     from_tar = list(dataset(str(shards), cfg, featurizer, repeat=False))

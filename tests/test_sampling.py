@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csm_jax.sampling import (GREEDY, SamplerConfig, blocked_cumsum, filter_logits, min_p_mask, sample, top_k_mask,
+from csm_jax.inference.sampling import (GREEDY, SamplerConfig, blocked_cumsum, filter_logits, min_p_mask, sample, top_k_mask,
                               top_p_mask)
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from csm_jax.text import TokenizerError, load_tokenizer, tokenize_segment_text
+from csm_jax.io.text import TokenizerError, load_tokenizer, tokenize_segment_text
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def featurizer():
-    from csm_jax import audio, text
+    from csm_jax.io import audio, text
     return Featurizer(text.load_tokenizer(), audio.random_mimi(0), DataConfig(max_frames=128))
 
 
@@ -97,7 +97,7 @@ def run_train(*overrides: str) -> subprocess.CompletedProcess:
 def exported_params(path: Path):
     from flax import nnx
 
-    from csm_jax.checkpoint import load_model
+    from csm_jax.io.checkpoint import load_model
     return jax.tree.leaves(nnx.state(load_model(path), nnx.Param))
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from csm_jax.config import CsmConfig
+from csm_jax.core.config import CsmConfig, preset
 from train.loss import choose_depth_frames, csm_loss, target_frames
 from tests.hf_reference import csm_from_transformers, transformers_csm
 
@@ -23,7 +23,7 @@ def utterance_batch(rng, config: CsmConfig, batch: int, text_len: int, audio_len
 
 
 def test_loss_matches_transformers_training_loss(rng):
-    config = CsmConfig.tiny()
+    config = preset("tiny")
     hf = transformers_csm(config, seed=3)
     model = csm_from_transformers(hf, config)
     n = config.num_codebooks
@@ -76,10 +76,10 @@ def test_trainer_eval_loss_is_the_mean_c0_loss_of_its_micro_batches(rng):
     import jax
     from flax import nnx
 
-    from csm_jax.sharding import make_mesh
+    from csm_jax.core.sharding import make_mesh
     from train.trainer import OptimConfig, Trainer
 
-    config = CsmConfig.tiny()
+    config = preset("tiny")
     trainer = Trainer(config, OptimConfig(), make_mesh(1, 1, 1, devices=jax.devices()[:1]), compute_dtype=jnp.float32)
     state = trainer.init_state(0)
     micro = [utterance_batch(rng, config, batch=2, text_len=4, audio_len=8) for _ in range(2)]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from csm_jax.config import CsmConfig
+from csm_jax.core.config import CsmConfig
 
 
 def redraw_weights(module: nn.Module, seed: int, skip: str = "codec_model.") -> None:

@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_pipeline(cfg: TrainConfig, model_config, source: str, repeat: bool = True):
-    from csm_jax import audio, text
+    from csm_jax.io import audio, text
     from train.data import Featurizer, dataset
 
     data = dataclasses.replace(cfg.data, source=source)
@@ -66,17 +66,14 @@ class MetricsLog:
 def train(cfg: TrainConfig) -> Path:
     from tqdm import tqdm
 
-    from csm_jax.config import CsmConfig
-    from csm_jax.sharding import make_mesh
+    from csm_jax.core.config import preset
+    from csm_jax.core.sharding import make_mesh
     from train.data import SKIPPED
     from train.trainer import Trainer, checkpoint_manager, restore_checkpoint, save_checkpoint
 
     if not cfg.data.source:
         raise SystemExit("no training data: set data.source=DIR (a directory of Emilia .tar shards) or a hub id")
-    try:
-        model_config = getattr(CsmConfig, cfg.model)()
-    except AttributeError:
-        raise SystemExit(f"unknown model preset {cfg.model!r}: use csm_1b, small, tiny or tiny_full_vocab") from None
+    model_config = preset(cfg.model)
     workdir = Path(cfg.workdir)
     trainer = Trainer(model_config, cfg.optim, make_mesh(*cfg.mesh), compute_dtype=jnp.dtype(cfg.compute_dtype))
     iterator = iter(build_pipeline(cfg, model_config, cfg.data.source))

@@ -25,7 +25,9 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from csm_jax.generation import Segment, segment_frames
+from csm_jax.io.frames import Segment, segment_frames
+from csm_jax.io.hub import looks_like_hub_id
+from train.records import SUFFIX, deserialize
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def list_shards(source: str, suffix: str = ".tar") -> list[Path]:
     """All shards under a local directory, or (when `source` is a hub dataset id) after downloading them."""
     path = Path(source)
     if not path.exists():
-        if source.count("/") != 1:
+        if not looks_like_hub_id(source):
             raise FileNotFoundError(f"data source {source!r} is neither a directory nor a hub dataset id")
         from huggingface_hub import snapshot_download
         path = Path(snapshot_download(source, repo_type="dataset", allow_patterns=[f"*{suffix}"]))
@@ -174,7 +176,7 @@ def decode_audio(example: dict[str, Any]) -> np.ndarray | None:
     """The member's audio as 24 kHz mono float32; None (counted) when it is missing, undecodable or not finite."""
     import sphn
 
-    from csm_jax.audio import SAMPLE_RATE, resample
+    from csm_jax.io.audio import SAMPLE_RATE, resample
 
     ext = next((e for e in AUDIO_EXTENSIONS if e in example), None)
     if ext is None:
@@ -205,7 +207,7 @@ class Featurizer:
 
     def encode(self, example: dict[str, Any]) -> dict[str, Any] | None:
         """Tar example -> {"key", "text", "codes" (n, T)}: the expensive part, which `prepare` does once."""
-        from csm_jax.audio import encode
+        from csm_jax.io.audio import encode
 
         audio = decode_audio(example)
         if audio is None:
@@ -263,8 +265,6 @@ def tar_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer,
 def prepared_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
                      repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The same pipeline over `python -m train.prepare` ArrayRecord shards (Mimi codes stored, no audio work)."""
-    from train.prepare import deserialize
-
     def open_shard(path):
         return grain.MapDataset.source(grain.sources.ArrayRecordDataSource([str(path)])).to_iter_dataset()
 
@@ -275,8 +275,6 @@ def prepared_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featur
 
 def dataset(source: str, cfg: DataConfig, featurizer: Featurizer, **kwargs) -> grain.IterDataset:
     """`prepared_dataset` when `source` holds ArrayRecord shards, else `tar_dataset`."""
-    from train.prepare import SUFFIX
-
     path = Path(source)
     if path.is_dir() and next(path.rglob(f"*{SUFFIX}"), None) is not None:
         return prepared_dataset(list_shards(source, SUFFIX), cfg, featurizer, **kwargs)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from csm_jax.model import Csm
+from csm_jax.core.model import Csm
 
 
 def target_frames(mask: jax.Array, segment_ids: jax.Array) -> jax.Array:

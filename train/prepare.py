@@ -13,7 +13,6 @@ A record holds the utterance key, text, Emilia metadata and codes (num_codebooks
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -23,43 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from train.data import SKIPPED, TarShard, decode_audio, list_shards, parse_metadata
-
-SUFFIX = ".array_record"
-
-
-def serialize(key: str, text: str, meta: dict, codes: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, key=np.array(key), text=np.array(text), meta=np.array(json.dumps(meta)),
-             codes=codes.astype(np.int16))
-    return buffer.getvalue()
-
-
-def deserialize(record: bytes) -> dict:
-    """A prepared record -> the tar pipeline's encoded example {"key", "text", "codes", "meta"}."""
-    with np.load(io.BytesIO(record)) as z:
-        return {"key": str(z["key"]), "text": str(z["text"]), "meta": json.loads(str(z["meta"])),
-                "codes": z["codes"].astype(np.int32)}
-
-
-def encode_batch(mimi, audios: list[np.ndarray]) -> list[np.ndarray]:
-    """Mimi codes of several utterances in one call, zero-padded to the longest; Mimi is causal, so each
-    utterance's codes equal encoding it alone (checked in tests/test_prepare.py)."""
-    import torch
-
-    from csm_jax.audio import FRAME_SAMPLES, _device_of
-
-    frames = [-(-len(a) // FRAME_SAMPLES) for a in audios]
-    batch = np.zeros((len(audios), 1, max(frames) * FRAME_SAMPLES), np.float32)
-    for i, a in enumerate(audios):
-        batch[i, 0, :len(a)] = a
-    with torch.no_grad():
-        codes = mimi.encode(torch.from_numpy(batch).to(_device_of(mimi))).to(torch.int32).cpu().numpy()
-    return [c[:, :n] for c, n in zip(codes, frames)]
-
+from train.records import SUFFIX, serialize
 
 def prepare_shard(tar: Path, output: Path, mimi, num_codebooks: int = 32, batch_size: int = 16) -> dict:
     """One tar shard -> one ArrayRecord shard (atomically); returns the report written next to it."""
     from array_record.python.array_record_module import ArrayRecordWriter
+
+    from csm_jax.io.audio import encode_batch
 
     SKIPPED.clear()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +86,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from csm_jax import audio
+    from csm_jax.io import audio
 
     try:
         todo = my_shards(args.source, Path(args.out), args.worker, args.workers)

@@ -1,7 +1,7 @@
 """Sharded training: the train state, the optimizer, one jitted step (with gradient accumulation) and the
 Orbax checkpoint that holds the train state and the Grain iterator together.
 
-Parameters are float32 master weights placed by `csm_jax.sharding`'s rules; the model computes in
+Parameters are float32 master weights placed by `csm_jax.core.sharding`'s rules; the model computes in
 `compute_dtype` (bfloat16 by default; the layers cast the weights at use). The whole step, accumulation included,
 is one compiled function; the state buffers are donated.
 """
@@ -20,10 +20,10 @@ import orbax.checkpoint as ocp
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from csm_jax.checkpoint import abstract_model, load_params, save_model
-from csm_jax.config import CsmConfig
-from csm_jax.model import Csm
-from csm_jax.sharding import DEFAULT_RULES, batch_sharding, param_shardings
+from csm_jax.io.checkpoint import abstract_model, load_params, save_model
+from csm_jax.core.config import CsmConfig
+from csm_jax.core.model import Csm
+from csm_jax.core.sharding import DEFAULT_RULES, batch_sharding, param_shardings
 from train.loss import choose_depth_frames, csm_loss, depth_frame_count, target_frames
 
 

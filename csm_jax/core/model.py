@@ -8,44 +8,39 @@ at the position before frame t predicts codebook 0 (`codebook0_head`); the depth
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from csm_jax.config import CsmConfig
-from csm_jax.layers import DType, KVCache, Transformer, dense, param
+from csm_jax.core.config import CsmConfig
+from csm_jax.core.layers import DType, KVCache, Matmul, Transformer, dense, param
 
 
 class Csm(nnx.Module):
+    """CSM with its layer parameters stacked (the layout of checkpoints and training).
+
+    `matmul` is how every weight product is computed (`dense`: a plain `jnp.dot`); `stack` builds the two
+    transformers. `csm_jax.inference.decode_model` builds a decoding variant through both.
+    """
+
     def __init__(self, config: CsmConfig, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, matmul: Matmul = dense, stack=Transformer):
         c = config
         self.config = config
-        self.dtype = dtype
+        self.dtype, self.matmul = dtype, matmul
         b, d, v, n = c.backbone.dim, c.decoder.dim, c.audio_vocab_size, c.num_codebooks
         self.text_embeddings = param(rngs, (c.text_vocab_size, b), ("vocab", "embed"), param_dtype)
         self.audio_embeddings = param(rngs, (n * v, b), ("vocab", "embed"), param_dtype)
-        self.backbone = Transformer(c.backbone, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.backbone = stack(c.backbone, dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul=matmul)
         self.codebook0_head = param(rngs, (b, v), ("embed", "vocab"), param_dtype)
         self.projection = param(rngs, (b, d), ("embed", "decoder_embed"), param_dtype)
-        self.decoder = Transformer(c.decoder, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.audio_head = param(rngs, (n - 1, d, v), ("codebooks", "embed", "vocab"), param_dtype)
+        self.decoder = stack(c.decoder, dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul=matmul)
+        self.audio_head = self.make_audio_head(rngs, param_dtype)
 
-    def unstacked(self) -> Csm:
-        """A copy for decoding whose two transformers hold one array per layer (`Transformer.unstacked`) and whose
-        audio head is one array per codebook (`audio_logits` then picks one with a switch instead of copying it out
-        of the stacked array on every depth step); the other parameters are shared. The stacked arrays are freed
-        once the caller drops this model."""
-        graphdef, state = nnx.split(self)
-        copy = nnx.merge(graphdef, state)
-        copy.backbone = self.backbone.unstacked()
-        copy.decoder = self.decoder.unstacked()
-        heads = self.audio_head[...]
-        copy.audio_head = nnx.List([nnx.Param(heads[i], logical_axes=("embed", "vocab"))
-                                    for i in range(heads.shape[0])])
-        return copy
+    def make_audio_head(self, rngs: nnx.Rngs, param_dtype: DType):
+        c = self.config
+        return param(rngs, (c.num_codebooks - 1, c.decoder.dim, c.audio_vocab_size), ("codebooks", "embed", "vocab"),
+                     param_dtype)
 
     # ---- embeddings ----------------------------------------------------------------------------------------
 
@@ -75,7 +70,7 @@ class Csm(nnx.Module):
 
     def codebook0_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden (..., D) -> (..., audio_vocab) float32."""
-        return dense(hidden, self.codebook0_head[...], self.dtype, jnp.float32)
+        return self.matmul(hidden, self.codebook0_head[...], self.dtype, jnp.float32)
 
     def __call__(self, tokens: jax.Array, mask: jax.Array, segment_ids: jax.Array | None = None):
         """Teacher-forced backbone: tokens (B, S, 33) int32, mask (B, S, 33) bool.
@@ -95,17 +90,13 @@ class Csm(nnx.Module):
     def decoder_forward(self, inputs: jax.Array, positions: jax.Array, cache: KVCache | None = None,
                         cache_index: jax.Array | int = 0):
         """inputs (B, T, D_backbone) in backbone space -> (decoder hidden (B, T, D_decoder), updated cache)."""
-        x = dense(inputs.astype(self.dtype), self.projection[...], self.dtype)
+        x = self.matmul(inputs.astype(self.dtype), self.projection[...], self.dtype)
         return self.decoder(x, positions, jnp.ones(positions.shape, jnp.int32), cache, cache_index)
 
     def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
         """Decoder hidden (B, D_decoder) at position i -> logits (B, audio_vocab) float32 of codebook i (1..n-1)."""
-        if isinstance(self.audio_head, nnx.List):  # the decode copy of `unstacked`
-            branches = [functools.partial(dense, w=head[...], dtype=self.dtype, out_dtype=jnp.float32)
-                        for head in self.audio_head]
-            return jax.lax.switch(jnp.asarray(codebook) - 1, branches, hidden)
         head = jnp.take(self.audio_head[...], jnp.asarray(codebook) - 1, axis=0)
-        return dense(hidden, head, self.dtype, jnp.float32)
+        return self.matmul(hidden, head, self.dtype, jnp.float32)
 
     def depth_logits(self, hidden: jax.Array, codes: jax.Array) -> jax.Array:
         """Teacher-forced depth decoder for one frame per row.

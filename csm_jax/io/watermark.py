@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 
-from csm_jax.audio import SAMPLE_RATE, resample
+from csm_jax.core.codec import SAMPLE_RATE
+from csm_jax.io.audio import resample
 
 CSM_1B_KEY = [212, 211, 146, 56, 201]  # the key Sesame's generator marks all CSM-1B output with
 WATERMARK_RATE = 44_100

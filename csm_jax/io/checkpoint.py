@@ -23,13 +23,14 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from csm_jax.config import CsmConfig
-from csm_jax.model import Csm
+from csm_jax.core.config import CsmConfig
+from csm_jax.core.errors import UserError
+from csm_jax.core.model import Csm
 
 FORMAT = "csm-jax"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A path that does not hold a complete csm-jax checkpoint."""
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from csm_jax import kernels
+from csm_jax.inference import kernels
 
 NEG_INF = -jnp.inf
 
@@ -109,16 +109,16 @@ def filter_logits(logits: jax.Array, config: SamplerConfig) -> jax.Array:
     return min_p_mask(top_p_mask(top_k_mask(logits, config.top_k), config.top_p), config.min_p)
 
 
-def sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig) -> jax.Array:
+def sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig, cpu_kernel: bool = False) -> jax.Array:
     """One token per row by inverse-CDF sampling: uniforms (B,) in [0, 1), logits (B, V) -> (B,) int32.
 
     One uniform per draw (not V Gumbel variates: random bits dominate a small model's frame on CPU), and each
     row's draw depends only on its own uniform. The distribution is the reference's (softmax of the filtered
-    logits). On CPU the fused kernel of `csm_jax.kernels` makes the same draw.
+    logits). With `cpu_kernel` the fused CPU kernel of `csm_jax.inference.kernels` makes the same draw.
     """
     if config.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if kernels.on_cpu():
+    if cpu_kernel:
         return kernels.sample_rows(uniforms, logits, config.temperature, config.top_k, config.top_p, config.min_p,
                                    fallback=functools.partial(inverse_cdf_sample, config=config))
     return inverse_cdf_sample(uniforms, logits, config)

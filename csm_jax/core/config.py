@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable
+
+from csm_jax.core.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json that cannot be read as a CSM configuration."""
 
 
@@ -68,46 +70,6 @@ class CsmConfig:
         b, d, n, v = self.backbone.dim, self.decoder.dim, self.num_codebooks, self.audio_vocab_size
         heads = b * v + b * d + (n - 1) * d * v
         return (self.text_vocab_size + n * v) * b + heads + self.backbone.num_params + self.decoder.num_params
-
-    # ---- presets -------------------------------------------------------------------------------------------
-
-    @classmethod
-    def csm_1b(cls) -> CsmConfig:
-        return cls(backbone=ORIGINAL_FLAVORS["llama-1B"], decoder=ORIGINAL_FLAVORS["llama-100M"])
-
-    @classmethod
-    def tiny(cls) -> CsmConfig:
-        """A few-layer model with GQA and real Llama-3 rope scaling, for tests."""
-        return cls(
-            backbone=TransformerConfig(num_layers=3, dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
-                                       max_seq_len=256),
-            decoder=TransformerConfig(num_layers=2, dim=32, num_heads=4, num_kv_heads=1, head_dim=8, mlp_dim=96,
-                                      max_seq_len=32),
-            text_vocab_size=300, audio_vocab_size=67, num_codebooks=32)
-
-    @classmethod
-    def tiny_full_vocab(cls) -> CsmConfig:
-        """`tiny` with CSM's real vocabularies (Llama-3 text ids, 2051 audio ids): fits real tokenizers and Mimi."""
-        return dataclasses.replace(cls.tiny(), text_vocab_size=128_256, audio_vocab_size=2051)
-
-    @classmethod
-    def tiny_odd(cls) -> CsmConfig:
-        """Unlike `tiny` in every dimension: head_dim != dim/heads, MHA in one stack, other vocab and codebooks."""
-        return cls(
-            backbone=TransformerConfig(num_layers=2, dim=48, num_heads=3, num_kv_heads=3, head_dim=24, mlp_dim=80,
-                                       max_seq_len=128, norm_eps=1e-6, rope_base=10_000.0),
-            decoder=TransformerConfig(num_layers=3, dim=40, num_heads=6, num_kv_heads=2, head_dim=4, mlp_dim=64,
-                                      max_seq_len=16, rope_scaling=None),
-            text_vocab_size=150, audio_vocab_size=35, num_codebooks=8)
-
-    @classmethod
-    def small(cls) -> CsmConfig:
-        """About 28 M parameters (backbone 4 x 256, decoder 2 x 128): the dispatch-bound benchmark config."""
-        return cls(
-            backbone=TransformerConfig(num_layers=4, dim=256, num_heads=8, num_kv_heads=2, head_dim=32, mlp_dim=1024,
-                                       max_seq_len=2048),
-            decoder=TransformerConfig(num_layers=2, dim=128, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=512,
-                                      max_seq_len=32))
 
     # ---- our own serialisation -----------------------------------------------------------------------------
 
@@ -270,3 +232,65 @@ def _flavor_name_or_dict(s: TransformerConfig) -> str | dict[str, Any]:
     return {"num_layers": s.num_layers, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
             "embed_dim": s.dim, "intermediate_dim": s.mlp_dim, "max_seq_len": s.max_seq_len,
             "norm_eps": s.norm_eps, "rope_base": s.rope_base, "scale_factor": r.factor}
+
+
+# ---- presets: the one registry (names for the command line, `train`'s `model=` and `--config`) ------------------
+
+PRESETS: dict[str, Callable[[], CsmConfig]] = {}
+
+
+def _preset(fn: Callable[[], CsmConfig]) -> Callable[[], CsmConfig]:
+    PRESETS[fn.__name__] = fn
+    return fn
+
+
+def preset(name: str) -> CsmConfig:
+    """The preset config called `name` (one of `PRESETS`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+@_preset
+def csm_1b() -> CsmConfig:
+    """Sesame's CSM-1B: Llama-3.2-1B backbone, 100 M depth decoder."""
+    return CsmConfig(backbone=ORIGINAL_FLAVORS["llama-1B"], decoder=ORIGINAL_FLAVORS["llama-100M"])
+
+
+@_preset
+def small() -> CsmConfig:
+    """Backbone 4 x 256, decoder 2 x 128 with CSM's vocabularies (62.6 M parameters, 32.8 M of them the text
+    embedding): the dispatch-bound benchmark config."""
+    return CsmConfig(
+        backbone=TransformerConfig(num_layers=4, dim=256, num_heads=8, num_kv_heads=2, head_dim=32, mlp_dim=1024,
+                                   max_seq_len=2048),
+        decoder=TransformerConfig(num_layers=2, dim=128, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=512,
+                                  max_seq_len=32))
+
+
+@_preset
+def tiny() -> CsmConfig:
+    """A few-layer model with GQA and real Llama-3 rope scaling, for tests."""
+    return CsmConfig(
+        backbone=TransformerConfig(num_layers=3, dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
+                                   max_seq_len=256),
+        decoder=TransformerConfig(num_layers=2, dim=32, num_heads=4, num_kv_heads=1, head_dim=8, mlp_dim=96,
+                                  max_seq_len=32),
+        text_vocab_size=300, audio_vocab_size=67, num_codebooks=32)
+
+
+@_preset
+def tiny_full_vocab() -> CsmConfig:
+    """`tiny` with CSM's real vocabularies (Llama-3 text ids, 2051 audio ids): fits real tokenizers and Mimi."""
+    return dataclasses.replace(tiny(), text_vocab_size=128_256, audio_vocab_size=2051)
+
+
+@_preset
+def tiny_odd() -> CsmConfig:
+    """Unlike `tiny` in every dimension: head_dim != dim/heads, MHA in one stack, other vocab and codebooks."""
+    return CsmConfig(
+        backbone=TransformerConfig(num_layers=2, dim=48, num_heads=3, num_kv_heads=3, head_dim=24, mlp_dim=80,
+                                   max_seq_len=128, norm_eps=1e-6, rope_base=10_000.0),
+        decoder=TransformerConfig(num_layers=3, dim=40, num_heads=6, num_kv_heads=2, head_dim=4, mlp_dim=64,
+                                  max_seq_len=16, rope_scaling=None),
+        text_vocab_size=150, audio_vocab_size=35, num_codebooks=8)

@@ -1,6 +1,6 @@
 """Logical axis names -> mesh axes: one ordered rules table, MaxText style.
 
-Every `nnx.Param` carries `logical_axes` metadata (set in `csm_jax.layers`). A rule maps a logical name to a
+Every `nnx.Param` carries `logical_axes` metadata (set in `csm_jax.core.layers`). A rule maps a logical name to a
 mesh axis (or a tuple of them, or None = replicated). A mesh axis is used at most once per array: a later
 dimension whose rule names an axis already taken stays replicated, and so does a dimension the axis size does
 not divide (small decoder dims on big meshes), so every rule table is valid for every model size.

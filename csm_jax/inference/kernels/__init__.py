@@ -2,8 +2,9 @@
 sampler (sample.cc); each file says why XLA's CPU backend needs it.
 
 Compiled on first use with the system C++ compiler (g++ or c++) for this CPU, cached under
-~/.cache/csm_jax/kernels, and registered as an XLA FFI target. Without a compiler everything still works, through
-XLA's slower path, after a one-time warning. On GPUs the plain matmul is used (`lax.platform_dependent`).
+$CSM_JAX_CACHE/kernels (default ~/.cache/csm_jax/kernels), and registered as an XLA FFI target. Whether decoding
+uses them is the decode layout's switch (`csm_jax.inference.decode_model.use_cpu_kernels`: off on GPUs, and never
+compiled there). Without a compiler everything still works, through XLA's slower path, after a one-time warning.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from csm_jax.io.hub import cache_dir
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cc"))
 TARGETS = {  # FFI name -> C symbol
@@ -39,7 +42,7 @@ def _cpu_signature() -> str:
 def _build() -> Path:
     sources = b"".join(path.read_bytes() for path in SOURCES)
     digest = hashlib.sha256(sources + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
-    cache = Path(os.environ.get("CSM_JAX_CACHE", Path.home() / ".cache" / "csm_jax")) / "kernels"
+    cache = cache_dir() / "kernels"
     library = cache / f"kernels-{digest[:16]}.so"
     if library.exists():
         return library
@@ -105,19 +108,15 @@ def _backward(residuals, dy):
 matvec.defvjp(_forward, _backward)
 
 
-def use_for(x: jax.Array, w: jax.Array, dtype) -> bool:
-    """The kernel applies to float32 activations against bfloat16 weights, and against float32 weights of at most
-    SMALL_F32_BYTES for a single row: batch-1 decoding of small layers, where a column slab per core lets the cores'
-    L2 caches hold the depth decoder between its 31 steps. XLA's own product is as fast or faster otherwise
-    (measured: larger float32 layers, as in CSM-1B, decode a few percent slower through the kernel)."""
+def applies(x: jax.Array, w: jax.Array, dtype) -> bool:
+    """Whether `matvec` is the faster product: float32 activations against bfloat16 weights, and against float32
+    weights of at most SMALL_F32_BYTES for a single row (batch-1 decoding of small layers, where a column slab per
+    core lets the cores' L2 caches hold the depth decoder between its 31 steps). XLA's own product is as fast or
+    faster otherwise (measured: larger float32 layers, as in CSM-1B, decode a few percent slower through the
+    kernel)."""
     small_single_row = x.size == x.shape[-1] and w.size * 4 <= SMALL_F32_BYTES
     return ((w.dtype == jnp.bfloat16 or (w.dtype == jnp.float32 and small_single_row))
-            and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32 and on_cpu())
-
-
-def on_cpu() -> bool:
-    """Whether computations run on CPU and the kernels are there."""
-    return jax.default_backend() == "cpu" and available()
+            and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32)
 
 
 def sample_rows(uniforms: jax.Array, logits: jax.Array, temperature: float, top_k: int, top_p: float, min_p: float,

@@ -16,15 +16,17 @@ from typing import Iterator
 
 import numpy as np
 
+from csm_jax.core.codec import FRAME_SAMPLES, SAMPLE_RATE, frames_for_samples
+from csm_jax.core.errors import UserError
+from csm_jax.io.hub import looks_like_hub_id
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 1920  # one Mimi frame: 80 ms at 24 kHz
 MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """Audio that cannot be read, or a Mimi source that cannot be loaded."""
 
 
@@ -41,7 +43,7 @@ def load_mimi(path_or_id: str | os.PathLike | None = None, device: str = "cpu", 
 
     if path_or_id is not None and Path(path_or_id).is_file():
         path = Path(path_or_id)
-    elif path_or_id is None or _looks_like_hub_id(str(path_or_id)):
+    elif path_or_id is None or looks_like_hub_id(path_or_id):
         repo = MIMI_REPO if path_or_id is None else str(path_or_id)
         from huggingface_hub import hf_hub_download
         try:
@@ -53,10 +55,6 @@ def load_mimi(path_or_id: str | os.PathLike | None = None, device: str = "cpu", 
         raise AudioError(f"Mimi weights file {path_or_id} does not exist; give an existing .safetensors file or a "
                          f"hub repo id such as {MIMI_REPO}")
     return loaders.get_mimi(str(path), device=device, num_codebooks=num_codebooks)
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not Path(s).suffix
 
 
 def random_mimi(seed: int = 0, device: str = "cpu", num_codebooks: int = 32):
@@ -84,16 +82,25 @@ def random_mimi(seed: int = 0, device: str = "cpu", num_codebooks: int = 32):
 
 def encode(mimi, audio: np.ndarray) -> np.ndarray:
     """24 kHz mono float audio (T,) -> codes (num_codebooks, ceil(T / 1920)) int32."""
-    import torch
-
     audio = np.asarray(audio, np.float32)
     if audio.ndim != 1:
         raise AudioError(f"encode takes mono audio of shape (samples,), got {audio.shape}; use read_audio to "
                          f"down-mix a file")
-    x = torch.from_numpy(audio).to(_device_of(mimi))[None, None]  # Mimi pads the last partial frame itself
+    return encode_batch(mimi, [audio])[0]
+
+
+def encode_batch(mimi, audios: list[np.ndarray]) -> list[np.ndarray]:
+    """Mimi codes of several utterances in one call, zero-padded to the longest; Mimi is causal, so each
+    utterance's codes equal encoding it alone (checked in tests/test_prepare.py)."""
+    import torch
+
+    frames = [frames_for_samples(len(a)) for a in audios]
+    batch = np.zeros((len(audios), 1, max(frames) * FRAME_SAMPLES), np.float32)
+    for i, a in enumerate(audios):
+        batch[i, 0, :len(a)] = a
     with torch.no_grad():
-        codes = mimi.encode(x)[0]
-    return codes.to(torch.int32).cpu().numpy()
+        codes = mimi.encode(torch.from_numpy(batch).to(_device_of(mimi))).to(torch.int32).cpu().numpy()
+    return [c[:, :n] for c, n in zip(codes, frames)]
 
 
 def decode(mimi, codes) -> np.ndarray:

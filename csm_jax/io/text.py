@@ -14,11 +14,13 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from csm_jax.core.errors import UserError
+
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer source that cannot be loaded."""
 
 

@@ -1,0 +1,166 @@
+"""The decode layout: `Csm`'s parameters rearranged for generating one frame at a time.
+
+Training and checkpoints keep every transformer's layers stacked on a leading axis (`Transformer`, run with
+`lax.scan`). A decode step would then copy each layer's weights out of the stacked arrays on every step (measured
+on CPU: 5 GB/s instead of 22+ GB/s), so decoding uses `DecodeCsm`: one array per layer (an unrolled loop), q|k|v
+and gate|up side by side in one array each (one small product instead of three and two), and one audio-head array
+per codebook (picked with a switch instead of sliced). `decode_params` is the pure map from the stacked parameter
+tree to this one; `decode_model` applies it to a `Csm`.
+
+CPU kernels (`csm_jax.inference.kernels`) are a switch of the decode layout, resolved once when it is built:
+`cpu_kernels=True/False`, else the environment variable `CSM_JAX_CPU_KERNELS` (1/0), else on when JAX's default
+backend is the CPU. Nothing else of the model uses them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from csm_jax.core.config import CsmConfig, TransformerConfig
+from csm_jax.core.layers import (Attention, Block, DType, KVCache, MLP, Matmul, RMSNorm, dense, layer_inputs,
+                                 param)
+from csm_jax.core.model import Csm
+from csm_jax.inference import kernels
+
+KERNELS_ENV = "CSM_JAX_CPU_KERNELS"
+
+
+class FusedAttention(Attention):
+    """`Attention` with wq, wk and wv side by side in one (D, (H + 2K) * hd) array."""
+
+    def init_qkv(self, d: int, rngs: nnx.Rngs, param_dtype: DType) -> None:
+        width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.wqkv = param(rngs, (d, width), ("embed", None), param_dtype)
+
+    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = self.matmul(x, self.wqkv[...], self.dtype)
+        q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
+        return tuple(a.reshape(*x.shape[:-1], -1, self.head_dim) for a in (q, k, v))
+
+
+class FusedMLP(MLP):
+    """`MLP` with w_gate and w_up side by side in one (D, 2F) array."""
+
+    def init_gate_up(self, dim: int, hidden: int, rngs: nnx.Rngs, param_dtype: DType) -> None:
+        self.w_gate_up = param(rngs, (dim, 2 * hidden), ("embed", None), param_dtype)
+
+    def gate_up(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return tuple(jnp.split(self.matmul(x, self.w_gate_up[...], self.dtype), 2, axis=-1))
+
+
+class LayerList(nnx.Module):
+    """A transformer as a Python loop over per-layer blocks; its KV cache holds one array per layer (`KVCache`
+    with `per_layer`), so a step updates each layer's cache in place."""
+
+    def __init__(self, cfg: TransformerConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
+                 matmul: Matmul = dense):
+        self.cfg, self.dtype = cfg, dtype
+        self.blocks = nnx.List([Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul=matmul,
+                                      attention=FusedAttention, mlp=FusedMLP) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache | None = None,
+                 cache_index: jax.Array | int = 0):
+        """As `Transformer.__call__`."""
+        x = x.astype(self.dtype)
+        inputs, seg = layer_inputs(positions, segment_ids, cache, cache_index)
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            x, new_kv = block(x, inputs, None if cache is None else (cache.k[i], cache.v[i]), cache_index)
+            if cache is not None:
+                ks.append(new_kv[0])
+                vs.append(new_kv[1])
+        return self.norm(x), None if cache is None else KVCache(k=tuple(ks), v=tuple(vs), segment_ids=seg)
+
+
+class DecodeCsm(Csm):
+    """`Csm` in the decode layout (see the module docstring); `cpu_kernels` says whether the CPU kernels are on."""
+
+    def __init__(self, config: CsmConfig, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+                 rngs: nnx.Rngs, cpu_kernels: bool = False):
+        self.cpu_kernels = cpu_kernels
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                         matmul=kernel_matmul if cpu_kernels else dense, stack=LayerList)
+
+    def make_audio_head(self, rngs: nnx.Rngs, param_dtype: DType):
+        c = self.config
+        return nnx.List([param(rngs, (c.decoder.dim, c.audio_vocab_size), ("embed", "vocab"), param_dtype)
+                         for _ in range(c.num_codebooks - 1)])
+
+    def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
+        branches = [lambda h, w=head: self.matmul(h, w[...], self.dtype, jnp.float32) for head in self.audio_head]
+        return jax.lax.switch(jnp.asarray(codebook) - 1, branches, hidden)
+
+    def depth_logits(self, hidden: jax.Array, codes: jax.Array) -> jax.Array:
+        raise NotImplementedError("teacher-forced depth logits use the stacked layout: call them on `Csm`")
+
+    def new_cache(self, stack: str, batch: int, length: int) -> KVCache:
+        """An empty per-layer KV cache for "backbone" or "decoder"."""
+        cfg = self.config.backbone if stack == "backbone" else self.config.decoder
+        return KVCache.empty(cfg, batch, length, self.dtype, per_layer=True)
+
+
+def kernel_matmul(x: jax.Array, w: jax.Array, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
+    """`dense`, through the CPU kernel where it applies (`kernels.applies`)."""
+    if kernels.applies(x, w, dtype):
+        return kernels.matvec(x, w)
+    return dense(x, w, dtype, out_dtype)
+
+
+def use_cpu_kernels(requested: bool | None = None) -> bool:
+    """The kernel switch: `requested`, else $CSM_JAX_CPU_KERNELS (1/0), else whether JAX runs on the CPU; and
+    only when the kernels build on this machine (`kernels.available`, which warns once when they do not)."""
+    if requested is None:
+        env = os.environ.get(KERNELS_ENV, "").strip().lower()
+        if env in ("1", "true", "on", "yes"):
+            requested = True
+        elif env in ("0", "false", "off", "no"):
+            requested = False
+        elif env:
+            raise ValueError(f"{KERNELS_ENV}={env!r} is not a switch; set it to 1 or 0 (or unset it)")
+        else:
+            requested = jax.default_backend() == "cpu"
+    return bool(requested) and jax.default_backend() == "cpu" and kernels.available()
+
+
+def _fused_stack(blocks: dict, norm: dict, num_layers: int) -> dict:
+    """A stacked transformer's pure dict -> the per-layer, fused pure dict of `LayerList`."""
+    def layer(i: int) -> dict:
+        attn, mlp = blocks["attn"], blocks["mlp"]
+        d = attn["wq"].shape[1]
+        wqkv = jnp.concatenate([attn[w][i].reshape(d, -1) for w in ("wq", "wk", "wv")], axis=1)
+        return {"attn_norm": {"scale": blocks["attn_norm"]["scale"][i]},
+                "attn": {"wqkv": wqkv, "wo": attn["wo"][i]},
+                "mlp_norm": {"scale": blocks["mlp_norm"]["scale"][i]},
+                "mlp": {"w_gate_up": jnp.concatenate([mlp["w_gate"][i], mlp["w_up"][i]], axis=1),
+                        "w_down": mlp["w_down"][i]}}
+
+    return {"blocks": {i: layer(i) for i in range(num_layers)}, "norm": norm}
+
+
+def decode_params(params: dict, config: CsmConfig) -> dict:
+    """The pure map from `Csm`'s parameter tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`) to
+    `DecodeCsm`'s."""
+    out = {k: v for k, v in params.items() if k not in ("backbone", "decoder", "audio_head")}
+    for stack, cfg in (("backbone", config.backbone), ("decoder", config.decoder)):
+        out[stack] = _fused_stack(params[stack]["blocks"], params[stack]["norm"], cfg.num_layers)
+    out["audio_head"] = {i: params["audio_head"][i] for i in range(config.num_codebooks - 1)}
+    return out
+
+
+def decode_model(model: Csm, cpu_kernels: bool | None = None) -> DecodeCsm:
+    """`model` in the decode layout (new arrays for what is rearranged; drop `model` afterwards to free them)."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    param_dtype = model.text_embeddings[...].dtype
+    use = use_cpu_kernels(cpu_kernels)
+    abstract = nnx.eval_shape(lambda: DecodeCsm(model.config, dtype=model.dtype, param_dtype=param_dtype,
+                                                rngs=nnx.Rngs(0), cpu_kernels=use))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, decode_params(params, model.config))
+    return nnx.merge(graphdef, state)
