@@ -5,18 +5,17 @@ Layout of a checkpoint directory:
     config.json     `CsmConfig.to_dict()`
     metadata.json   {"format": "csm-jax", "dtype": ..., plus whatever the writer adds (source, layout, ...)}
 A checkpoint is written into a temporary sibling directory and renamed into place, so an interrupted write
-never leaves a directory that `load_model` would accept.
+never leaves a directory that `load_model` would accept; an existing directory is replaced only under the rule of
+`csm_jax.io.output_dir` (an earlier output of ours, and only when asked to overwrite).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,38 +23,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from csm_jax.core.config import CsmConfig
-from csm_jax.core.errors import UserError
+from csm_jax.core.errors import CheckpointError
 from csm_jax.core.model import Csm
-
-FORMAT = "csm-jax"
-
-
-class CheckpointError(UserError):
-    """A path that does not hold a complete csm-jax checkpoint."""
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a fresh temporary directory beside `path`; on success it replaces `path` in one rename.
-
-    On any exception the temporary directory is removed and `path` is left as it was.
-    """
-    final = Path(path).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from csm_jax.io.output_dir import FORMAT, atomic_directory
 
 
 def abstract_model(config: CsmConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Csm:
@@ -73,11 +43,16 @@ def write_params(directory: Path, params: nnx.State, concurrent_gb: int = 96) ->
         ckptr.save(directory / "params", nnx.to_pure_dict(params))
 
 
-def save_model(model: Csm, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Writes `model`'s parameters, config and metadata to `path` atomically. Returns the path."""
+def save_model(model: Csm, path: str | os.PathLike, metadata: dict[str, Any] | None = None, *,
+               overwrite: bool = False) -> Path:
+    """Writes `model`'s parameters, config and metadata to `path` atomically. Returns the path.
+
+    overwrite: replace an earlier csm-jax checkpoint or export at `path` (anything else there is never replaced).
+    """
     params = nnx.state(model, nnx.Param)
     dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
-    with atomic_directory(path) as tmp:
+    needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    with atomic_directory(path, overwrite=overwrite, needed_bytes=needed) as tmp:
         write_params(tmp, params)
         write_config_and_metadata(tmp, model.config, {"dtype": "/".join(sorted(dtypes)), **(metadata or {})})
     return Path(path)
