@@ -168,7 +168,12 @@ class TorchPickleReader:
         import torch
 
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # saved in torch's legacy format, which cannot be memory-mapped
+                if "_use_new_zipfile_serialization" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             if "weights only load failed" not in str(e).lower():
                 raise _unreadable(path, e) from e

@@ -22,7 +22,7 @@ from flax import nnx
 from convert.io import ConversionError, SafetensorsReader, TensorSpec, write_safetensors
 from convert.layouts import (CODEC_DIR, CODEC_PREFIX, DTYPES, LAYOUTS, TRANSFORMS, Layout, Rule, param_at,
                              stack_config, target_shape)
-from csm_jax.io.checkpoint import abstract_model, load_params, read_config, read_metadata
+from csm_jax.io.checkpoint import CheckpointError, abstract_model, load_params, read_config, read_metadata
 from csm_jax.io.output_dir import atomic_directory, check_output, mark_export
 from csm_jax.core.config import CsmConfig
 
@@ -43,7 +43,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, lay
     if layout not in LAYOUTS:
         raise ConversionError(f"unknown layout {layout!r}; export to one of {', '.join(LAYOUTS)}.")
     config_json = _config_json(config, LAYOUTS[layout], checkpoint)  # fails early if the layout cannot hold it
-    stored = STORED_DTYPES[metadata["dtype"]]
+    stored = STORED_DTYPES.get(metadata.get("dtype"))
+    if stored is None:
+        raise CheckpointError(f"{checkpoint / 'metadata.json'} gives the dtype {metadata.get('dtype')!r}, not one of "
+                              f"{', '.join(STORED_DTYPES)}; the checkpoint is damaged: convert or save it again.")
     target = stored if dtype == "keep" else DTYPES.get(dtype)
     if target is None:
         raise ConversionError(f"unknown dtype {dtype!r}; use keep, {' or '.join(DTYPES)}.")

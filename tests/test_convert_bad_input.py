@@ -142,6 +142,8 @@ def test_unsafe_pickle_is_refused_as_unsafe(tmp_path, capsys):
     err = refused([src, tmp_path / "out"], capsys, tmp_path)
     assert "refused as unsafe" in err and "safetensors" in err and "truncated" not in err
     assert not (tmp_path / "pwned").exists()
+    torch.save(state, src / "ckpt.pt", _use_new_zipfile_serialization=False)  # torch's legacy format: safe, no mmap
+    assert main([str(src), str(tmp_path / "out")]) == 0
 
 
 def test_sources_that_are_not_checkpoints_explain_the_fix(hf_tiny, earlier, tmp_path, capsys):
@@ -161,6 +163,23 @@ def test_sources_that_are_not_checkpoints_explain_the_fix(hf_tiny, earlier, tmp_
         assert fix in err
     err = refused([src, tmp_path / "out", "--config", tmp_path], capsys, tmp_path, src)  # a directory
     assert "--config" in err
+
+
+def test_damaged_checkpoint_is_called_damaged(earlier, tmp_path, capsys):
+    def truncate_params(ckpt):
+        for path in (ckpt / "params").rglob("*"):
+            if path.is_file() and path.stat().st_size > 1000:
+                path.write_bytes(path.read_bytes()[:100])
+
+    damages = {"metadata.json": lambda c: (c / "metadata.json").write_text("{"),
+               "config.json": lambda c: (c / "config.json").write_text("[]"),
+               "dtype": lambda c: (c / "metadata.json").write_text('{"format": "csm-jax", "dtype": "int7"}'),
+               "params": truncate_params}
+    for name, damage in damages.items():
+        ckpt = Path(shutil.copytree(earlier, tmp_path / name))
+        damage(ckpt)
+        err = refused([ckpt, tmp_path / "out", "--to", "original"], capsys, tmp_path)
+        assert "damaged" in err and "convert or save it again" in err, name
 
 
 # ---- disk space ----------------------------------------------------------------------------------------------

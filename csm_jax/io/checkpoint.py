@@ -69,11 +69,23 @@ def read_config(path: str | os.PathLike) -> CsmConfig:
     if missing:
         raise CheckpointError(f"{path} is not a csm-jax checkpoint: it lacks {', '.join(missing)}. Convert a "
                               f"PyTorch checkpoint first: python -m convert SRC {path}")
-    return CsmConfig.from_dict(json.loads((path / "config.json").read_text()))
+    return CsmConfig.from_dict(_read_json(path / "config.json"))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / "metadata.json").read_text())
+    return _read_json(Path(path) / "metadata.json")
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
+        raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {e}); the checkpoint is damaged: convert or "
+                              f"save it again.") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, not an object; the checkpoint is damaged: "
+                              f"convert or save it again.")
+    return value
 
 
 def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
@@ -81,8 +93,15 @@ def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           target)
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(Path(path).absolute() / "params", target)
+    params = Path(path).absolute() / "params"
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params, target)
+    except (OSError, ValueError) as e:  # missing or truncated files, or shapes that config.json does not give
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot restore the parameters in {params} ({type(e).__name__}: {reason}); the "
+                              f"checkpoint is damaged or its config.json does not belong to it: convert or save it "
+                              f"again.") from e
     state = nnx.state(abstract, nnx.Param)
     nnx.replace_by_pure_dict(state, restored)
     return state
