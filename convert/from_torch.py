@@ -155,7 +155,7 @@ def convert_to_orbax(src: str | os.PathLike, out: str | os.PathLike, dtype: str 
     one beside the weights. overwrite: replace an earlier csm-jax output at `out` (anything else there is never
     replaced). Nothing is left at `out` if anything fails.
     """
-    given = [p for p in (Path(src).expanduser(), Path(config or "").expanduser()) if str(p) != "." and p.exists()]
+    given = [Path(p).expanduser() for p in (src, config) if p is not None and Path(p).expanduser().exists()]
     check_output(out, overwrite=overwrite, sources=given)  # before a download or any reading
     weights = find_weights(resolve_source(src))
     model_config = read_source_config(weights.parent, config)

@@ -54,7 +54,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, lay
     tensors = _layout_tensors(params, config, LAYOUTS[layout], metadata.get("tied_keys") or [], target)
     if layout == "transformers":
         tensors += _codec_tensors(checkpoint)
-    needed = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype, _ in tensors)
+    needed = sum(math.prod(shape) * np.dtype(kind).itemsize for _, shape, kind, _ in tensors)
     with atomic_directory(out, overwrite=overwrite, sources=[checkpoint], needed_bytes=needed) as tmp:
         write_safetensors(tmp / "model.safetensors", tensors)
         if layout == "transformers":  # Sesame's ModelArgs takes exactly the five original fields

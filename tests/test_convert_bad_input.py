@@ -224,33 +224,47 @@ import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the test runner was started with them ignored
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 import convert.from_torch
+import orbax.checkpoint as ocp
 from convert.__main__ import main
 
-written = convert.from_torch.write_config_and_metadata
-def write_then_wait(*args):  # the last step of a conversion, made slow: a signal arrives while the output is partial
-    written(*args)
-    print("writing", flush=True)
-    time.sleep(300)
-convert.from_torch.write_config_and_metadata = write_then_wait
-sys.exit(main(sys.argv[1:]))
+def slowly(write, before):  # a signal arrives while the output is partial: before or after Orbax's write
+    def slow(*args, **kwargs):
+        if before:
+            print("writing", flush=True)
+            time.sleep(3)
+        result = write(*args, **kwargs)
+        if not before:
+            print("writing", flush=True)
+            time.sleep(300)
+        return result
+    return slow
+
+if sys.argv[1] == "during-orbax":
+    ocp.StandardCheckpointer.save = slowly(ocp.StandardCheckpointer.save, before=True)
+else:
+    convert.from_torch.write_config_and_metadata = slowly(convert.from_torch.write_config_and_metadata, before=False)
+sys.exit(main(sys.argv[2:]))
 """
 
 
-def start_slow_conversion(argv: list) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, *map(str, argv)], cwd=REPO, text=True,
+def start_slow_conversion(argv: list, when: str = "after-orbax") -> subprocess.Popen:
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, when, *map(str, argv)], cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert child.stdout.readline() == "writing\n", child.communicate(timeout=60)[1]
     return child
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
-def test_signal_removes_the_partial_output_and_keeps_the_earlier(sig, code, hf_tiny, earlier, tmp_path):
+@pytest.mark.parametrize("sig, when, code", [(signal.SIGTERM, "after-orbax", 128 + signal.SIGTERM),
+                                             (signal.SIGINT, "during-orbax", 130)])
+def test_signal_removes_the_partial_output_and_keeps_the_earlier(sig, when, code, hf_tiny, earlier, tmp_path):
+    """During Orbax's write the signal waits for the write to end (Orbax's threads cannot be stopped halfway)."""
     before = tree(tmp_path)
-    child = start_slow_conversion([hf_tiny[0], earlier, "--dtype", "bfloat16", "--overwrite"])
+    child = start_slow_conversion([hf_tiny[0], earlier, "--dtype", "bfloat16", "--overwrite"], when)
     assert len(partials(tmp_path)) == 1
     child.send_signal(sig)
     _, err = child.communicate(timeout=60)
     assert child.returncode == code and "Traceback" not in err
+    assert ("stopping once the current write ends" in err) == (when == "during-orbax")
     assert tree(tmp_path) == before and partials(tmp_path) == []
     assert main([str(hf_tiny[0]), str(earlier), "--dtype", "bfloat16", "--overwrite"]) == 0
     assert read_metadata(earlier)["dtype"] == "bfloat16"

@@ -25,7 +25,7 @@ from flax import nnx
 from csm_jax.core.config import CsmConfig
 from csm_jax.core.errors import CheckpointError
 from csm_jax.core.model import Csm
-from csm_jax.io.output_dir import FORMAT, atomic_directory
+from csm_jax.io.output_dir import FORMAT, atomic_directory, signals_deferred
 
 
 def abstract_model(config: CsmConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Csm:
@@ -39,7 +39,7 @@ def write_params(directory: Path, params: nnx.State, concurrent_gb: int = 96) ->
     concurrent_gb: how many GB Orbax may write at once (its default is 96; it must fit the largest array).
     Orbax copies what it writes, so a small value lowers the peak (the converter passes its largest array's size).
     """
-    with ocp.StandardCheckpointer(save_concurrent_gb=concurrent_gb) as ckptr:
+    with signals_deferred(), ocp.StandardCheckpointer(save_concurrent_gb=concurrent_gb) as ckptr:
         ckptr.save(directory / "params", nnx.to_pure_dict(params))
 
 

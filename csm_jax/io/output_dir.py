@@ -4,7 +4,8 @@ The rule: `out` may be a new path or an empty directory. An existing directory i
 recognisably an earlier output of csm-jax (a checkpoint whose metadata.json carries our format marker, or an export
 carrying EXPORT_MARKER, holding nothing we did not write) and the caller asked to overwrite; never when it is or
 contains a source being read. The output is written into `.NAME.partial-PID-XXXXXXXX` beside `out`
-and renamed into place. An error, SIGINT or SIGTERM removes that directory; what a SIGKILLed writer left (its pid
+and renamed into place. An error, SIGINT or SIGTERM removes that directory (a signal that arrives while Orbax writes
+takes effect when that write ends); what a SIGKILLed writer left (its pid
 is gone, or the directory predates the process now holding that pid) is swept by the next write to the same `out`.
 """
 
@@ -19,6 +20,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -126,7 +128,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, sources
             check_output(out, overwrite=overwrite, sources=sources)  # what is there may have changed meanwhile
             _commit(tmp, final)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         for directory in reversed(made):
             with contextlib.suppress(OSError):
                 directory.rmdir()
@@ -137,6 +139,15 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, sources
                                   f"{_size(shutil.disk_usage(parent).free)} free now that the partial output was "
                                   f"removed. Free some space or choose an output on another disk.") from e
         raise
+
+
+def _remove(tmp: Path) -> None:
+    """Removes `tmp`, again if a writer thread of the interrupted write (Orbax, tensorstore) still adds to it."""
+    for _ in range(20):
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(0.05)
+        if not os.path.lexists(tmp):
+            return
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -216,21 +227,48 @@ def _process_start(pid: int) -> float | None:
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """While writing, SIGTERM (and SIGINT, where Python does not already raise KeyboardInterrupt) raise SystemExit
+    """While writing, SIGTERM (and SIGINT, where Python does not already raise KeyboardInterrupt) raise an exception
     in the main thread, so that the cleanup above runs. Handlers that the application installed are kept."""
+    with _handling({signal.SIG_DFL}, _raise_for):
+        yield
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM back until the block ends (a second one acts at once), for a writer whose threads
+    cannot be stopped halfway (Orbax's go on writing, and print tracebacks, after the caller has cleaned up)."""
+    held: list[int] = []
+
+    def hold(signum: int, frame) -> None:
+        if held:
+            _raise_for(signum)
+        held.append(signum)
+        os.write(2, b"stopping once the current write ends (send the signal again to stop at once)\n")
+
+    with _handling({signal.SIG_DFL, signal.default_int_handler, _raise_for}, hold):
+        yield
+    if held:
+        _raise_for(held[0])
+
+
+@contextlib.contextmanager
+def _handling(replaceable: set, handler) -> Iterator[None]:
+    """Handles SIGINT and SIGTERM with `handler` where their handlers are in `replaceable` (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    replaced = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-                if signal.getsignal(sig) == signal.SIG_DFL}
+    replaced = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) in replaceable}
     try:
         yield
     finally:
-        for sig, handler in replaced.items():
-            signal.signal(sig, handler)
+        for sig, previous in replaced.items():
+            signal.signal(sig, previous)
 
 
-def _exit_on_signal(signum: int, frame) -> None:
+def _raise_for(signum: int, frame=None) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
