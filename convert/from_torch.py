@@ -26,7 +26,8 @@ from convert.io import (ConversionError, TensorReader, find_weights, open_tensor
                         write_safetensors)
 from convert.layouts import (CODEC_DIR, CODEC_PREFIX, DTYPES, TRANSFORMS, Layout, Rule, detect_layout, param_at,
                              stack_config, target_shape)
-from csm_jax.io.checkpoint import abstract_model, atomic_directory, write_config_and_metadata, write_params
+from csm_jax.io.checkpoint import abstract_model, write_config_and_metadata, write_params
+from csm_jax.io.output_dir import atomic_directory, check_output
 from csm_jax.core.config import PRESETS, CsmConfig, preset
 
 
@@ -37,7 +38,7 @@ def read_source_config(source_dir: Path, config: str | os.PathLike | None) -> Cs
     if config is not None and str(config) in PRESETS and not Path(config).exists():
         return preset(str(config))
     path = Path(config) if config is not None else source_dir / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise ConversionError(f"no config.json at {path}. Pass --config with a config.json of either family or a "
                               f"preset name (csm_1b for Sesame's first release, whose ckpt.pt came without one).")
     return CsmConfig.from_json_file(path)
@@ -130,9 +131,9 @@ def to_jax_one_by_one(tree: dict) -> dict:
     return tree
 
 
-def copy_codec(reader: TensorReader, source_config: Path, directory: Path) -> bool:
-    """Copies `codec_model.*` (if any) to directory/codec as a standalone Mimi checkpoint. Returns whether any."""
-    keys = [k for k in reader.keys() if k.startswith(CODEC_PREFIX)]
+def copy_codec(reader: TensorReader, keys: list[str], source_config: Path, directory: Path) -> bool:
+    """Copies the `codec_model.*` tensors `keys` (if any) to directory/codec as a standalone Mimi checkpoint.
+    Returns whether there were any."""
     if not keys:
         return False
     codec = directory / CODEC_DIR
@@ -147,12 +148,15 @@ def copy_codec(reader: TensorReader, source_config: Path, directory: Path) -> bo
 
 
 def convert_to_orbax(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "keep",
-                     config: str | os.PathLike | None = None) -> Path:
+                     config: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
     """Converts a PyTorch CSM checkpoint (directory, weights file or hub repo id) into a csm-jax checkpoint.
 
     dtype: "keep" (the source's), "float32" or "bfloat16". config: a config.json or preset name overriding the
-    one beside the weights. Nothing is left at `out` if anything fails.
+    one beside the weights. overwrite: replace an earlier csm-jax output at `out` (anything else there is never
+    replaced). Nothing is left at `out` if anything fails.
     """
+    given = [Path(p).expanduser() for p in (src, config) if p is not None and Path(p).expanduser().exists()]
+    check_output(out, overwrite=overwrite, sources=given)  # before a download or any reading
     weights = find_weights(resolve_source(src))
     model_config = read_source_config(weights.parent, config)
     reader = open_tensors(weights)
@@ -160,15 +164,20 @@ def convert_to_orbax(src: str | os.PathLike, out: str | os.PathLike, dtype: str 
     steps = plan(reader, layout, model_config)
     target = choose_dtype(reader, steps, dtype)
     tied = check_tied(reader, layout)
+    sources = [*given, weights.parent, weights]
+    codec_keys = [k for k in reader.keys() if k.startswith(CODEC_PREFIX)]
+    needed = (sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_model(model_config), nnx.Param)))
+              * target.itemsize + sum(math.prod(reader.shape(k)) * reader.dtype(k).itemsize for k in codec_keys))
+    check_output(out, overwrite=overwrite, sources=sources, needed_bytes=needed)
     params = fill_params(reader, steps, model_config, target)
     metadata = {"source": str(src), "layout": layout.name, "dtype": target.name,
                 "source_dtype": "/".join(sorted({reader.dtype(k).name for k, _, _ in steps})), "tied_keys": tied}
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=overwrite, sources=sources, needed_bytes=needed) as tmp:
         state = nnx.state(abstract_model(model_config, dtype=target, param_dtype=target), nnx.Param)
         largest = max(x.nbytes for x in jax.tree.leaves(params))
         nnx.replace_by_pure_dict(state, to_jax_one_by_one(params))
         write_params(tmp, state, concurrent_gb=math.ceil(largest / 1e9))  # Orbax needs room for the largest
-        metadata["codec"] = CODEC_DIR if copy_codec(reader, weights.parent / "config.json", tmp) else None
+        metadata["codec"] = CODEC_DIR if copy_codec(reader, codec_keys, weights.parent / "config.json", tmp) else None
         write_config_and_metadata(tmp, model_config, metadata)
     return Path(out)
 

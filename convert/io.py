@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -58,10 +59,22 @@ def find_weights(path: Path) -> Path:
     """The weights file of a checkpoint directory (sharded index, single safetensors, or ckpt.pt)."""
     if path.is_file():
         return path
+    if not path.is_dir():
+        raise ConversionError(f"{path} is neither a regular file nor a directory; give a checkpoint directory or its "
+                              f"weights file ({', '.join(WEIGHT_FILES)}).")
     for name in WEIGHT_FILES:
-        if (path / name).exists():
+        if (path / name).is_file():
             return path / name
-    found = sorted(p.name for p in path.iterdir())[:10]
+        if (path / name).exists():
+            raise ConversionError(f"{path / name} is not a regular file; replace it by the weights file itself.")
+    if (path / "metadata.json").is_file() and (path / "params").is_dir():
+        raise ConversionError(f"{path} is already a csm-jax checkpoint; to write it in a PyTorch layout pass "
+                              f"--to transformers or --to original.")
+    try:
+        found = sorted(p.name for p in path.iterdir())[:10]
+    except OSError as e:
+        raise ConversionError(f"cannot read the directory {path} ({e.strerror}); give a checkpoint directory you can "
+                              f"read.") from e
     raise ConversionError(f"{path} holds no CSM weights: expected one of {', '.join(WEIGHT_FILES)}; found "
                           f"{found or 'an empty directory'}.")
 
@@ -90,6 +103,9 @@ def torch_to_numpy(t) -> np.ndarray:
 
 
 def _unreadable(path: Path, error: Exception) -> ConversionError:
+    if isinstance(error, PermissionError):
+        return ConversionError(f"cannot read {path}: permission denied; make it readable or copy it somewhere you "
+                               f"can read it.")
     return ConversionError(f"could not read {path}: {type(error).__name__}: {error}. The file is truncated or "
                            f"corrupt (an interrupted download?); download or copy it again.")
 
@@ -152,7 +168,21 @@ class TorchPickleReader:
         import torch
 
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # saved in torch's legacy format, which cannot be memory-mapped
+                if "_use_new_zipfile_serialization" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights only load failed" not in str(e).lower():
+                raise _unreadable(path, e) from e
+            reason = next((line for line in str(e).splitlines() if "GLOBAL" in line), "it is not plain tensors")
+            raise ConversionError(
+                f"{path} was refused as unsafe: besides tensors, its pickle would build other objects or run code "
+                f"when loaded ({reason.strip()}). Nothing from it was executed. If you trust its origin, re-save "
+                f"its tensors as safetensors (safetensors.torch.save_file(torch.load(path, weights_only=False), "
+                f"'model.safetensors')) and convert that file.") from e
         except Exception as e:
             raise _unreadable(path, e) from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

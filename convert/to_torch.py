@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -21,24 +22,31 @@ from flax import nnx
 from convert.io import ConversionError, SafetensorsReader, TensorSpec, write_safetensors
 from convert.layouts import (CODEC_DIR, CODEC_PREFIX, DTYPES, LAYOUTS, TRANSFORMS, Layout, Rule, param_at,
                              stack_config, target_shape)
-from csm_jax.io.checkpoint import abstract_model, atomic_directory, load_params, read_config, read_metadata
+from csm_jax.io.checkpoint import CheckpointError, abstract_model, load_params, read_config, read_metadata
+from csm_jax.io.output_dir import atomic_directory, check_output, mark_export
 from csm_jax.core.config import CsmConfig
 
 STORED_DTYPES = {**DTYPES, "float16": np.dtype(np.float16)}
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, layout: str,
-                      dtype: str = "keep") -> Path:
-    """Writes `out/model.safetensors` and `out/config.json` in `layout` ("transformers" or "original").
+                      dtype: str = "keep", *, overwrite: bool = False) -> Path:
+    """Writes `out/model.safetensors` and `out/config.json` in `layout` ("transformers" or "original"), and the
+    marker that lets a later export replace it.
 
-    dtype: "keep" (the checkpoint's) or a dtype name to cast to. Nothing is left at `out` if anything fails.
+    dtype: "keep" (the checkpoint's) or a dtype name to cast to. overwrite: replace an earlier csm-jax output at
+    `out` (anything else there is never replaced). Nothing is left at `out` if anything fails.
     """
-    checkpoint = Path(checkpoint)
+    checkpoint = Path(checkpoint).expanduser()
+    check_output(out, overwrite=overwrite, sources=[checkpoint])  # before any reading
     config, metadata = read_config(checkpoint), read_metadata(checkpoint)
     if layout not in LAYOUTS:
         raise ConversionError(f"unknown layout {layout!r}; export to one of {', '.join(LAYOUTS)}.")
     config_json = _config_json(config, LAYOUTS[layout], checkpoint)  # fails early if the layout cannot hold it
-    stored = STORED_DTYPES[metadata["dtype"]]
+    stored = STORED_DTYPES.get(metadata.get("dtype"))
+    if stored is None:
+        raise CheckpointError(f"{checkpoint / 'metadata.json'} gives the dtype {metadata.get('dtype')!r}, not one of "
+                              f"{', '.join(STORED_DTYPES)}; the checkpoint is damaged: convert or save it again.")
     target = stored if dtype == "keep" else DTYPES.get(dtype)
     if target is None:
         raise ConversionError(f"unknown dtype {dtype!r}; use keep, {' or '.join(DTYPES)}.")
@@ -46,11 +54,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, lay
     tensors = _layout_tensors(params, config, LAYOUTS[layout], metadata.get("tied_keys") or [], target)
     if layout == "transformers":
         tensors += _codec_tensors(checkpoint)
-    with atomic_directory(out) as tmp:
+    needed = sum(math.prod(shape) * np.dtype(kind).itemsize for _, shape, kind, _ in tensors)
+    with atomic_directory(out, overwrite=overwrite, sources=[checkpoint], needed_bytes=needed) as tmp:
         write_safetensors(tmp / "model.safetensors", tensors)
         if layout == "transformers":  # Sesame's ModelArgs takes exactly the five original fields
             config_json["dtype"] = target.name
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        mark_export(tmp, layout=layout, dtype=target.name, source=str(checkpoint))
     return Path(out)
 
 

@@ -248,7 +248,7 @@ def test_interrupted_conversion_leaves_no_checkpoint(hf_tiny, hf_tiny_orbax, tmp
     existing = tmp_path / "existing"
     shutil.copytree(hf_tiny_orbax, existing)
     with pytest.raises(KeyboardInterrupt):
-        convert_to_orbax(hf_tiny[0], existing, dtype="bfloat16")
+        convert_to_orbax(hf_tiny[0], existing, dtype="bfloat16", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
     assert read_metadata(existing)["dtype"] == "float32"  # the old checkpoint is untouched
 
@@ -276,5 +276,5 @@ def test_command_line(hf_tiny, tmp_path, capsys):
     assert "transformers layout, float32 -> bfloat16" in capsys.readouterr().out
     assert main([str(tmp_path / "orbax"), str(tmp_path / "orig"), "--to", "original"]) == 0
     assert {v.dtype for v in load_file(tmp_path / "orig" / "model.safetensors").values()} == {torch.bfloat16}
-    assert main([str(tmp_path / "orig"), str(tmp_path / "again"), "--to", "transformers"]) == 1
+    assert main([str(tmp_path / "orig"), str(tmp_path / "again"), "--to", "transformers"]) == 2
     assert "not a csm-jax checkpoint" in capsys.readouterr().err

@@ -171,7 +171,8 @@ class Trainer:
         """Writes the trained weights as an inference checkpoint (`csm_jax.load_model`, `python -m convert`)."""
         params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state.params)
         model = nnx.merge(nnx.graphdef(abstract_model(self.config)), params)
-        return save_model(model, path, {"source": "train", "step": int(state.step), **(metadata or {})})
+        return save_model(model, path, {"source": "train", "step": int(state.step), **(metadata or {})},
+                          overwrite=True)  # a resumed run replaces its own earlier export
 
 
 def checkpoint_manager(directory: str | Path, keep: int = 3, every: int = 1) -> ocp.CheckpointManager:

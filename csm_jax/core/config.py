@@ -143,8 +143,15 @@ class CsmConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> CsmConfig:
         """Reads any of the three config.json families (ours, transformers', original), telling them apart."""
-        with open(path) as f:
-            d = json.load(f)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
+            raise ConfigError(f"cannot read {path} as a config.json ({type(e).__name__}: {e}); give a CSM config.json "
+                              f"or a preset name such as csm_1b") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not a CSM config object; give a CSM "
+                              f"config.json or a preset name such as csm_1b")
         if "backbone" in d and "decoder" in d:
             return cls.from_dict(d)
         if "backbone_flavor" in d:

@@ -16,6 +16,10 @@ class UserError(ValueError):
     """A mistake in an argument, file, checkpoint, config or dataset the user gave; the message names the fix."""
 
 
+class CheckpointError(UserError):
+    """A path that does not hold a complete csm-jax checkpoint, or where one cannot be written safely."""
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Runs a command line's `main(argv)` under the exit-code convention."""
     try:

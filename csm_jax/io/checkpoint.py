@@ -5,18 +5,17 @@ Layout of a checkpoint directory:
     config.json     `CsmConfig.to_dict()`
     metadata.json   {"format": "csm-jax", "dtype": ..., plus whatever the writer adds (source, layout, ...)}
 A checkpoint is written into a temporary sibling directory and renamed into place, so an interrupted write
-never leaves a directory that `load_model` would accept.
+never leaves a directory that `load_model` would accept; an existing directory is replaced only under the rule of
+`csm_jax.io.output_dir` (an earlier output of ours, and only when asked to overwrite).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,38 +23,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from csm_jax.core.config import CsmConfig
-from csm_jax.core.errors import UserError
+from csm_jax.core.errors import CheckpointError
 from csm_jax.core.model import Csm
-
-FORMAT = "csm-jax"
-
-
-class CheckpointError(UserError):
-    """A path that does not hold a complete csm-jax checkpoint."""
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a fresh temporary directory beside `path`; on success it replaces `path` in one rename.
-
-    On any exception the temporary directory is removed and `path` is left as it was.
-    """
-    final = Path(path).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from csm_jax.io.output_dir import FORMAT, atomic_directory, signals_deferred
 
 
 def abstract_model(config: CsmConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Csm:
@@ -69,15 +39,20 @@ def write_params(directory: Path, params: nnx.State, concurrent_gb: int = 96) ->
     concurrent_gb: how many GB Orbax may write at once (its default is 96; it must fit the largest array).
     Orbax copies what it writes, so a small value lowers the peak (the converter passes its largest array's size).
     """
-    with ocp.StandardCheckpointer(save_concurrent_gb=concurrent_gb) as ckptr:
+    with signals_deferred(), ocp.StandardCheckpointer(save_concurrent_gb=concurrent_gb) as ckptr:
         ckptr.save(directory / "params", nnx.to_pure_dict(params))
 
 
-def save_model(model: Csm, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Writes `model`'s parameters, config and metadata to `path` atomically. Returns the path."""
+def save_model(model: Csm, path: str | os.PathLike, metadata: dict[str, Any] | None = None, *,
+               overwrite: bool = False) -> Path:
+    """Writes `model`'s parameters, config and metadata to `path` atomically. Returns the path.
+
+    overwrite: replace an earlier csm-jax checkpoint or export at `path` (anything else there is never replaced).
+    """
     params = nnx.state(model, nnx.Param)
     dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
-    with atomic_directory(path) as tmp:
+    needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    with atomic_directory(path, overwrite=overwrite, needed_bytes=needed) as tmp:
         write_params(tmp, params)
         write_config_and_metadata(tmp, model.config, {"dtype": "/".join(sorted(dtypes)), **(metadata or {})})
     return Path(path)
@@ -94,11 +69,23 @@ def read_config(path: str | os.PathLike) -> CsmConfig:
     if missing:
         raise CheckpointError(f"{path} is not a csm-jax checkpoint: it lacks {', '.join(missing)}. Convert a "
                               f"PyTorch checkpoint first: python -m convert SRC {path}")
-    return CsmConfig.from_dict(json.loads((path / "config.json").read_text()))
+    return CsmConfig.from_dict(_read_json(path / "config.json"))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / "metadata.json").read_text())
+    return _read_json(Path(path) / "metadata.json")
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
+        raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {e}); the checkpoint is damaged: convert or "
+                              f"save it again.") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, not an object; the checkpoint is damaged: "
+                              f"convert or save it again.")
+    return value
 
 
 def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
@@ -106,8 +93,15 @@ def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           target)
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(Path(path).absolute() / "params", target)
+    params = Path(path).absolute() / "params"
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params, target)
+    except (OSError, ValueError) as e:  # missing or truncated files, or shapes that config.json does not give
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot restore the parameters in {params} ({type(e).__name__}: {reason}); the "
+                              f"checkpoint is damaged or its config.json does not belong to it: convert or save it "
+                              f"again.") from e
     state = nnx.state(abstract, nnx.Param)
     nnx.replace_by_pure_dict(state, restored)
     return state

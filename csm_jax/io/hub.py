@@ -86,7 +86,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", ca
                               f"sesame/csm-1b")
     if path.is_dir() and (path / "params").exists() and not (path / "metadata.json").exists():
         raise CheckpointError(f"{path} looks like a csm-jax checkpoint but lacks metadata.json (an interrupted copy?); "
-                              f"convert the source again with python -m convert SRC {path} --overwrite")
+                              f"move it away and convert the source again: python -m convert SRC {path}")
     slug = re.sub(r"[^\w.-]+", "-", path.resolve().name if path.exists() else str(checkpoint)).strip("-")
     target = Path(cache or cache_dir()) / f"{slug}-{source_fingerprint(checkpoint)}-{dtype}"
     if is_checkpoint(target):
