@@ -132,8 +132,9 @@ def resume(manager, trainer, iterator, checkpoints: Path):
         return restore_checkpoint(manager, trainer, iterator)
     except (ValueError, KeyError, IndexError) as e:
         reason = str(e).split(". ")[0].strip()
-        raise TrainConfigError(f"the checkpoints in {checkpoints} were written by a run with another model, batch or "
-                               f"data.source ({reason}); resume with that run's config, or give a new workdir") from None
+        raise TrainConfigError(f"the checkpoints in {checkpoints} were written by a run with another model, data "
+                               f"layout or csm-jax version ({type(e).__name__}: {reason}); resume with that run's "
+                               f"config, or give a new workdir") from None
 
 
 def check_eval_data(cfg: TrainConfig, model_config) -> None:

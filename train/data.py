@@ -100,7 +100,7 @@ def process_share(shards: Sequence[Path], process_index: int, process_count: int
     """This process's shards: a seeded permutation, then every process_count-th."""
     if len(shards) < process_count:
         raise DataError(f"{len(shards)} shards cannot feed {process_count} processes: every process needs at "
-                         f"least one shard (split shards, or use fewer processes)")
+                        f"least one shard (split shards, or use fewer processes)")
     order = np.random.default_rng(seed).permutation(len(shards))
     return [shards[i] for i in order[process_index::process_count]]
 
@@ -231,14 +231,17 @@ def keep(example: dict[str, Any] | None, cfg: DataConfig) -> bool:
     """Metadata filters (language, duration, dnsmos), counted per filter; fields that are absent pass."""
     if example is None:
         return False
-    meta, key = example["meta"], example["key"]
+    meta = example["meta"]
     if cfg.languages and str(meta.get("language") or "").upper() not in {x.upper() for x in cfg.languages}:
-        return skip("language filter", key, warn=False) or False
-    if not cfg.min_duration <= _number(meta.get("duration", cfg.min_duration)) <= cfg.max_duration:
-        return skip("duration filter", key, warn=False) or False
-    if _number(meta.get("dnsmos", 5.0)) < cfg.min_dnsmos:
-        return skip("dnsmos filter", key, warn=False) or False
-    return True
+        reason = "language filter"
+    elif not cfg.min_duration <= _number(meta.get("duration", cfg.min_duration)) <= cfg.max_duration:
+        reason = "duration filter"
+    elif _number(meta.get("dnsmos", 5.0)) < cfg.min_dnsmos:
+        reason = "dnsmos filter"
+    else:
+        return True
+    skip(reason, example["key"], warn=False)
+    return False
 
 
 def decode_audio(example: dict[str, Any]) -> np.ndarray | None:
