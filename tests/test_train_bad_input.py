@@ -122,16 +122,18 @@ def test_a_pass_with_no_usable_example_names_the_filters_and_the_skips(corrupt, 
 
 @pytest.fixture(scope="module")
 def trained(corrupt, tmp_path_factory) -> Path:
-    """A one-step smoke run over the corrupt shards: it must finish and leave checkpoints and an export."""
+    """A two-step smoke run over the corrupt shards: it must finish and leave checkpoints and an export."""
     workdir = tmp_path_factory.mktemp("run") / "workdir"
+    SKIPPED.clear()
     with bounded():
-        code = train_main([*SMOKE, f"data.source={corrupt}", f"workdir={workdir}", "steps=1", "log_every=1"])
+        code = train_main([*SMOKE, f"data.source={corrupt}", f"workdir={workdir}", "steps=2", "log_every=1",
+                           "save_every=1"])
     assert code == 0
     return workdir
 
 
 def test_a_run_over_corrupt_shards_trains_and_reports_the_skips(trained):
-    assert (trained / "export" / "metadata.json").is_file() and (trained / "checkpoints" / "1").is_dir()
+    assert (trained / "export" / "metadata.json").is_file() and (trained / "checkpoints" / "2").is_dir()
     metrics = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["skipped/unreadable shard"] >= 1 and metrics["skipped/truncated shard"] >= 1
 
@@ -152,6 +154,7 @@ def test_empty_data_stops_with_exit_2_instead_of_looping(corrupt, trained):
     (["model=tiny"], "resume with that run's config, or give a new workdir"),
     (["optim.learning_rate=abc"], "expected a finite number (e.g. optim.learning_rate=1e-4)"),
     (["steps=-5"], "set steps to a value above 0"),
+    (["steps=1"], "already holds step 2, past steps=1; set steps=2 or more to continue that run"),
 ])
 def test_mistakes_leave_an_existing_run_untouched(corrupt, trained, capsys, argv, fix):
     before = snapshot(trained)
@@ -171,6 +174,7 @@ def config_file(tmp_path: Path, name: str, text: str) -> str:
     (lambda d, tmp: [*SMOKE, f"data.source={tmp}/missing"], "does not exist; give a directory of Emilia .tar"),
     (lambda d, tmp: [*SMOKE, f"data.source={tmp}"], "no *.tar shards under"),
     (lambda d, tmp: [*SMOKE, f"data.source={d}", f"workdir={tmp}/file.txt"], "is a file; give a directory"),
+    (lambda d, tmp: [*SMOKE, f"data.source={d}", f"workdir={tmp}/file.txt/run"], "is inside the file"),
     (lambda d, tmp: [*SMOKE, f"data.source={d}", "optim.learning_rate=abc"], "optim.learning_rate=1e-4"),
     (lambda d, tmp: [*SMOKE, f"data.source={d}", "optim.learning_rate=-1e-4"], "set optim.learning_rate to a value "
                                                                                 "above 0"),
@@ -248,6 +252,8 @@ def test_prepare_skips_corrupt_shards_and_training_reads_what_it_wrote(corrupt, 
 @pytest.mark.parametrize("make_argv, fix", [
     (lambda d, tmp: [f"{tmp}/missing", f"{tmp}/out"], "give a directory of Emilia .tar shards"),
     (lambda d, tmp: [str(d), f"{tmp}/out", "--worker", "2", "--workers", "2"], "pass --workers N and --worker in"),
+    (lambda d, tmp: [str(d), f"{tmp}/out", "--workers", "0"], "must be at least 1"),
+    (lambda d, tmp: [str(d), f"{tmp}/out", "--batch-size", "0"], "give a batch size of 1 or more"),
 ])
 def test_prepare_mistakes_exit_2(corrupt, tmp_path, capsys, make_argv, fix):
     code, err = run(prepare_main, capsys, *make_argv(corrupt, tmp_path))

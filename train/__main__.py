@@ -90,7 +90,10 @@ def train(cfg: TrainConfig) -> Path:
     checkpoints = workdir / "checkpoints"
     manager = checkpoint_manager(checkpoints, cfg.keep_checkpoints, cfg.save_every) if checkpoints.is_dir() else None
     state = resume(manager, trainer, iterator, checkpoints) if manager is not None else None
-    finished = state is not None and int(state.step) >= cfg.steps
+    if state is not None and int(state.step) > cfg.steps:
+        raise TrainConfigError(f"{checkpoints} already holds step {int(state.step)}, past steps={cfg.steps}; set "
+                               f"steps={int(state.step)} or more to continue that run, or give a new workdir")
+    finished = state is not None and int(state.step) == cfg.steps
     # the first batch before any compile or write: data that gives no example stops here
     batches = iterator if finished else itertools.chain([next(iterator)], iterator)
     manager = manager or checkpoint_manager(checkpoints, cfg.keep_checkpoints, cfg.save_every)

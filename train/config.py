@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib.util
 import math
+import os
 import traceback
 import types
 import typing
@@ -255,10 +256,15 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"data.min_duration={cfg.data.min_duration} is above data.max_duration="
                                f"{cfg.data.max_duration}; no utterance could pass, swap or widen them")
     preset(cfg.model)  # ConfigError listing the presets
-    workdir = Path(cfg.workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise TrainConfigError(f"workdir={cfg.workdir} is a file; give a directory (new or of an earlier run) for "
+    workdir = Path(cfg.workdir).absolute()
+    existing = next(p for p in (workdir, *workdir.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == workdir else f"is inside the file {existing}"
+        raise TrainConfigError(f"workdir={cfg.workdir} {where}; give a directory (new or of an earlier run) for "
                                f"checkpoints, metrics and the export")
+    if not os.access(existing, os.W_OK):
+        raise TrainConfigError(f"workdir={cfg.workdir} cannot be written ({existing} is read-only for you); give a "
+                               f"directory you can write")
     _check_source("data.source", cfg.data.source, "no training data")
     if cfg.eval_every:
         _check_source("eval_source", cfg.eval_source, f"eval_every={cfg.eval_every} needs held-out data",

@@ -88,7 +88,11 @@ def list_shards(source: str, suffix: str = ".tar") -> list[Path]:
             raise DataError(f"data source {source!r} is neither a directory nor a hub dataset id; give a directory "
                             f"of Emilia .tar shards (or of python -m train.prepare output)")
         from huggingface_hub import snapshot_download
-        path = Path(snapshot_download(source, repo_type="dataset", allow_patterns=[f"*{suffix}"]))
+        try:
+            path = Path(snapshot_download(source, repo_type="dataset", allow_patterns=[f"*{suffix}"]))
+        except OSError as e:  # huggingface_hub's not-found, offline and HTTP errors are OSErrors
+            raise DataError(f"the hub dataset {source} could not be fetched ({str(e).splitlines()[0]}); check the id "
+                            f"and the network, or download its shards and give their directory") from None
     shards = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file()) if path.is_dir() else [path]
     if not shards:
         raise DataError(f"no *{suffix} shards under {source}; give a directory holding Emilia .tar shards "

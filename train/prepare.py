@@ -66,6 +66,8 @@ def prepare_shard(tar: Path, output: Path, mimi, num_codebooks: int = 32, batch_
 
 def my_shards(source: str, out: Path, worker: int, workers: int) -> list[tuple[Path, Path]]:
     """(tar, output) pairs of this worker's share that are not done yet."""
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be at least 1 (the number of workers sharing the shards)")
     if not 0 <= worker < workers:
         raise UserError(f"--worker {worker} is outside 0..{workers - 1}; pass --workers N and --worker in [0, N)")
     root = Path(source)
@@ -97,6 +99,9 @@ def _main(argv) -> int:
 
     from csm_jax.io import audio
 
+    if args.batch_size < 1 or not 1 <= args.num_codebooks <= 32:
+        raise UserError(f"--batch-size {args.batch_size} and --num-codebooks {args.num_codebooks}: give a batch size "
+                        f"of 1 or more and 1 to 32 codebooks (CSM uses 32)")
     todo = my_shards(args.source, Path(args.out), args.worker, args.workers)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mimi = (audio.random_mimi(0, device, args.num_codebooks) if args.mimi == "random"
