@@ -73,6 +73,32 @@ def test_process_shares_are_disjoint_and_complete(tmp_path):
         process_share(shards, 0, 8, seed=5)
 
 
+def test_cosine_schedule_reaches_its_end_value_at_the_runs_last_step():
+    """The learning rate of every update of a run, read back from AdamW on a constant gradient (then each update is
+    -lr to 1e-6): linear warm-up, then the cosine down to 10% exactly at the run's last step, `steps` - 1."""
+    import jax.numpy as jnp
+    import optax
+
+    from csm_jax.core.config import preset
+    from csm_jax.core.sharding import make_mesh
+    from train.config import load_config
+    from train.trainer import Trainer
+
+    cfg = load_config(ROOT / "train/configs/smoke.py", ["steps=7", "optim.schedule=cosine", "optim.warmup_steps=2",
+                                                        "optim.learning_rate=1e-2"])
+    trainer = Trainer(preset(cfg.model), cfg.optim, make_mesh(1, 1, 1, devices=jax.devices()[:1]), steps=cfg.steps,
+                      compute_dtype=jnp.float32)
+    params = {"w": jnp.zeros(3)}
+    grads, opt_state, rates = {"w": jnp.full(3, 0.01)}, trainer.tx.init(params), []
+    for _ in range(cfg.steps):
+        updates, opt_state = trainer.tx.update(grads, opt_state, params)
+        rates.append(-float(updates["w"][0]))
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(rates[:3], [0.0, 0.5e-2, 1e-2], rtol=1e-5, atol=1e-12)
+    assert all(a > b for a, b in zip(rates[2:], rates[3:]))
+    np.testing.assert_allclose(rates[-1], 0.1 * cfg.optim.learning_rate, rtol=1e-5)
+
+
 def test_sharded_step_equals_single_device_step():
     """2x2x2 (data, fsdp, tensor) mesh of 8 CPU devices vs one device, same step, float32."""
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step.py"), "2", "2", "2"], cwd=ROOT,

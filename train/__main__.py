@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import sys
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.config import TrainConfig, load_config
+from csm_jax.core.errors import run_main
+from train.config import TrainConfig, TrainConfigError, load_config, validate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,21 +66,37 @@ class MetricsLog:
 
 
 def train(cfg: TrainConfig) -> Path:
+    """Runs (or resumes) the training run `cfg` and returns its export. Mistakes in `cfg` or its data raise a
+    `UserError` before anything is compiled or written: the config is validated, and the first batch (a full pass
+    over the shards when nothing is usable) is read before the first compile."""
     from tqdm import tqdm
 
     from csm_jax.core.config import preset
     from csm_jax.core.sharding import make_mesh
     from train.data import SKIPPED
-    from train.trainer import Trainer, checkpoint_manager, restore_checkpoint, save_checkpoint
+    from train.trainer import Trainer, checkpoint_manager, save_checkpoint
 
-    if not cfg.data.source:
-        raise SystemExit("no training data: set data.source=DIR (a directory of Emilia .tar shards) or a hub id")
+    validate(cfg)
     model_config = preset(cfg.model)
     workdir = Path(cfg.workdir)
-    trainer = Trainer(model_config, cfg.optim, make_mesh(*cfg.mesh), compute_dtype=jnp.dtype(cfg.compute_dtype))
+    try:
+        mesh = make_mesh(*cfg.mesh)
+    except ValueError as e:
+        raise TrainConfigError(f"mesh={cfg.mesh}: {e}") from None
     iterator = iter(build_pipeline(cfg, model_config, cfg.data.source))
-    manager = checkpoint_manager(workdir / "checkpoints", cfg.keep_checkpoints, cfg.save_every)
-    state = restore_checkpoint(manager, trainer, iterator)
+    if cfg.eval_every:
+        check_eval_data(cfg, model_config)
+    trainer = Trainer(model_config, cfg.optim, mesh, steps=cfg.steps, compute_dtype=jnp.dtype(cfg.compute_dtype))
+    checkpoints = workdir / "checkpoints"
+    manager = checkpoint_manager(checkpoints, cfg.keep_checkpoints, cfg.save_every) if checkpoints.is_dir() else None
+    state = resume(manager, trainer, iterator, checkpoints) if manager is not None else None
+    if state is not None and int(state.step) > cfg.steps:
+        raise TrainConfigError(f"{checkpoints} already holds step {int(state.step)}, past steps={cfg.steps}; set "
+                               f"steps={int(state.step)} or more to continue that run, or give a new workdir")
+    finished = state is not None and int(state.step) == cfg.steps
+    # the first batch before any compile or write: data that gives no example stops here
+    batches = iterator if finished else itertools.chain([next(iterator)], iterator)
+    manager = manager or checkpoint_manager(checkpoints, cfg.keep_checkpoints, cfg.save_every)
     if state is None:
         state = trainer.init_from_checkpoint(cfg.init, cfg.seed) if cfg.init else trainer.init_state(cfg.seed)
     start = int(state.step)
@@ -86,8 +104,8 @@ def train(cfg: TrainConfig) -> Path:
     rows = cfg.optim.accumulation * cfg.data.batch_size * jax.process_count()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=jax.process_index() != 0)
     last = time.perf_counter()
-    for step in bar:
-        state, metrics = trainer.step(state, next(iterator))
+    for step, batch in zip(bar, batches):
+        state, metrics = trainer.step(state, batch)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the only host sync
             now = time.perf_counter()
@@ -108,6 +126,29 @@ def train(cfg: TrainConfig) -> Path:
     return trainer.export(state, workdir / "export", {"config": cfg.model})
 
 
+def resume(manager, trainer, iterator, checkpoints: Path):
+    """The latest checkpoint's train state (and `iterator` rewound to its data position), or None when there is none;
+    a TrainConfigError when it was written by a run with another model or data layout."""
+    from train.trainer import restore_checkpoint
+
+    try:
+        return restore_checkpoint(manager, trainer, iterator)
+    except (ValueError, KeyError, IndexError) as e:
+        reason = str(e).split(". ")[0].strip()
+        raise TrainConfigError(f"the checkpoints in {checkpoints} were written by a run with another model, data "
+                               f"layout or csm-jax version ({type(e).__name__}: {reason}); resume with that run's "
+                               f"config, or give a new workdir") from None
+
+
+def check_eval_data(cfg: TrainConfig, model_config) -> None:
+    """The held-out data gives at least one batch (a DataError when it gives no example at all)."""
+    from train.data import DataError
+
+    if next(iter(build_pipeline(cfg, model_config, cfg.eval_source, repeat=False)), None) is None:
+        raise DataError(f"eval_source={cfg.eval_source} gives fewer usable examples than one batch "
+                        f"(data.batch_size x optim.accumulation); add held-out shards or set eval_every=0")
+
+
 def evaluate(cfg: TrainConfig, trainer, state, model_config) -> dict[str, float]:
     iterator = iter(build_pipeline(cfg, model_config, cfg.eval_source, repeat=False))
     losses = [jax.device_get(trainer.eval_loss(state, batch)) for _, batch in zip(range(cfg.eval_batches), iterator)]
@@ -115,15 +156,20 @@ def evaluate(cfg: TrainConfig, trainer, state, model_config) -> dict[str, float]
 
 
 def main(argv=None) -> int:
+    """The command line: exit 0, 2 with one `error: ...` line for a mistake in the config or data, 1 for a bug."""
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
     if args.distributed:
-        jax.distributed.initialize()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:
+            raise TrainConfigError(f"--distributed cannot join the other processes ({e}); run under SLURM (srun) "
+                                   f"or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
     export = train(cfg)
     if jax.process_index() == 0:
         print(f"trained weights exported to {export} (generate with: python -m csm_jax.generate --checkpoint {export})")

@@ -1,16 +1,34 @@
 """The training run's configuration: one frozen dataclass tree, read from a Python config file
-(`train/configs/*.py`, each with `get_config()`) and overridden from the command line with `a.b=value`."""
+(`train/configs/*.py`, each with `get_config()`) and overridden from the command line with `a.b=value`.
+
+Every value is checked against its field's type and range (`validate`) before anything is built, so a mistake
+is one sentence naming the fix instead of an error deep in a compiled step.
+"""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import importlib.util
+import math
+import os
+import traceback
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
+from csm_jax.core.errors import UserError
 from train.data import DataConfig
 from train.trainer import OptimConfig
+
+EXAMPLE_CONFIG = "train/configs/smoke.py"
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("constant", "cosine")
+
+
+class TrainConfigError(UserError):
+    """A config file, override or config value that cannot make a training run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +36,7 @@ class TrainConfig:
     model: str = "csm_1b"  # a CsmConfig preset name
     init: str | None = None  # an inference checkpoint (python -m convert output) to start from; None = random
     workdir: str = "runs/default"  # checkpoints/, metrics.jsonl, tensorboard/ and export/ go here
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps of the run; the cosine schedule decays over them
     mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
     compute_dtype: str = "bfloat16"
     mimi: str | None = None  # Mimi weights (file or hub id); "random" for smoke runs without downloads
@@ -34,39 +52,241 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
 
 
+# ---- reading -------------------------------------------------------------------------------------------------
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    cfg = TrainConfig()
-    if path is not None:
-        spec = importlib.util.spec_from_file_location("csm_train_config", path)
-        if spec is None:
-            raise FileNotFoundError(f"config file {path} not found")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        cfg = module.get_config()
+    """The config file's `get_config()` (or the defaults) with `key=value` overrides applied and type-checked."""
+    cfg = TrainConfig() if path is None else _run_config_file(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.learning_rate=1e-4)")
-        cfg = _replace(cfg, key.split("."), value, item)
+        if not sep or not key:
+            raise TrainConfigError(f"override {item!r} is not of the form key=value (e.g. optim.learning_rate=1e-4)")
+        cfg = _replace(cfg, key.split("."), value, key)
+    check_types(cfg)
     return cfg
 
 
-def _replace(obj: Any, path: list[str], value: str, item: str) -> Any:
-    names = {f.name for f in dataclasses.fields(obj)}
-    if path[0] not in names:
-        raise ValueError(f"override {item!r}: {type(obj).__name__} has no field {path[0]!r}; fields: "
-                         f"{', '.join(sorted(names))}")
-    current = getattr(obj, path[0])
-    if len(path) > 1:
-        return dataclasses.replace(obj, **{path[0]: _replace(current, path[1:], value, item)})
-    return dataclasses.replace(obj, **{path[0]: _parse(value, current)})
-
-
-def _parse(value: str, current: Any) -> Any:
-    if isinstance(current, str) or (current is None and not value[:1].isdigit() and value != "None"):
-        return value
+def _run_config_file(path: Path) -> TrainConfig:
+    what = (f"a config file is a Python file whose get_config() returns a train.config.TrainConfig "
+            f"(e.g. {EXAMPLE_CONFIG}); single fields are set on the command line as key=value")
+    if path.suffix != ".py":
+        raise TrainConfigError(f"--config {path} is not a Python config file: {what}")
+    if not path.is_file():
+        raise TrainConfigError(f"config file {path} does not exist; {what}")
     try:
-        parsed = ast.literal_eval(value)
+        source = path.read_text()
+        code = compile(source, str(path), "exec")
+    except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+        line = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise TrainConfigError(f"config file {path} has a syntax error at{line}: {getattr(e, 'msg', e)}; fix the "
+                               f"file (compare with {EXAMPLE_CONFIG})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainConfigError(f"config file {path} cannot be read ({e}); {what}") from None
+    module = types.ModuleType("csm_train_config")
+    module.__file__ = str(path)
+    try:
+        exec(code, module.__dict__)  # noqa: S102 - the user's own config file
+        get_config = getattr(module, "get_config", None)
+        if not callable(get_config):
+            raise TrainConfigError(f"config file {path} defines no get_config(); {what}")
+        cfg = get_config()
+    except TrainConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a mistake in the user's file: name the line, not our stack
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
+        where = f" (line {lines[-1]})" if lines else ""
+        raise TrainConfigError(f"config file {path} failed{where}: {type(e).__name__}: {e}; fix the file "
+                               f"(compare with {EXAMPLE_CONFIG})") from None
+    if not isinstance(cfg, TrainConfig):
+        raise TrainConfigError(f"get_config() in {path} returned {type(cfg).__name__}, not a TrainConfig; {what}")
+    return cfg
+
+
+def _replace(obj: Any, path: list[str], value: str, key: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    if path[0] not in hints:
+        raise TrainConfigError(f"override {key}=...: {type(obj).__name__} has no field {path[0]!r}; fields: "
+                               f"{', '.join(sorted(hints))}")
+    current, hint = getattr(obj, path[0]), hints[path[0]]
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            single = key.rsplit(".", len(path) - 1)[0]
+            raise TrainConfigError(f"override {key}=...: {single} is a single value, not a group; set it as "
+                                   f"{single}=VALUE")
+        return dataclasses.replace(obj, **{path[0]: _replace(current, path[1:], value, key)})
+    if dataclasses.is_dataclass(current):
+        fields = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
+        raise TrainConfigError(f"{key} is a group of settings; set its fields one by one ({fields})")
+    return dataclasses.replace(obj, **{path[0]: parse_value(value, hint, key)})
+
+
+def parse_value(text: str, hint: Any, key: str) -> Any:
+    """A command-line string as a value of the field type `hint` (str, int, float, bool, X | None, tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.strip() in ("None", "none", "null"):
+            return None
+        return parse_value(text, next(a for a in args if a is not type(None)), key)
+    if origin is tuple:
+        return _parse_tuple(text, args, key)
+    if hint is str:
+        return text
+    if hint is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise TrainConfigError(f"{key}={text}: expected true or false")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number) and number.is_integer():
+                return int(number)
+        raise TrainConfigError(f"{key}={text}: expected a whole number (e.g. {key}=100)")
+    if hint is float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise TrainConfigError(f"{key}={text}: expected a finite number (e.g. {key}=1e-4)")
+        return number
+    raise AssertionError(f"no parser for the field type {hint!r} of {key}")
+
+
+def _parse_tuple(text: str, args: tuple, key: str) -> tuple:
+    try:
+        literal = ast.literal_eval(text)
+        items = list(literal) if isinstance(literal, (list, tuple)) else [literal]
     except (ValueError, SyntaxError):
-        return value
-    return tuple(parsed) if isinstance(current, tuple) and isinstance(parsed, (list, tuple)) else parsed
+        items = [s.strip() for s in text.strip().strip("()[]").split(",") if s.strip()]
+    variadic = len(args) == 2 and args[1] is Ellipsis
+    if not variadic and len(items) != len(args):
+        raise TrainConfigError(f"{key}={text}: expected {len(args)} values, e.g. {key}=\"(-1,1,1)\"")
+    element_types = [args[0]] * len(items) if variadic else list(args)
+    return tuple(parse_value(str(item), t, key) for item, t in zip(items, element_types))
+
+
+# ---- checking ------------------------------------------------------------------------------------------------
+
+
+def check_types(obj: Any, prefix: str = "") -> None:
+    """Every field of the config tree holds a value of its declared type (a config file may set anything)."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        key, value = prefix + name, getattr(obj, name)
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise TrainConfigError(f"{key} must be a {hint.__name__}, not {value!r}; build it with "
+                                       f"{hint.__name__}(...) in the config file")
+            check_types(value, key + ".")
+        elif not _is_instance(value, hint):
+            raise TrainConfigError(f"{key}={value!r} is not a valid {_type_name(hint)}; set {key} to a "
+                                   f"{_type_name(hint)} (in the config file or as {key}=VALUE)")
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_is_instance(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_is_instance(v, a) for v, a in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    names = {str: "string", int: "whole number", float: "finite number", bool: "true/false", type(None): "None"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return "tuple such as (-1,1,1)" if Ellipsis not in typing.get_args(hint) else "tuple such as (\"EN\",\"ZH\")"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+POSITIVE = ("steps", "log_every", "save_every", "keep_checkpoints", "eval_batches", "data.max_frames",
+            "data.batch_size", "data.shuffle_window", "data.interleave", "optim.learning_rate", "optim.clip_norm",
+            "optim.accumulation")
+NON_NEGATIVE = ("eval_every", "seed", "data.min_duration", "data.max_duration", "data.min_dnsmos", "data.speaker",
+                "data.seed", "optim.warmup_steps", "optim.weight_decay", "optim.depth_weight")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Types, ranges, the model preset and the paths of `cfg`: everything that can be checked before building."""
+    from csm_jax.core.config import preset
+    from csm_jax.io.hub import is_checkpoint
+
+    check_types(cfg)
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise TrainConfigError(f"{key}={_get(cfg, key)} must be positive; set {key} to a value above 0")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise TrainConfigError(f"{key}={_get(cfg, key)} must not be negative; set {key} to 0 or more")
+    if any(size == 0 or size < -1 for size in cfg.mesh) or cfg.mesh.count(-1) > 1:
+        raise TrainConfigError(f"mesh={cfg.mesh}: each of (data, fsdp, tensor) is a positive device count, and at "
+                               f"most one may be -1 (the remaining devices); e.g. mesh=\"(-1,1,1)\"")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise TrainConfigError(f"compute_dtype={cfg.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise TrainConfigError(f"optim.schedule={cfg.optim.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    for key in ("optim.b1", "optim.b2"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise TrainConfigError(f"{key}={_get(cfg, key)} must be in [0, 1) (e.g. {key}=0.9)")
+    if not 0 < cfg.optim.depth_fraction <= 1:
+        raise TrainConfigError(f"optim.depth_fraction={cfg.optim.depth_fraction} must be in (0, 1] (e.g. 0.0625)")
+    if cfg.optim.warmup_steps >= cfg.steps:
+        raise TrainConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is not shorter than steps={cfg.steps}: "
+                               f"the learning rate would never reach optim.learning_rate; lower optim.warmup_steps")
+    if cfg.data.min_duration > cfg.data.max_duration:
+        raise TrainConfigError(f"data.min_duration={cfg.data.min_duration} is above data.max_duration="
+                               f"{cfg.data.max_duration}; no utterance could pass, swap or widen them")
+    preset(cfg.model)  # ConfigError listing the presets
+    workdir = Path(cfg.workdir).absolute()
+    existing = next(p for p in (workdir, *workdir.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == workdir else f"is inside the file {existing}"
+        raise TrainConfigError(f"workdir={cfg.workdir} {where}; give a directory (new or of an earlier run) for "
+                               f"checkpoints, metrics and the export")
+    if not os.access(existing, os.W_OK):
+        raise TrainConfigError(f"workdir={cfg.workdir} cannot be written ({existing} is read-only for you); give a "
+                               f"directory you can write")
+    _check_source("data.source", cfg.data.source, "no training data")
+    if cfg.eval_every:
+        _check_source("eval_source", cfg.eval_source, f"eval_every={cfg.eval_every} needs held-out data",
+                      " (or eval_every=0 for no eval)")
+    if cfg.init is not None and not is_checkpoint(cfg.init):
+        raise TrainConfigError(f"init={cfg.init} is not a csm-jax checkpoint directory (params/ and metadata.json); "
+                               f"convert PyTorch weights first (python -m convert SRC OUT, then init=OUT) or give an "
+                               f"earlier run's workdir/export")
+
+
+def _check_source(key: str, source: str, missing: str, alternative: str = "") -> None:
+    from csm_jax.io.hub import looks_like_hub_id
+
+    if not source.strip():
+        raise TrainConfigError(f"{missing}: set {key}=DIR, a directory of Emilia .tar shards (or of "
+                               f"python -m train.prepare output), or a hub dataset id{alternative}")
+    if not Path(source).exists() and not looks_like_hub_id(source):
+        raise TrainConfigError(f"{key}={source} does not exist; give a directory of Emilia .tar shards (or of "
+                               f"python -m train.prepare output), or a hub dataset id such as owner/name")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

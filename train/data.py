@@ -6,8 +6,10 @@ Emilia shards (`{LANG}/{LANG}-B000000.tar`) hold utterances as member pairs with
 its share of the shards (every process_count-th, in a seeded order) -> shards interleaved -> metadata filters
 (language, duration, dnsmos) -> window shuffle -> featurize (decode, resample to 24 kHz, Mimi codes, Llama-3
 text) -> frames as the reference builds a segment (text frames, audio frames, the all-zero end frame) ->
-padded to `max_frames` and batched. Every stage is checkpointable (shard and position), so training resumes on
-the next example. Corrupt members are skipped and counted in `SKIPPED`, never fatal.
+padded to `max_frames` and batched, in endless passes over the share. Every stage is checkpointable (pass, shard
+and position), so training resumes on the next example. Corrupt members and shards (unreadable, truncated) are
+skipped and counted in `SKIPPED` with what the filters rejected, never fatal; a pass that yields no example at
+all stops with a `DataError` naming the filters and those counts (it would otherwise repeat forever).
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import os
 import tarfile
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 
+from csm_jax.core.errors import UserError
 from csm_jax.io.frames import Segment, segment_frames
 from csm_jax.io.hub import looks_like_hub_id
 from train.records import SUFFIX, deserialize
@@ -33,6 +39,12 @@ log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
 SKIPPED: collections.Counter = collections.Counter()  # reason -> count, for this process
+SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # what a broken tar raises while read
+_reported_shards: set[str] = set()
+
+
+class DataError(UserError):
+    """A data source that cannot feed training: no shards, too few for the processes, or no usable example."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +62,19 @@ class DataConfig:
     seed: int = 0
 
 
-def skip(reason: str, key: str) -> None:
+def skip(reason: str, key: str, warn: bool = True) -> None:
+    """Counts one skipped member (and logs it unless it is an ordinary filter rejection); returns None."""
     SKIPPED[reason] += 1
-    log.warning("skipping %s: %s", key, reason)
+    if warn:
+        log.warning("skipping %s: %s", key, reason)
+
+
+def skip_shard(reason: str, path: str, error: BaseException) -> None:
+    """Counts a shard that is unreadable (or the rest of a truncated one); logs each shard once per process."""
+    SKIPPED[reason] += 1
+    if path not in _reported_shards:
+        _reported_shards.add(path)
+        log.warning("skipping %s %s: %s", reason, path, error)
 
 
 # ---- shards --------------------------------------------------------------------------------------------------
@@ -63,20 +85,26 @@ def list_shards(source: str, suffix: str = ".tar") -> list[Path]:
     path = Path(source)
     if not path.exists():
         if not looks_like_hub_id(source):
-            raise FileNotFoundError(f"data source {source!r} is neither a directory nor a hub dataset id")
+            raise DataError(f"data source {source!r} is neither a directory nor a hub dataset id; give a directory "
+                            f"of Emilia .tar shards (or of python -m train.prepare output)")
         from huggingface_hub import snapshot_download
-        path = Path(snapshot_download(source, repo_type="dataset", allow_patterns=[f"*{suffix}"]))
-    shards = sorted(path.rglob(f"*{suffix}")) if path.is_dir() else [path]
+        try:
+            path = Path(snapshot_download(source, repo_type="dataset", allow_patterns=[f"*{suffix}"]))
+        except OSError as e:  # huggingface_hub's not-found, offline and HTTP errors are OSErrors
+            raise DataError(f"the hub dataset {source} could not be fetched ({str(e).splitlines()[0]}); check the id "
+                            f"and the network, or download its shards and give their directory") from None
+    shards = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file()) if path.is_dir() else [path]
     if not shards:
-        raise FileNotFoundError(f"no *{suffix} shards under {source}")
+        raise DataError(f"no *{suffix} shards under {source}; give a directory holding Emilia .tar shards "
+                        f"(EN/EN-B000000.tar, ...) or python -m train.prepare output")
     return shards
 
 
 def process_share(shards: Sequence[Path], process_index: int, process_count: int, seed: int) -> list[Path]:
     """This process's shards: a seeded permutation, then every process_count-th."""
     if len(shards) < process_count:
-        raise ValueError(f"{len(shards)} shards cannot feed {process_count} processes: every process needs at "
-                         f"least one shard (split shards, or use fewer processes)")
+        raise DataError(f"{len(shards)} shards cannot feed {process_count} processes: every process needs at "
+                        f"least one shard (split shards, or use fewer processes)")
     order = np.random.default_rng(seed).permutation(len(shards))
     return [shards[i] for i in order[process_index::process_count]]
 
@@ -89,7 +117,11 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 class _TarIterator(grain.DatasetIterator):
-    """Utterances (member groups with one key) of one tar shard in order; the state is the members consumed."""
+    """Utterances (member groups with one key) of one tar shard in order; the state is the members consumed.
+
+    A shard that is not a tar counts as "unreadable shard", one that breaks off as "truncated shard" (after the
+    utterances before the break); either ends the shard, never the run.
+    """
 
     def __init__(self, path: str):
         super().__init__()
@@ -97,17 +129,34 @@ class _TarIterator(grain.DatasetIterator):
         self._open()
 
     def _open(self):
-        self._tar = tarfile.open(self._path)
-        self._members = iter(self._tar)
-        self._pending: tarfile.TarInfo | None = None
-        for _ in range(self._consumed):
-            next(self._members)
+        self._broken = False
+        try:
+            self._tar = tarfile.open(self._path)
+            self._members = iter(self._tar)
+            self._pending: tarfile.TarInfo | None = None
+            for _ in range(self._consumed):
+                next(self._members)
+        except SHARD_ERRORS as e:
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        self._broken = True
+        skip_shard("truncated shard" if self._consumed else "unreadable shard", self._path, error)
 
     def _take(self) -> tarfile.TarInfo | None:
         member, self._pending = self._pending, None
         return member if member is not None else next(self._members, None)
 
     def __next__(self) -> dict[str, Any]:
+        if self._broken:
+            raise StopIteration
+        try:
+            return self._next_utterance()
+        except SHARD_ERRORS as e:
+            self._fail(e)
+            raise StopIteration from None
+
+    def _next_utterance(self) -> dict[str, Any]:
         first = self._take()
         while first is not None and not first.isfile():
             self._consumed += 1
@@ -156,20 +205,47 @@ def parse_metadata(example: dict[str, Any]) -> dict[str, Any] | None:
         meta = json.loads(example[".json"])
     except (ValueError, UnicodeDecodeError):
         return skip("bad json", example["key"])
-    if not isinstance(meta, dict) or not str(meta.get("text", "")).strip():
+    if not isinstance(meta, dict):
+        return skip("bad json", example["key"])
+    return check_metadata({**example, "meta": meta})
+
+
+def check_metadata(example: dict[str, Any]) -> dict[str, Any] | None:
+    """None (counted) when the text is empty or `duration` / `dnsmos` is present but not a finite number >= 0."""
+    meta = example["meta"]
+    if not str(meta.get("text") or "").strip():
         return skip("empty text", example["key"])
-    return {**example, "meta": meta}
+    for field in ("duration", "dnsmos"):
+        if field in meta and _number(meta[field]) is None:
+            return skip(f"bad {field}", example["key"])
+    return example
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
 
 
 def keep(example: dict[str, Any] | None, cfg: DataConfig) -> bool:
-    """Metadata filters (language, duration, dnsmos); fields that are absent pass."""
+    """Metadata filters (language, duration, dnsmos), counted per filter; fields that are absent pass."""
     if example is None:
         return False
     meta = example["meta"]
-    if cfg.languages and meta.get("language", "").upper() not in {x.upper() for x in cfg.languages}:
-        return False
-    duration = float(meta.get("duration", cfg.min_duration))
-    return cfg.min_duration <= duration <= cfg.max_duration and float(meta.get("dnsmos", 5.0)) >= cfg.min_dnsmos
+    if cfg.languages and str(meta.get("language") or "").upper() not in {x.upper() for x in cfg.languages}:
+        reason = "language filter"
+    elif not cfg.min_duration <= _number(meta.get("duration", cfg.min_duration)) <= cfg.max_duration:
+        reason = "duration filter"
+    elif _number(meta.get("dnsmos", 5.0)) < cfg.min_dnsmos:
+        reason = "dnsmos filter"
+    else:
+        return True
+    skip(reason, example["key"], warn=False)
+    return False
 
 
 def decode_audio(example: dict[str, Any]) -> np.ndarray | None:
@@ -233,44 +309,122 @@ def pad_frames(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndar
             "segment_ids": np.pad(np.ones(n, np.int32), (0, length - n))}
 
 
-def batches(examples: grain.IterDataset, cfg: DataConfig, accumulation: int) -> grain.IterDataset:
+def batches(frames: grain.IterDataset, cfg: DataConfig, accumulation: int) -> grain.IterDataset:
     """Frames -> padded batches shaped (accumulation, batch_size, max_frames, ...): one shape, no recompiles."""
     rows = cfg.batch_size * accumulation
-    return (examples.filter(lambda x: x is not None)
-            .map(lambda x: pad_frames(x, cfg.max_frames))
+    return (frames.map(lambda x: pad_frames(x, cfg.max_frames))
             .batch(rows, drop_remainder=True)
             .map(lambda b: {k: v.reshape(accumulation, cfg.batch_size, *v.shape[1:]) for k, v in b.items()}))
 
 
-def _interleaved(share: list[Path], cfg: DataConfig, repeat: bool, open_shard) -> grain.IterDataset:
-    mine = grain.MapDataset.source(share)
-    if repeat:  # repeat the shard list, not the interleaved stream: grain cannot restore a repeated interleave
-        mine = mine.repeat(None)
-    return grain.experimental.InterleaveIterDataset(mine.map(open_shard),
+class Passes(grain.IterDataset):
+    """Passes over this process's shards one after another (`repeat`: endlessly, else one). `one_pass(epoch)` is a
+    finite dataset of frames, None where an example was skipped. A pass with no frames at all raises
+    `empty(skip counts of that pass)` instead of starting the next one: it would repeat forever."""
+
+    def __init__(self, one_pass: Callable[[int], grain.IterDataset],
+                 empty: Callable[[collections.Counter], DataError], repeat: bool):
+        super().__init__()
+        self.one_pass, self.empty, self.repeat = one_pass, empty, repeat
+
+    def __iter__(self):
+        return _PassIterator(self)
+
+
+class _PassIterator(grain.DatasetIterator):
+    """The state is the pass, the frames it yielded so far and the position inside it."""
+
+    def __init__(self, passes: Passes):
+        super().__init__()
+        self._passes = passes
+        self._begin(0, 0)
+
+    def _begin(self, epoch: int, used: int) -> None:
+        self._epoch, self._used, self._skipped_before = epoch, used, SKIPPED.copy()
+        self._frames = iter(self._passes.one_pass(epoch))
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while True:
+            for frames in self._frames:
+                if frames is not None:
+                    self._used += 1
+                    return frames
+            if not self._used:
+                raise self._passes.empty(SKIPPED - self._skipped_before)
+            if not self._passes.repeat:
+                raise StopIteration
+            self._begin(self._epoch + 1, 0)
+
+    def get_state(self):
+        return {"epoch": self._epoch, "used": self._used, "pass": self._frames.get_state()}
+
+    def set_state(self, state):
+        self._begin(state["epoch"], state["used"])
+        self._frames.set_state(state["pass"])
+
+
+def _nothing_usable(share: list[Path], cfg: DataConfig) -> Callable[[collections.Counter], DataError]:
+    def error(skipped: collections.Counter) -> DataError:
+        counts = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "nothing (no members)"
+        return DataError(
+            f"no usable example in a full pass over this process's {len(share)} shard(s) under "
+            f"{os.path.commonpath([str(p) for p in share])}: skipped {counts}; the filters were "
+            f"data.languages={cfg.languages or 'all'}, data.min_duration={cfg.min_duration}, "
+            f"data.max_duration={cfg.max_duration}, data.min_dnsmos={cfg.min_dnsmos}, "
+            f"data.max_frames={cfg.max_frames}; "
+            f"widen the filters that rejected everything or point the source at usable shards")
+    return error
+
+
+def _interleaved(share: list[Path], cfg: DataConfig, open_shard) -> grain.IterDataset:
+    return grain.experimental.InterleaveIterDataset(grain.MapDataset.source(share).map(open_shard),
                                                     cycle_length=min(cfg.interleave, len(share)))
 
 
-def _shuffled(examples: grain.IterDataset, cfg: DataConfig) -> grain.IterDataset:
-    return grain.experimental.WindowShuffleIterDataset(examples, window_size=cfg.shuffle_window, seed=cfg.seed)
+def _shuffled(examples: grain.IterDataset, cfg: DataConfig, epoch: int) -> grain.IterDataset:
+    return grain.experimental.WindowShuffleIterDataset(examples, window_size=cfg.shuffle_window, seed=cfg.seed + epoch)
 
 
 def tar_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
                 repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The training pipeline over tar shards (Mimi encoding on the fly)."""
     share = process_share(shards, process_index, process_count, cfg.seed)
-    examples = _interleaved(share, cfg, repeat, TarShard).map(parse_metadata).filter(lambda x: keep(x, cfg))
-    return batches(_shuffled(examples, cfg).map(featurizer.encode).map(featurizer.frames), cfg, accumulation)
+
+    def one_pass(epoch: int) -> grain.IterDataset:
+        examples = _interleaved(share, cfg, TarShard).map(parse_metadata).filter(lambda x: keep(x, cfg))
+        return _shuffled(examples, cfg, epoch).map(featurizer.encode).map(featurizer.frames)
+
+    return batches(Passes(one_pass, _nothing_usable(share, cfg), repeat), cfg, accumulation)
+
+
+def _record_shard(path: Path) -> grain.IterDataset:
+    """One prepared shard; an unreadable one (not an ArrayRecord file, or cut short) is skipped and counted."""
+    try:
+        records = grain.sources.ArrayRecordDataSource([str(path)])
+    except (RuntimeError, OSError) as e:
+        skip_shard("unreadable shard", str(path), e)
+        records = []
+    return grain.MapDataset.source(records).to_iter_dataset()
+
+
+def _read_record(record: bytes) -> dict[str, Any] | None:
+    try:
+        example = deserialize(record)
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile):
+        return skip("bad record", "a prepared record")
+    return check_metadata(example)
 
 
 def prepared_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
                      repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The same pipeline over `python -m train.prepare` ArrayRecord shards (Mimi codes stored, no audio work)."""
-    def open_shard(path):
-        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource([str(path)])).to_iter_dataset()
-
     share = process_share(shards, process_index, process_count, cfg.seed)
-    examples = _interleaved(share, cfg, repeat, open_shard).map(deserialize).filter(lambda x: keep(x, cfg))
-    return batches(_shuffled(examples, cfg).map(featurizer.frames), cfg, accumulation)
+
+    def one_pass(epoch: int) -> grain.IterDataset:
+        examples = _interleaved(share, cfg, _record_shard).map(_read_record).filter(lambda x: keep(x, cfg))
+        return _shuffled(examples, cfg, epoch).map(featurizer.frames)
+
+    return batches(Passes(one_pass, _nothing_usable(share, cfg), repeat), cfg, accumulation)
 
 
 def dataset(source: str, cfg: DataConfig, featurizer: Featurizer, **kwargs) -> grain.IterDataset:

@@ -5,6 +5,8 @@ reads the ArrayRecord shards (`data.source=OUT`). Worker I of N takes every N-th
 work splits across a SLURM array (`--worker $SLURM_ARRAY_TASK_ID --workers $SLURM_ARRAY_TASK_COUNT`) or one
 process per host. Each output shard is written under a temporary name and renamed when complete, next to a
 `.json` report of what was skipped; shards whose output exists are skipped, so a killed worker is simply rerun.
+Corrupt input never stops a worker: a shard that is not a tar ("unreadable shard") or breaks off ("truncated
+shard") is prepared from what could be read, and its report says so.
 
 A record holds the utterance key, text, Emilia metadata and codes (num_codebooks, T) int16; the metadata filters
 (language, duration, dnsmos) apply at training time, so one prepared copy serves every filter setting.
@@ -21,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from csm_jax.core.errors import UserError, run_main
 from train.data import SKIPPED, TarShard, decode_audio, list_shards, parse_metadata
 from train.records import SUFFIX, serialize
+
 
 def prepare_shard(tar: Path, output: Path, mimi, num_codebooks: int = 32, batch_size: int = 16) -> dict:
     """One tar shard -> one ArrayRecord shard (atomically); returns the report written next to it."""
@@ -62,8 +66,10 @@ def prepare_shard(tar: Path, output: Path, mimi, num_codebooks: int = 32, batch_
 
 def my_shards(source: str, out: Path, worker: int, workers: int) -> list[tuple[Path, Path]]:
     """(tar, output) pairs of this worker's share that are not done yet."""
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be at least 1 (the number of workers sharing the shards)")
     if not 0 <= worker < workers:
-        raise ValueError(f"--worker {worker} is outside 0..{workers - 1}; pass --workers N and --worker in [0, N)")
+        raise UserError(f"--worker {worker} is outside 0..{workers - 1}; pass --workers N and --worker in [0, N)")
     root = Path(source)
     shards = list_shards(source)
     pairs = [(s, out / (s.relative_to(root) if root.is_dir() else Path(s.name)).with_suffix(SUFFIX))
@@ -72,6 +78,11 @@ def my_shards(source: str, out: Path, worker: int, workers: int) -> list[tuple[P
 
 
 def main(argv=None) -> int:
+    """The command line: exit 0, 2 with one `error: ...` line for a mistake in the arguments, 1 for a bug."""
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a directory of Emilia .tar shards (or a hub dataset id)")
@@ -88,18 +99,20 @@ def main(argv=None) -> int:
 
     from csm_jax.io import audio
 
-    try:
-        todo = my_shards(args.source, Path(args.out), args.worker, args.workers)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.batch_size < 1 or not 1 <= args.num_codebooks <= 32:
+        raise UserError(f"--batch-size {args.batch_size} and --num-codebooks {args.num_codebooks}: give a batch size "
+                        f"of 1 or more and 1 to 32 codebooks (CSM uses 32)")
+    todo = my_shards(args.source, Path(args.out), args.worker, args.workers)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mimi = (audio.random_mimi(0, device, args.num_codebooks) if args.mimi == "random"
             else audio.load_mimi(args.mimi, device, args.num_codebooks))
+    broken = 0
     for tar, output in todo:
         report = prepare_shard(tar, output, mimi, args.num_codebooks, args.batch_size)
+        broken += any(reason.endswith(" shard") for reason in report["skipped"])
         print(json.dumps({"output": str(output), **report}), flush=True)
-    print(f"worker {args.worker}/{args.workers}: {len(todo)} shards prepared", flush=True)
+    note = f" ({broken} unreadable or truncated: see their .json reports)" if broken else ""
+    print(f"worker {args.worker}/{args.workers}: {len(todo)} shards prepared{note}", flush=True)
     return 0
 
 

@@ -31,8 +31,7 @@ from train.loss import choose_depth_frames, csm_loss, depth_frame_count, target_
 class OptimConfig:
     learning_rate: float = 1e-5
     warmup_steps: int = 500
-    schedule: str = "constant"  # or "cosine" (decays to 10% over total_steps)
-    total_steps: int = 10_000
+    schedule: str = "constant"  # or "cosine": decays to 10% at the run's last step (the Trainer's `steps`)
     weight_decay: float = 1e-3
     b1: float = 0.9
     b2: float = 0.95
@@ -42,16 +41,23 @@ class OptimConfig:
     depth_weight: float = 1.0
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def learning_rate_schedule(cfg: OptimConfig, steps: int | None = None) -> optax.Schedule:
+    """Linear warm-up, then constant or cosine; the cosine reaches its end value at update `steps - 1`, the run's
+    last (optax counts updates from 0), so it needs the run length `steps`."""
     if cfg.schedule == "constant":
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
-                                         optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
-    elif cfg.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
-                                                      max(cfg.total_steps, cfg.warmup_steps + 1),
-                                                      end_value=0.1 * cfg.learning_rate)
-    else:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}: use 'constant' or 'cosine'")
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+                                     optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+    if cfg.schedule == "cosine":
+        if steps is None:
+            raise ValueError("the cosine schedule decays over the run: pass the run's steps to the Trainer")
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                                  max(steps - 1, cfg.warmup_steps + 1),
+                                                  end_value=0.1 * cfg.learning_rate)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}: use 'constant' or 'cosine'")
+
+
+def make_optimizer(cfg: OptimConfig, steps: int | None = None) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(cfg, steps)
     no_decay_on_norms = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: "scale" not in jax.tree_util.keystr(path), params)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
@@ -67,14 +73,17 @@ class TrainState:
 
 
 class Trainer:
-    """Owns the mesh placement and the compiled step for one model config, batch shape and optimizer."""
+    """Owns the mesh placement and the compiled step for one model config, batch shape and optimizer.
 
-    def __init__(self, config: CsmConfig, optim: OptimConfig, mesh: Mesh, *, compute_dtype=jnp.bfloat16,
-                 rules=DEFAULT_RULES):
+    steps: the run's length, over which the cosine schedule decays (needed only for `optim.schedule="cosine"`).
+    """
+
+    def __init__(self, config: CsmConfig, optim: OptimConfig, mesh: Mesh, *, steps: int | None = None,
+                 compute_dtype=jnp.bfloat16, rules=DEFAULT_RULES):
         self.config, self.optim, self.mesh = config, optim, mesh
         self.abstract = abstract_model(config, dtype=compute_dtype, param_dtype=jnp.float32)
         self.graphdef = nnx.graphdef(self.abstract)
-        self.tx = make_optimizer(optim)
+        self.tx = make_optimizer(optim, steps)
         self.param_shardings = param_shardings(self.abstract, mesh, rules)
         self.rules = rules
         replicated = NamedSharding(mesh, PartitionSpec())
