@@ -1,6 +1,7 @@
 """Fine-tuning: data pipeline, sharded step equivalence, the CLI (overfit, resume, export, generate)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -179,3 +180,41 @@ def test_two_processes_train_like_one_process_with_eight_devices(shards, tmp_pat
     np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
     np.testing.assert_allclose(multi["trained"], single["trained"], rtol=1e-5)
     assert multi["restored"] == multi["trained"]  # the checkpoint both processes wrote restores exactly
+
+
+def test_cli_on_two_processes_exports_the_weights_of_one_process(tmp_path):
+    """`python -m train` itself as two processes over loopback (one device each; one finds the run from the command
+    line, the other from JAX's variables), each reading its own copy of one shard; the exported weights equal a
+    one-process run whose batches hold both copies (every frame trains the depth decoder, so row order is moot)."""
+    import portpicker
+
+    from tests.emilia import MANDARIN, make_shard
+
+    data = tmp_path / "data"
+    first = make_shard(data / "ZH-B000000.tar", "ZH", MANDARIN)
+    (data / "ZH-B000001.tar").write_bytes(first.read_bytes())
+    common = ["--config", "train/configs/smoke.py", f"data.source={data}", "data.shuffle_window=1",
+              "data.interleave=2", "optim.depth_fraction=1.0", "steps=3", "log_every=1", "save_every=100"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    port = portpicker.pick_unused_port()
+    runs = [[*common, "data.batch_size=4", f"workdir={tmp_path / 'one'}"],
+            [*common, "data.batch_size=2", f"workdir={tmp_path / 'two'}", "--coordinator", f"127.0.0.1:{port}",
+             "--num-processes", "2", "--process-id", "0"],
+            [*common, "data.batch_size=2", f"workdir={tmp_path / 'two'}", "--distributed"]]
+    envs = [env, env, {**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                       "JAX_PROCESS_ID": "1"}]
+    logs = [tmp_path / f"{i}.log" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=ROOT, env=e, stdout=open(log, "w"),
+                              stderr=subprocess.STDOUT) for argv, e, log in zip(runs, envs, logs)]
+    codes = [p.wait(timeout=600) for p in procs]
+    assert codes == [0, 0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
+    for a, b in zip(exported_params(tmp_path / "one" / "export"), exported_params(tmp_path / "two" / "export")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_an_incomplete_cluster_description_is_a_clear_error(tmp_path, capsys):
+    from train.__main__ import main
+
+    assert main(["--config", "train/configs/smoke.py", "--coordinator", "127.0.0.1:1234"]) == 2
+    err = capsys.readouterr().err
+    assert "number of processes and the process id are missing" in err and "--num-processes" in err

@@ -23,7 +23,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     p.add_argument("--config", help="a Python config file with get_config() (train/configs/*.py)")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host; reads SLURM / JAX_* variables)")
+                   help="join a multi-process run: the flags below, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+                        "JAX_PROCESS_ID, torchrun's or OpenMPI's variables, else SLURM (see train/distributed.py)")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0 (implies --distributed)")
+    p.add_argument("--num-processes", type=int, help="processes in the run (implies --distributed)")
+    p.add_argument("--process-id", type=int, help="this process's index, 0..N-1 (implies --distributed)")
     p.add_argument("overrides", nargs="*", help="config overrides such as optim.learning_rate=1e-4 steps=500")
     return p.parse_args(argv)
 
@@ -163,13 +167,11 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
+        from train.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)  # before anything else uses JAX
     cfg = load_config(args.config, args.overrides)
-    if args.distributed:
-        try:
-            jax.distributed.initialize()
-        except ValueError as e:
-            raise TrainConfigError(f"--distributed cannot join the other processes ({e}); run under SLURM (srun) "
-                                   f"or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
     export = train(cfg)
     if jax.process_index() == 0:
         print(f"trained weights exported to {export} (generate with: python -m csm_jax.generate --checkpoint {export})")

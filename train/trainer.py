@@ -177,11 +177,24 @@ class Trainer:
     # ---- export -------------------------------------------------------------------------------------------
 
     def export(self, state: TrainState, path: str | Path, metadata: dict | None = None) -> Path:
-        """Writes the trained weights as an inference checkpoint (`csm_jax.load_model`, `python -m convert`)."""
-        params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state.params)
-        model = nnx.merge(nnx.graphdef(abstract_model(self.config)), params)
-        return save_model(model, path, {"source": "train", "step": int(state.step), **(metadata or {})},
-                          overwrite=True)  # a resumed run replaces its own earlier export
+        """Writes the trained weights as an inference checkpoint (`csm_jax.load_model`, `python -m convert`).
+
+        In a multi-process run every process takes part (the sharded parameters are gathered from all of them) and
+        process 0 writes."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(state.params, tiled=True)
+        else:
+            params = jax.device_get(state.params)
+        params = jax.tree.map(np.asarray, params)
+        if jax.process_index() == 0:
+            model = nnx.merge(nnx.graphdef(abstract_model(self.config)), params)
+            save_model(model, path, {"source": "train", "step": int(state.step), **(metadata or {})},
+                       overwrite=True)  # a resumed run replaces its own earlier export
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("csm_jax export written")
+        return Path(path)
 
 
 def checkpoint_manager(directory: str | Path, keep: int = 3, every: int = 1) -> ocp.CheckpointManager:

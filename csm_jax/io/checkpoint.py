@@ -38,8 +38,11 @@ def write_params(directory: Path, params: nnx.State, concurrent_gb: int = 96) ->
 
     concurrent_gb: how many GB Orbax may write at once (its default is 96; it must fit the largest array).
     Orbax copies what it writes, so a small value lowers the peak (the converter passes its largest array's size).
+    The calling process writes alone, also in a multi-process run (there the caller gathers the arrays first).
     """
-    with signals_deferred(), ocp.StandardCheckpointer(save_concurrent_gb=concurrent_gb) as ckptr:
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                active_processes={jax.process_index()})
+    with signals_deferred(), ocp.StandardCheckpointer(save_concurrent_gb=concurrent_gb, multiprocessing_options=alone) as ckptr:
         ckptr.save(directory / "params", nnx.to_pure_dict(params))
 
 
