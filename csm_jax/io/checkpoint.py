@@ -94,11 +94,29 @@ def read_config(path: str | os.PathLike) -> CsmConfig:
     if missing:
         raise CheckpointError(f"{path} is not a csm-jax checkpoint: it lacks {', '.join(missing)}. Convert a "
                               f"PyTorch checkpoint first: python -m convert SRC {path}")
-    return CsmConfig.from_dict(json.loads((path / "config.json").read_text()))
+    file = path / "config.json"
+    data = _read_json(file)
+    try:
+        return CsmConfig.from_dict(data)
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a csm-jax model config ({type(e).__name__}: {e}); restore the file "
+                              f"written with the checkpoint, or convert the checkpoint again") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / "metadata.json").read_text())
+    return _read_json(Path(path) / "metadata.json")
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}; restore the file written with the checkpoint, or "
+                              f"convert the checkpoint again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object; restore the file written "
+                              f"with the checkpoint, or convert the checkpoint again")
+    return data
 
 
 def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
@@ -106,8 +124,15 @@ def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           target)
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(Path(path).absolute() / "params", target)
+    params = Path(path).absolute() / "params"
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params, target)
+    except Exception as e:  # Orbax raises many kinds for missing, truncated or mismatched files
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"cannot restore the parameters in {params} ({type(e).__name__}: {reason}); the "
+                              f"checkpoint is incomplete, damaged or does not match its config.json: convert or "
+                              f"export it again") from None
     state = nnx.state(abstract, nnx.Param)
     nnx.replace_by_pure_dict(state, restored)
     return state
