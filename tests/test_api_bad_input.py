@@ -280,3 +280,34 @@ def test_conversion_cache_keys_on_the_resolved_path_and_the_files(tmp_path, monk
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10 ** 9))
     replaced = resolve_checkpoint(weights, cache=cache, converter=converter)
     assert replaced != first and len(conversions) == 2
+
+
+# ---- output files ----------------------------------------------------------------------------------------------
+
+
+def test_audio_is_written_as_wav_flac_or_ogg_through_a_temporary_file(tmp_path):
+    sf = pytest.importorskip("soundfile")
+    wave = 0.3 * np.sin(np.arange(4800) / 10).astype(np.float32)
+    for name, fmt in (("a.wav", "WAV"), ("a.flac", "FLAC"), ("a.ogg", "OGG")):
+        info = sf.info(str(audio.write_audio(tmp_path / name, wave)))
+        assert (info.format, info.samplerate, info.frames) == (fmt, 24000, 4800)
+    with pytest.raises(AudioError, match="has the extension '.mp3'"):
+        audio.write_audio(tmp_path / "a.mp3", wave)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.flac", "a.ogg", "a.wav"]
+
+
+def test_a_write_that_fails_midway_keeps_the_old_file_and_a_valid_partial(tmp_path, capsys):
+    sf = pytest.importorskip("soundfile")
+    out = tmp_path / "out.wav"
+    out.write_bytes(b"the user's file")
+    with pytest.raises(KeyboardInterrupt):
+        with audio.audio_writer(out) as f:
+            f.write(np.zeros(3840, np.float32))
+            raise KeyboardInterrupt
+    assert out.read_bytes() == b"the user's file"
+    assert sf.info(str(tmp_path / "out.partial.wav")).frames == 3840
+    assert "kept the 0.16 s" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):
+        with audio.audio_writer(tmp_path / "empty.wav"):
+            raise RuntimeError("nothing written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial.wav", "out.wav"]
