@@ -167,16 +167,6 @@ def test_a_prompt_over_budget_never_touches_the_output(checkpoint, context_wav, 
     assert_refused(code, err, "drop or shorten context segments, or shorten the text", out)
 
 
-def test_a_complete_run_replaces_the_file_and_leaves_no_temporary(checkpoint, out, shared_mimi, capsys):
-    os.chmod(out, 0o640)
-    code, err = run(base(out, checkpoint, "--max-audio-length-ms", "320", "--stream"), capsys)
-    assert code == 0, err
-    info = sf.info(str(out))
-    assert info.frames % 1920 == 0 and info.frames > 0
-    assert os.stat(out).st_mode & 0o777 == 0o640  # the file's permissions are kept
-    assert sorted(p.name for p in out.parent.iterdir()) == ["out.wav"]
-
-
 # ---- real interruptions of a real streaming process ----------------------------------------------------------------
 
 
