@@ -238,7 +238,8 @@ def broken_copy(checkpoint, tmp_path, damage):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "config.json").write_text("{not json"), "cannot read .*broken/config.json: Expecting"),
+    (lambda d: (d / "config.json").write_text("{not json"),
+     r"cannot read .*broken/config.json \(JSONDecodeError: Expecting"),
     (lambda d: (d / "config.json").write_text("[1, 2]"), r"broken/config.json holds a JSON list"),
     (lambda d: (d / "config.json").write_text('{"backbone": {}}'), r"broken/config.json is not a csm-jax model"),
     (lambda d: __import__("shutil").rmtree(d / "params"), "lacks params/"),

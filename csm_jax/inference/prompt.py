@@ -10,8 +10,6 @@ import re
 from numbers import Integral, Real
 from typing import Sequence
 
-import numpy as np
-
 from csm_jax.core.codec import FRAME_MS, frames_for_samples
 from csm_jax.core.errors import UserError
 from csm_jax.io.frames import Frames, Segment, audio_frames, segment_frames

@@ -94,13 +94,12 @@ def read_config(path: str | os.PathLike) -> CsmConfig:
     if missing:
         raise CheckpointError(f"{path} is not a csm-jax checkpoint: it lacks {', '.join(missing)}. Convert a "
                               f"PyTorch checkpoint first: python -m convert SRC {path}")
-    file = path / "config.json"
-    data = _read_json(file)
+    config = _read_json(path / "config.json")
     try:
-        return CsmConfig.from_dict(data)
-    except (TypeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{file} is not a csm-jax model config ({type(e).__name__}: {e}); restore the file "
-                              f"written with the checkpoint, or convert the checkpoint again") from None
+        return CsmConfig.from_dict(config)
+    except (TypeError, KeyError, ValueError) as e:  # fields missing, unknown or out of range
+        raise CheckpointError(f"{path / 'config.json'} is not a csm-jax model config ({type(e).__name__}: {e}); the "
+                              f"checkpoint is damaged: convert or save it again.") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -109,14 +108,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_json(file: Path) -> dict[str, Any]:
     try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {file}: {e}; restore the file written with the checkpoint, or "
-                              f"convert the checkpoint again") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object; restore the file written "
-                              f"with the checkpoint, or convert the checkpoint again")
-    return data
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
+        raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {e}); the checkpoint is damaged: convert or "
+                              f"save it again.") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, not an object; the checkpoint is damaged: "
+                              f"convert or save it again.")
+    return value
 
 
 def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
@@ -128,11 +127,11 @@ def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(params, target)
-    except Exception as e:  # Orbax raises many kinds for missing, truncated or mismatched files
-        reason = (str(e).strip().splitlines() or [""])[0][:300]
+    except (OSError, ValueError) as e:  # missing or truncated files, or shapes that config.json does not give
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"cannot restore the parameters in {params} ({type(e).__name__}: {reason}); the "
-                              f"checkpoint is incomplete, damaged or does not match its config.json: convert or "
-                              f"export it again") from None
+                              f"checkpoint is damaged or its config.json does not belong to it: convert or save it "
+                              f"again.") from e
     state = nnx.state(abstract, nnx.Param)
     nnx.replace_by_pure_dict(state, restored)
     return state

@@ -88,8 +88,8 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", ca
         missing = [name for name, there in (("params/", (path / "params").is_dir()),
                                              ("metadata.json", (path / "metadata.json").is_file())) if not there]
         raise CheckpointError(f"{path} looks like a csm-jax checkpoint but lacks {' and '.join(missing)} (an "
-                              f"interrupted copy?); convert the source again with python -m convert SRC {path} "
-                              f"--overwrite")
+                              f"interrupted copy?); move it away and convert the source again: python -m convert "
+                              f"SRC {path}")
     slug = re.sub(r"[^\w.-]+", "-", path.resolve().name if path.exists() else str(checkpoint)).strip("-")
     target = Path(cache or cache_dir()) / f"{slug}-{source_fingerprint(checkpoint)}-{dtype}"
     if is_checkpoint(target):
