@@ -11,7 +11,8 @@ import numpy as np
 from csm_jax.core.codec import FRAME_SAMPLES, SAMPLE_RATE
 from csm_jax.core.model import Csm
 from csm_jax.inference.loop import FrameGenerator
-from csm_jax.inference.prompt import max_frames_for, prompt_frames
+from csm_jax.core.errors import UserError
+from csm_jax.inference.prompt import RequestError, check_seeds, max_frames_for, prompt_frames
 from csm_jax.inference.sampling import FrameSampling, LogitsProcessor, SamplerConfig
 from csm_jax.io.frames import Frames, Segment
 from csm_jax.io.text import TextTokenizer
@@ -42,16 +43,21 @@ class Generator:
 
     def __init__(self, model: Csm, tokenizer: TextTokenizer, mimi, watermarker=None, cpu_kernels: bool | None = None):
         if tokenizer.vocab_size > model.config.text_vocab_size:
-            raise ValueError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} ids but the model embeds "
+            raise UserError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} ids but the model embeds "
                              f"only {model.config.text_vocab_size}; use the tokenizer the model was trained with")
         self.frames = FrameGenerator(model, cpu_kernels)
         self.tokenizer = tokenizer
         self.mimi = mimi
         self.watermarker = watermarker
 
-    def prompt(self, request: Request) -> Frames:
+    def prompt(self, request: Request, max_frames: int = 1) -> Frames:
+        """The request's prompt frames, after checking it (`csm_jax.inference.prompt.check_request`) and that the
+        prompt leaves room for `max_frames` frames (checked before any context audio is encoded)."""
+        if not isinstance(request, Request):
+            raise RequestError(f"a request is a {type(request).__name__}; give Request(text, speaker, context)")
+        config = self.frames.config
         return prompt_frames(self.tokenizer, self.mimi, request.text, request.speaker, request.context,
-                             self.frames.config.num_codebooks)
+                             config.num_codebooks, max_frames=max_frames, max_seq_len=config.backbone.max_seq_len)
 
     def generate(self, text: str, speaker: int | str = 0, context: Sequence[Segment] = (),
                  max_audio_length_ms: float = 90_000, temperature: float = 0.9, topk: int = 50, *, seed: int = 0,
@@ -65,10 +71,14 @@ class Generator:
                        sampling: FrameSampling | None = None,
                        logits_processor: LogitsProcessor | None = None) -> list[np.ndarray]:
         """Mimi codes (n, F_r) per request, all rows generated together on device."""
-        prompts = [self.prompt(r) for r in requests]
-        seeds = list(range(len(requests))) if seeds is None else seeds
-        return self.frames.generate(prompts, max_frames_for(max_audio_length_ms),
-                                    sampling_from(temperature, topk, sampling), seeds, logits_processor)
+        if isinstance(requests, (Request, str)) or not hasattr(requests, "__len__") or len(requests) == 0:
+            raise RequestError("requests must be a non-empty list of Request(text, speaker, context); for one "
+                               "utterance call generate")
+        max_frames = max_frames_for(max_audio_length_ms)
+        seeds = check_seeds(seeds, len(requests))
+        sampling = sampling_from(temperature, topk, sampling)
+        prompts = [self.prompt(r, max_frames) for r in requests]
+        return self.frames.generate(prompts, max_frames, sampling, seeds, logits_processor)
 
     def generate_batch(self, requests: Sequence[Request], max_audio_length_ms: float = 90_000,
                        temperature: float = 0.9, topk: int = 50, *, seeds: Sequence[int] | None = None,
@@ -106,12 +116,28 @@ class Generator:
                         chunk_frames: int = 4) -> Iterator[np.ndarray]:
         """Yields audio chunks as frames are sampled (Mimi streaming decode); concatenated they equal `generate`
         with the same seed (before watermarking)."""
+        chunks = self.stream_codes(Request(text, speaker, context), max_audio_length_ms,
+                                   sampling_from(temperature, topk, sampling), seed, logits_processor,
+                                   first_chunk_frames, chunk_frames)
+        return self.stream_audio(chunks)
+
+    def stream_codes(self, request: Request, max_audio_length_ms: float, sampling: FrameSampling, seed: int,
+                     logits_processor: LogitsProcessor | None = None, first_chunk_frames: int = 1,
+                     chunk_frames: int = 4) -> Iterator[np.ndarray]:
+        """Checks the request and builds its prompt now, then returns an iterator of code chunks (n, k)."""
+        max_frames = max_frames_for(max_audio_length_ms)
+        (seed,) = check_seeds([seed], 1)
+        for name, value in (("first_chunk_frames", first_chunk_frames), ("chunk_frames", chunk_frames)):
+            if not isinstance(value, int) or value < 1:
+                raise RequestError(f"{name}={value!r}; give a whole number of frames >= 1")
+        prompt = self.prompt(request, max_frames)
+        return self.frames.stream(prompt, max_frames, sampling, seed, logits_processor, first_chunk_frames,
+                                  chunk_frames)
+
+    def stream_audio(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """Mimi-decodes code chunks as they come (streaming decode), into audio chunks (k * 1920,)."""
         from csm_jax.io import audio
 
-        prompt = self.prompt(Request(text, speaker, context))
-        chunks = self.frames.stream(prompt, max_frames_for(max_audio_length_ms),
-                                    sampling_from(temperature, topk, sampling), seed, logits_processor,
-                                    first_chunk_frames, chunk_frames)
         with audio.streaming_decoder(self.mimi, batch_size=1):
             for codes in chunks:
                 yield audio.decode(self.mimi, codes[None])[0]
@@ -131,15 +157,18 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     `csm_jax.inference.decode_model`).
     """
     from csm_jax.io import audio
-    from csm_jax.io.checkpoint import load_model
+    from csm_jax.io.checkpoint import load_model, read_config
     from csm_jax.io.hub import resolve_checkpoint
     from csm_jax.io.text import load_tokenizer
     from csm_jax.io.watermark import load_watermarker
 
+    # the cheap loads first, so that a wrong tokenizer or Mimi path is reported before the model is read
+    text_tokenizer = load_tokenizer(tokenizer)
     param_dtype = dtype if param_dtype is None else param_dtype
     path = resolve_checkpoint(checkpoint, jnp.dtype(param_dtype).name, cache_dir)
-    model = load_model(path, dtype=dtype, param_dtype=param_dtype)
+    config = read_config(path)
     if mimi is None or isinstance(mimi, (str, bytes)) or hasattr(mimi, "__fspath__"):
-        mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=model.config.num_codebooks)
-    return Generator(model, load_tokenizer(tokenizer), mimi, load_watermarker(mimi_device) if watermark else None,
+        mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=config.num_codebooks)
+    model = load_model(path, dtype=dtype, param_dtype=param_dtype)
+    return Generator(model, text_tokenizer, mimi, load_watermarker(mimi_device) if watermark else None,
                      cpu_kernels=cpu_kernels)

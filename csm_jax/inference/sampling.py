@@ -15,6 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from csm_jax.core.errors import UserError
 from csm_jax.inference import kernels
 
 NEG_INF = -jnp.inf
@@ -38,8 +39,8 @@ class SamplerConfig:
 
     def __post_init__(self):
         problems = []
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            problems.append(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -47,7 +48,7 @@ class SamplerConfig:
         if not 0 <= self.min_p < 1:
             problems.append(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise UserError("; ".join(problems))
 
     @property
     def greedy(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -36,11 +37,16 @@ class AudioError(UserError):
 def load_mimi(path_or_id: str | os.PathLike | None = None, device: str = "cpu", num_codebooks: int = 32):
     """Mimi with pretrained weights.
 
-    path_or_id: a local `.safetensors` file; a hub repo id (the file `MIMI_FILE` is fetched from it); or None for
-    the default repo `kyutai/moshiko-pytorch-bf16` (downloaded once into the Hugging Face cache).
+    path_or_id: a local `.safetensors` file (or a PyTorch `.pt` file, read with `weights_only=True`: a pickle that
+    holds code is refused); a hub repo id (the file `MIMI_FILE` is fetched from it); or None for the default repo
+    `kyutai/moshiko-pytorch-bf16` (downloaded once into the Hugging Face cache). The weights are checked against
+    Mimi's tensor names and shapes before they are loaded.
     """
     from moshi.models import loaders
 
+    if path_or_id is not None and Path(path_or_id).is_dir():
+        raise AudioError(f"Mimi weights {path_or_id} is a directory; give the .safetensors file inside it (such as "
+                         f"{MIMI_FILE}) or a hub repo id such as {MIMI_REPO}")
     if path_or_id is not None and Path(path_or_id).is_file():
         path = Path(path_or_id)
     elif path_or_id is None or looks_like_hub_id(path_or_id):
@@ -54,7 +60,91 @@ def load_mimi(path_or_id: str | os.PathLike | None = None, device: str = "cpu", 
     else:
         raise AudioError(f"Mimi weights file {path_or_id} does not exist; give an existing .safetensors file or a "
                          f"hub repo id such as {MIMI_REPO}")
-    return loaders.get_mimi(str(path), device=device, num_codebooks=num_codebooks)
+    mimi = loaders.get_mimi(None, device=device, num_codebooks=num_codebooks)
+    state = _read_mimi_state(path, _shapes(mimi.state_dict()))
+    try:
+        mimi.load_state_dict(state)
+    except RuntimeError as e:  # e.g. tensors under moshi's legacy names with the wrong shapes
+        raise AudioError(f"{path} does not hold Mimi's weights: {str(e).splitlines()[0]} ...; give Mimi's "
+                         f"{MIMI_FILE}") from None
+    return mimi
+
+
+MIMI_SAFETENSORS_SUFFIXES = (".safetensors", ".sft", ".sfts")
+MIMI_TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def _shapes(state) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in state.items()}
+
+
+def _read_mimi_state(path: Path, expected: dict[str, tuple[int, ...]]) -> dict:
+    """Mimi's state dict from `path` after checking its tensor names and shapes against `expected`: safetensors
+    (only the header is read before the check), or a PyTorch file read with `weights_only=True` (moshi's own
+    loader unpickles it unrestricted; a user-supplied pickle must never reach that)."""
+    suffix = path.suffix.lower()
+    if suffix in MIMI_SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise AudioError(f"cannot read Mimi weights {path} as safetensors ({e}); give Mimi's {MIMI_FILE} "
+                             f"(or a hub repo id such as {MIMI_REPO})") from None
+        _check_mimi_tensors(path, found, expected)
+        return load_file(str(path))
+    if suffix in MIMI_TORCH_SUFFIXES:
+        import pickle
+
+        import torch
+
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise AudioError(f"refusing to load {path}: it holds Python objects besides tensors, which could run "
+                             f"code when unpickled ({str(e).splitlines()[0][:200]}); give Mimi's weights as "
+                             f".safetensors") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise AudioError(f"cannot read Mimi weights {path} as a PyTorch file ({str(e).splitlines()[0]}); "
+                             f"give Mimi's {MIMI_FILE}") from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):  # moshi's own checkpoint format
+            state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise AudioError(f"{path} holds no state dict of tensors; give Mimi's {MIMI_FILE}")
+        _check_mimi_tensors(path, _shapes(state), expected)
+        return state
+    raise AudioError(f"Mimi weights {path} is neither .safetensors nor a PyTorch .pt file; give Mimi's "
+                     f"{MIMI_FILE} (or a hub repo id such as {MIMI_REPO})")
+
+
+# moshi renames these older buffer names when it loads a state dict
+_MIMI_LEGACY_NAMES = {"inited": "_initialized", "cluster_size": "cluster_usage", "embed_avg": "embedding_sum",
+                      "embed_sum": "embedding_sum"}
+
+
+def _check_mimi_tensors(path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]):
+    def current(name):
+        prefix, _, last = name.rpartition(".")
+        return f"{prefix}.{_MIMI_LEGACY_NAMES[last]}" if last in _MIMI_LEGACY_NAMES else name
+
+    found = {current(name): shape for name, shape in found.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{n} {found[n]} (Mimi's is {expected[n]})" for n in sorted(set(found) & set(expected))
+             if found[n] != expected[n]]
+    if not (missing or unexpected or wrong):
+        return
+
+    def some(names):
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    problems = [f"{len(missing)} of Mimi's {len(expected)} tensors are missing ({some(missing)})" if missing else "",
+                f"{len(unexpected)} tensors are not Mimi's ({some(unexpected)})" if unexpected else "",
+                f"{len(wrong)} have the wrong shape ({some(wrong)})" if wrong else ""]
+    raise AudioError(f"{path} does not hold Mimi's weights: {'; '.join(p for p in problems if p)}. Give Mimi's "
+                     f"{MIMI_FILE} (from the hub repo {MIMI_REPO})")
 
 
 def random_mimi(seed: int = 0, device: str = "cpu", num_codebooks: int = 32):
@@ -166,20 +256,67 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     """
     import soundfile as sf
 
+    if Path(path).is_dir():
+        raise AudioError(f"audio file {path} is a directory; give a wav/flac/ogg file")
+    if not Path(path).exists():
+        raise AudioError(f"audio file {path} does not exist; check the path")
     try:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"cannot read audio file {path}: {e}. Give a wav/flac/ogg file (convert others with "
                          f"ffmpeg or sox first)") from None
-    if audio.shape[0] == 0:
-        raise AudioError(f"audio file {path} holds no samples")
-    if audio.shape[1] > 1:
-        log.warning("%s: down-mixing %d channels to mono", path, audio.shape[1])
-    mono = audio.mean(axis=1)
+    mono = as_mono(audio, f"audio file {path}", channel_axis=1)
     if rate != sample_rate:
         log.warning("%s: resampling from %d Hz to %d Hz", path, rate, sample_rate)
         mono = resample(mono, rate, sample_rate)
     return mono.astype(np.float32)
+
+
+PCM_SCALES = {np.dtype(np.int16): 2.0 ** 15, np.dtype(np.int32): 2.0 ** 31}
+MAX_CHANNELS = 8  # of a (samples, channels) or (channels, samples) array, the axis no longer than this is channels
+FLOAT_PEAK_LIMIT = 16.0  # float audio peaking above this is integer PCM that was never scaled
+
+
+def as_mono(audio, what: str = "audio", channel_axis: int | None = None) -> np.ndarray:
+    """Audio as Mimi takes it: (samples,) float32, from float audio in [-1, 1] or int16/int32 PCM (scaled to
+    [-1, 1]), mono (samples,) or several channels, averaged: (samples, channels) or (channels, samples), the
+    channel axis being `channel_axis` or else the shorter one (at most `MAX_CHANNELS` long).
+
+    Empty audio, NaN or infinite samples, other dtypes and shapes raise an `AudioError` that names `what`.
+    """
+    if audio is None:
+        raise AudioError(f"{what} is None; give 24 kHz audio as a numpy array (read a file with read_audio)")
+    try:
+        a = np.asarray(audio)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise AudioError(f"{what} is not an array ({e}); give 24 kHz audio as a numpy array") from None
+    if a.dtype in PCM_SCALES:
+        a = a.astype(np.float32) / np.float32(PCM_SCALES[a.dtype])
+    elif a.dtype.kind != "f":
+        raise AudioError(f"{what} has dtype {a.dtype}; give float audio in [-1, 1] or int16/int32 PCM")
+    if a.ndim == 2:
+        axis = channel_axis if channel_axis is not None else (0 if a.shape[0] < a.shape[1] else 1)
+        if channel_axis is None and a.shape[axis] > MAX_CHANNELS:
+            raise AudioError(f"{what} has shape {a.shape}, which is no (samples, channels) array with at most "
+                             f"{MAX_CHANNELS} channels; give mono audio of shape (samples,)")
+        if a.shape[axis] > 1 and a.size:
+            log.warning("%s: down-mixing %d channels to mono", what, a.shape[axis])
+        a = a.mean(axis=axis) if a.shape[axis] else a.reshape(-1)
+    elif a.ndim != 1:
+        raise AudioError(f"{what} has shape {a.shape}; give mono audio of shape (samples,) or (samples, channels)")
+    if a.size == 0:
+        raise AudioError(f"{what} holds no samples; give at least one 80 ms frame ({FRAME_SAMPLES} samples) of "
+                         f"24 kHz audio")
+    a = a.astype(np.float32, copy=False)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise AudioError(f"{what} has {int(bad.sum())} NaN or infinite samples (the first at sample "
+                         f"{int(np.argmax(bad))}); repair or replace the audio (e.g. np.nan_to_num)")
+    peak = float(np.abs(a).max())
+    if peak > FLOAT_PEAK_LIMIT:
+        raise AudioError(f"{what} peaks at {peak:g}, but float audio lies in [-1, 1]: it looks like integer PCM "
+                         f"stored as floats; divide it by 32768 (or pass the int16 array itself)")
+    return a
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -192,11 +329,100 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return resample_poly(audio, to_rate // g, from_rate // g, axis=-1).astype(np.float32)
 
 
-def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Writes mono float audio (T,) as 16-bit PCM wav (clipped to [-1, 1]); creates parent directories."""
+# what soundfile writes, by the output file's extension: (format, subtype)
+OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """The file `path` points to (through symlinks), after checking that audio can be written there: a supported
+    extension, not a directory, an existing file writable, the directory (or its nearest existing ancestor)
+    writable. Touches nothing. Raises an `AudioError` that says what to change."""
+    path = Path(path)
+    target = path.resolve()
+    if target.is_dir():
+        raise AudioError(f"output {path} is a directory; give a file name such as {path / 'out.wav'}")
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        named = f"has the extension {path.suffix!r}" if path.suffix else "has no extension"
+        raise AudioError(f"output {path} {named}; end it with {', '.join(OUTPUT_FORMATS)} (e.g. {path.stem}.wav)")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise AudioError(f"output {path} exists and is read-only; make it writable or give another file name")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise AudioError(f"output {path} cannot be created: {ancestor} is a file, not a directory; give another path")
+    if not _can_create_in(ancestor):
+        raise AudioError(f"output {path} cannot be written: no permission to create files in {ancestor}; give a "
+                         f"path in a writable directory")
+    return target
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Whether a file can be created in `directory` (tried for real: permission bits do not bind root)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where an interrupted write keeps what it wrote: out.wav -> out.partial.wav."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+@contextlib.contextmanager
+def audio_writer(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Iterator:
+    """A mono `soundfile.SoundFile` for `path` (format by extension: `OUTPUT_FORMATS`) that writes into a temporary
+    file in the same directory, moved onto `path` only when the block ends without error; so an existing file is
+    never replaced by less. When the block raises (an interruption included), what was written is closed (its
+    header then counts its frames) and kept as `partial_path(path)` with a notice, or removed when empty."""
+    import tempfile
+
     import soundfile as sf
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16")
-    return path
+    path = check_output_path(path)
+    fmt, subtype = OUTPUT_FORMATS[path.suffix.lower()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())  # mkstemp's is 0600
+        out = sf.SoundFile(tmp, "w", samplerate=sample_rate, channels=1, format=fmt, subtype=subtype)
+    except (OSError, sf.LibsndfileError) as e:
+        raise AudioError(f"cannot write {path}: {e}; give a path in a writable directory") from None
+    try:
+        try:
+            yield out
+        finally:
+            frames = out.frames
+            out.close()
+        os.replace(tmp, path)
+    except BaseException as e:
+        if frames and not isinstance(e, OSError):
+            keep = partial_path(path)
+            os.replace(tmp, keep)
+            print(f"notice: kept the {frames / sample_rate:.2f} s written before the {type(e).__name__} in {keep}; "
+                  f"{path} was not written", file=sys.stderr)
+        else:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise AudioError(f"cannot write {path}: {e}; free some space or give another path") from None
+        raise
+
+
+def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    """Writes mono float audio (T,) as 16-bit PCM wav or flac, or ogg vorbis, by the extension (clipped to
+    [-1, 1]); creates parent directories; replaces an existing file only once the new one is complete."""
+    with audio_writer(path, sample_rate) as out:
+        out.write(np.clip(np.asarray(audio, np.float32), -1.0, 1.0))
+    return Path(path)

@@ -72,7 +72,12 @@ def read_config(path: str | os.PathLike) -> CsmConfig:
     if missing:
         raise CheckpointError(f"{path} is not a csm-jax checkpoint: it lacks {', '.join(missing)}. Convert a "
                               f"PyTorch checkpoint first: python -m convert SRC {path}")
-    return CsmConfig.from_dict(_read_json(path / "config.json"))
+    config = _read_json(path / "config.json")
+    try:
+        return CsmConfig.from_dict(config)
+    except (TypeError, KeyError, ValueError) as e:  # fields missing, unknown or out of range
+        raise CheckpointError(f"{path / 'config.json'} is not a csm-jax model config ({type(e).__name__}: {e}); the "
+                              f"checkpoint is damaged: convert or save it again.") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

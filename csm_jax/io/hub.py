@@ -84,9 +84,12 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, dtype: str = "float32", ca
         raise CheckpointError(f"checkpoint {checkpoint} does not exist; give a csm-jax checkpoint directory, a "
                               f"PyTorch checkpoint (directory, model.safetensors or ckpt.pt) or a hub id such as "
                               f"sesame/csm-1b")
-    if path.is_dir() and (path / "params").exists() and not (path / "metadata.json").exists():
-        raise CheckpointError(f"{path} looks like a csm-jax checkpoint but lacks metadata.json (an interrupted copy?); "
-                              f"move it away and convert the source again: python -m convert SRC {path}")
+    if path.is_dir() and ((path / "params").exists() or (path / "metadata.json").exists()):
+        missing = [name for name, there in (("params/", (path / "params").is_dir()),
+                                             ("metadata.json", (path / "metadata.json").is_file())) if not there]
+        raise CheckpointError(f"{path} looks like a csm-jax checkpoint but lacks {' and '.join(missing)} (an "
+                              f"interrupted copy?); move it away and convert the source again: python -m convert "
+                              f"SRC {path}")
     slug = re.sub(r"[^\w.-]+", "-", path.resolve().name if path.exists() else str(checkpoint)).strip("-")
     target = Path(cache or cache_dir()) / f"{slug}-{source_fingerprint(checkpoint)}-{dtype}"
     if is_checkpoint(target):

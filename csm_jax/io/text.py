@@ -67,6 +67,12 @@ def load_tokenizer(path_or_id: str | os.PathLike | None = None) -> TextTokenizer
         if path.suffix == ".json":
             return _hf_tokenizer(str(path), from_file=True)
         return _tiktoken_tokenizer(path)
+    from csm_jax.io.hub import looks_like_hub_id
+
+    if not looks_like_hub_id(path_or_id):
+        raise TokenizerError(f"tokenizer {path_or_id} does not exist; give a Llama-3 tokenizer directory or file "
+                             f"(tokenizer.json or tokenizer.model), a hub id such as unsloth/Llama-3.2-1B, or nothing "
+                             f"for the offline default")
     return _hf_tokenizer(str(path_or_id), from_file=False)
 
 
@@ -76,7 +82,12 @@ def _tiktoken_tokenizer(model_path: Path) -> TextTokenizer:
 
     if not model_path.exists():
         raise TokenizerError(f"tokenizer file {model_path} does not exist")
-    meta = MetaTokenizer(model_path)
+    try:
+        meta = MetaTokenizer(model_path)
+    except Exception as e:  # tiktoken's reader fails with ValueError, binascii.Error, UnicodeDecodeError, ...
+        raise TokenizerError(f"{model_path} is not a tiktoken tokenizer.model ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:200]}); give a Llama-3 tokenizer.model or "
+                             f"tokenizer.json, or nothing for the offline default") from None
     enc = meta.model
     # Special-token text inside user text becomes the special token, as with the reference's HF tokenizer.
     return TextTokenizer(encode=lambda s: enc.encode(s, allowed_special="all"), decode=enc.decode,
