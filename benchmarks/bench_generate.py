@@ -1,9 +1,9 @@
 """Our on-device sampler against transformers' `generate`, on the same random weights, in one run.
 
-    flock /tmp/csm-heavy.lock python benchmarks/bench_generate.py --config csm_1b --dtype float32 --frames 8
-    flock /tmp/csm-heavy.lock python benchmarks/bench_generate.py --config csm_1b --dtype bfloat16 --frames 8 \
+    flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config csm_1b --dtype float32 --frames 8
+    flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config csm_1b --dtype bfloat16 --frames 8 \
         --ours-dtype bfloat16-weights
-    flock /tmp/csm-heavy.lock python benchmarks/bench_generate.py --config small --batch 1 8 --frames 64
+    flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config small --batch 1 8 --frames 64
 
 Both sample with the reference settings (temperature 0.9, top-k 50, every codebook) from the same prompt (text
 and audio frames). Per-frame time = (time for 2N frames - time for N frames) / N, so the prompt's prefill (shown
@@ -20,26 +20,24 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import torch
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from convert.from_torch import fill_params, plan  # noqa: E402
-from convert.io import torch_to_numpy  # noqa: E402
-from convert.layouts import detect_layout  # noqa: E402
-from csm_jax.io.checkpoint import abstract_model  # noqa: E402
-from csm_jax.core.config import CsmConfig, preset  # noqa: E402
-from csm_jax.inference.loop import FrameGenerator  # noqa: E402
-from csm_jax.io.frames import Frames, audio_frames, text_frames  # noqa: E402
-from csm_jax.inference.sampling import FrameSampling  # noqa: E402
+from convert.from_torch import fill_params, plan
+from convert.io import torch_to_numpy
+from convert.layouts import detect_layout
+from csm_jax.io.checkpoint import abstract_model
+from csm_jax.core.config import CsmConfig, preset
+from csm_jax.inference.loop import FrameGenerator
+from csm_jax.inference.sampling import FrameSampling
+from tests.helpers import random_prompt
+from tests.references import transformers_embeds, transformers_model
 
 FRAME_SECONDS = 0.08
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -69,14 +67,6 @@ def weight_bytes_per_frame(config: CsmConfig, itemsize: int) -> int:
     b, d, v, n = config.backbone.dim, config.decoder.dim, config.audio_vocab_size, config.num_codebooks
     per_depth_step = config.decoder.num_params + b * d + d * v
     return itemsize * (config.backbone.num_params + b * v + (n - 1) * per_depth_step)
-
-
-def prompt(config: CsmConfig, seed: int = 0) -> Frames:
-    rng = np.random.default_rng(seed)
-    return Frames.concat([text_frames(rng.integers(0, config.text_vocab_size, 12), config.num_codebooks),
-                          audio_frames(rng.integers(1, min(2048, config.audio_vocab_size),
-                                                    (config.num_codebooks, 40))),
-                          text_frames(rng.integers(0, config.text_vocab_size, 10), config.num_codebooks)])
 
 
 REPEATS = 3
@@ -111,9 +101,14 @@ def per_frame(run, frames: int) -> tuple[float, float]:
     return step, best[frames] - frames * step
 
 
-def time_transformers(hf, config, prompts, frames: int, dtype) -> tuple[float, float]:
-    embed_model = csm_embeds(hf, config)
-    embeds = torch.cat([embed_model(p) for p in prompts]).to(TORCH_DTYPES[dtype])
+def prompt(config: CsmConfig, seed: int):
+    return random_prompt(config, seed, context_text=12, context_audio=40, target_text=10)
+
+
+def time_transformers(hf, prompts, frames: int, dtype) -> tuple[float, float]:
+    with torch.no_grad():
+        embeds = torch.cat([transformers_embeds(hf, p.tokens[None], p.mask[None]) for p in prompts])
+    embeds = embeds.to(TORCH_DTYPES[dtype])
     kwargs = dict(do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
                   depth_decoder_temperature=0.9, depth_decoder_top_k=50)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
@@ -124,19 +119,6 @@ def time_transformers(hf, config, prompts, frames: int, dtype) -> tuple[float, f
 
     run(2)  # warm-up
     return per_frame(run, frames)
-
-
-def csm_embeds(hf, config):
-    """transformers' prompt embedding of our frames (its 3-D input_ids path takes audio-only frames)."""
-    n = config.num_codebooks
-
-    def embed(p: Frames) -> torch.Tensor:
-        tokens, mask = torch.from_numpy(p.tokens).long(), torch.from_numpy(p.mask)
-        text = hf.embed_text_tokens(tokens[:, n])
-        audio = hf.backbone_model.embed_tokens(tokens[None, :, :n])[0]
-        return torch.where(mask[:, n:], text, audio).float()[None]
-
-    return embed
 
 
 def weight_dtype(dtype: str) -> str:
@@ -198,15 +180,12 @@ def main():
         print(f"memory reads {bandwidth / 1e9:.1f} GB/s: one frame's {name} weights take at least {floor * 1e3:.1f} ms "
               f"at batch 1 (unless caches hold them)", flush=True)
 
-    torch.manual_seed(0)
-    from transformers import CsmConfig as HfConfig, CsmForConditionalGeneration
-
-    hf = CsmForConditionalGeneration(HfConfig(**config.to_transformers())).eval().to(TORCH_DTYPES[args.dtype])
+    hf = transformers_model(config).to(TORCH_DTYPES[args.dtype])
     theirs = {}
     if not args.skip_transformers:
         for batch in args.batch:
             prompts = [prompt(config, seed) for seed in range(batch)]
-            step, prefill = time_transformers(hf, config, prompts, args.frames, args.dtype)
+            step, prefill = time_transformers(hf, prompts, args.frames, args.dtype)
             theirs[batch] = report(f"transformers {args.dtype}", step, prefill, batch,
                                    weight_bytes_per_frame(config, NP_DTYPES[args.dtype].itemsize), bandwidth)
     params = ours_from_transformers(hf, config, ours_dtype)

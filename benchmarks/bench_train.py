@@ -1,7 +1,7 @@
 """One training step, ours against transformers' CSM, on the same config and batch: forward with the training
 loss (codebook 0 on every audio frame, depth decoder on a fixed fraction of frames), backward, AdamW update.
 
-    flock /tmp/csm-heavy.lock env PYTHONPATH=. python benchmarks/bench_train.py --config small --batch 4 --frames 128
+    flock /tmp/csm-heavy.lock python -m benchmarks.bench_train --config small --batch 4 --frames 128
 
 Prints both medians, the ratio (transformers / ours; > 1 means ours is faster), frames/s and, when a GPU is
 present, model FLOPs utilisation against --peak-tflops.
@@ -18,8 +18,8 @@ import torch
 
 from csm_jax.core.config import CsmConfig, preset
 from csm_jax.core.sharding import make_mesh
-from tests.hf_reference import transformers_csm
-from tests.test_train_loss import utterance_batch
+from tests.helpers import utterance_batch
+from tests.references import transformers_loss, transformers_model
 from train.trainer import OptimConfig, Trainer
 
 
@@ -35,18 +35,11 @@ def median_time(step, repeats: int) -> float:
 
 
 def transformers_step(config, tokens, mask, depth_mask, lr):
-    hf = transformers_csm(config).train()
+    hf = transformers_model(config).train()
     optimizer = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-3)
-    n = config.num_codebooks
-    t = torch.tensor(tokens)
-    is_audio = torch.tensor(mask[..., 0])
-    labels = torch.where(is_audio[..., None], t[..., :n], torch.full_like(t[..., :n], -100))
-    labels[..., 1:][torch.tensor(~depth_mask)] = -100  # what transformers makes of -101: depth decoder skips the frame
 
     def step():
-        embeds = torch.where(is_audio[..., None], hf.backbone_model.embed_tokens(t[..., :n]),
-                             hf.embed_text_tokens(t[..., n]))
-        loss = hf(inputs_embeds=embeds, labels=labels).loss
+        loss = transformers_loss(hf, tokens, mask, depth_mask).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)

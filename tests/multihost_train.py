@@ -1,15 +1,14 @@
-"""Run as a script: training steps of the tiny model on a (2, 2, 2) mesh of 8 CPU devices, either in one process
+"""Run as its own process: training steps of the tiny model on a (2, 2, 2) mesh of 8 CPU devices, either in one process
 (`--processes 1`) or as one of two processes joined by `jax.distributed` over loopback (4 devices each). Each
 process reads only its own share of the Emilia shards; the one-process run feeds both shares side by side, so
 both runs see the same global batches. Each process prints a JSON report (losses, parameter fingerprints before
 and after a save + restore of one checkpoint written together).
 
-    python tests/multihost_train.py SHARDS WORKDIR --processes 2 --process-id I --port P
+    python -m tests.multihost_train SHARDS WORKDIR --processes 2 --process-id I --port P
 """
 
 import argparse
 import os
-import sys
 
 args = argparse.ArgumentParser()
 args.add_argument("shards")
@@ -20,7 +19,6 @@ args.add_argument("--port", type=int, default=0)
 args = args.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // args.processes}"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json  # noqa: E402
 

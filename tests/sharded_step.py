@@ -1,7 +1,7 @@
-"""Run as a script (it sets the device count before JAX starts): one training step of the tiny model on a
+"""Run as its own process (it sets the device count before JAX starts): one training step of the tiny model on a
 (data, fsdp, tensor) mesh, and the same step on one device; prints a JSON report.
 
-    python tests/sharded_step.py 2 2 2
+    python -m tests.sharded_step 2 2 2
 """
 
 import os
@@ -18,19 +18,14 @@ import numpy as np  # noqa: E402
 
 from csm_jax.core.config import preset  # noqa: E402
 from csm_jax.core.sharding import make_mesh  # noqa: E402
+from tests.helpers import utterance_batch  # noqa: E402
 from train.trainer import OptimConfig, Trainer  # noqa: E402
 
 
 def batch(config, accumulation=2, rows=4, length=16, seed=0):
-    rng = np.random.default_rng(seed)
-    n = config.num_codebooks
-    tokens = np.zeros((accumulation, rows, length, n + 1), np.int32)
-    mask = np.zeros(tokens.shape, bool)
-    tokens[..., :4, n] = rng.integers(0, config.text_vocab_size, (accumulation, rows, 4))
-    mask[..., :4, n] = True
-    tokens[..., 4:-1, :n] = rng.integers(0, config.audio_vocab_size, (accumulation, rows, length - 5, n))
-    mask[..., 4:, :n] = True
-    return {"tokens": tokens, "mask": mask, "segment_ids": np.ones(tokens.shape[:3], np.int32)}
+    """`accumulation` micro-batches of `rows` rows: 4 text frames, then audio frames and the end frame."""
+    tokens, mask = utterance_batch(np.random.default_rng(seed), config, (accumulation, rows), 4, length - 4)
+    return {"tokens": tokens.astype(np.int32), "mask": mask, "segment_ids": np.ones(tokens.shape[:3], np.int32)}
 
 
 def main(shape):

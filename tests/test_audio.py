@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from tests.conftest import espeak_wav
+from tests.helpers import espeak_wav
 from csm_jax.io import audio
 
 

@@ -16,9 +16,9 @@ from convert import ConversionError, LayoutError, convert_to_orbax, export_check
 from convert.__main__ import main
 from convert.layouts import LAYOUTS, TRANSFORMS, stack_config
 from csm_jax.io.checkpoint import CheckpointError, abstract_model, load_model, read_metadata
-from csm_jax.core.config import ConfigError, CsmConfig, preset
-from tests.test_model import random_frames
-from tests.torch_references import original_model, save_original, transformers_logits, transformers_model
+from csm_jax.core.config import ConfigError, preset
+from tests.helpers import logits_inputs
+from tests.references import original_model, save_original, transformers_logits, transformers_model
 
 
 def leaves(model) -> dict[str, np.ndarray]:
@@ -92,8 +92,7 @@ def test_transformers_round_trip_is_bit_exact_and_loads_in_transformers(hf_tiny,
 
     loaded, info = CsmForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    tokens, mask = random_frames(rng, preset("tiny"), 2, 6)
-    codes = rng.integers(0, 67, (2, 32))
+    tokens, mask, codes = logits_inputs(rng, preset("tiny"), 2, 6)
     for got, want in zip(transformers_logits(loaded.eval(), tokens, mask, codes),
                          transformers_logits(reference, tokens, mask, codes)):
         np.testing.assert_array_equal(got, want)
@@ -151,8 +150,7 @@ def test_original_exported_to_transformers_matches_the_torchtune_reference(origi
     loaded, info = CsmForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] and all(k.startswith("codec_model.") for k in info["missing_keys"])
     assert not info["unexpected_keys"]
-    tokens, mask = random_frames(rng, preset("tiny"), 2, 6)
-    codes = rng.integers(0, 67, (2, 32))
+    tokens, mask, codes = logits_inputs(rng, preset("tiny"), 2, 6)
     for got, want in zip(transformers_logits(loaded.eval(), tokens, mask, codes)[:2],
                          reference.logits(tokens, mask, codes)[:2]):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

@@ -10,10 +10,10 @@ import pytest
 import soundfile as sf
 from flax import nnx
 
-from tests.conftest import espeak_wav
+from tests.helpers import espeak_wav
 from csm_jax.io import audio
 from csm_jax.io.checkpoint import save_model
-from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.config import preset
 from csm_jax.generate import main
 from csm_jax.inference.generator import Generator, Request
 from csm_jax.io.frames import Segment

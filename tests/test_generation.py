@@ -7,13 +7,14 @@ import pytest
 import torch
 from flax import nnx
 
-from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.config import preset
 from csm_jax.inference.loop import FrameGenerator
 from csm_jax.inference.prompt import PromptTooLongError, check_budget, max_frames_for
-from csm_jax.io.frames import Frames, Segment, audio_frames, segment_frames, text_frames
+from csm_jax.io.frames import Frames, Segment, segment_frames
 from csm_jax.inference.sampling import GREEDY, FrameSampling, SamplerConfig
 from csm_jax.io.text import load_tokenizer
-from tests.hf_reference import csm_from_transformers, transformers_csm
+from tests.helpers import random_prompt
+from tests.references import csm_from_transformers, transformers_model
 
 CONFIG = preset("tiny")
 GREEDY_FRAMES = FrameSampling.same(GREEDY)
@@ -21,21 +22,13 @@ GREEDY_FRAMES = FrameSampling.same(GREEDY)
 
 @pytest.fixture(scope="module")
 def models():
-    hf = transformers_csm(CONFIG, seed=0)
+    hf = transformers_model(CONFIG, seed=0)
     return hf, csm_from_transformers(hf, CONFIG)
 
 
 @pytest.fixture(scope="module")
 def generator(models):
     return FrameGenerator(models[1])
-
-
-def random_prompt(seed: int, text_len: int = 7, audio_len: int = 5) -> Frames:
-    """Context text, context audio codes (+ end frame), target text: the reference's prompt shape."""
-    rng = np.random.default_rng(seed)
-    return Frames.concat([text_frames(rng.integers(0, CONFIG.text_vocab_size, text_len)),
-                          audio_frames(rng.integers(1, CONFIG.audio_vocab_size, (32, audio_len))),
-                          text_frames(rng.integers(0, CONFIG.text_vocab_size, 4))])
 
 
 def reference_greedy(model, prompt: Frames, max_frames: int) -> np.ndarray:
@@ -71,7 +64,7 @@ def test_greedy_matches_transformers_generate(models, generator):
     mixed text/audio prompts go in as embeddings), both stacks greedy (`do_sample=False`, and
     `depth_decoder_do_sample=False` for its depth decoder)."""
     hf, model = models
-    prompt = random_prompt(0)
+    prompt = random_prompt(CONFIG, 0)
     ours = generator.generate([prompt], 24, GREEDY_FRAMES)[0]
     embeds = np.asarray(model.embed_frames(jnp.asarray(prompt.tokens[None]), jnp.asarray(prompt.mask[None])))
     with torch.no_grad():
@@ -82,7 +75,8 @@ def test_greedy_matches_transformers_generate(models, generator):
 
 
 def test_greedy_matches_a_plain_step_by_step_loop_batched_and_padded(generator, models):
-    prompts = [random_prompt(1, text_len=3, audio_len=2), random_prompt(2, text_len=12, audio_len=9)]
+    prompts = [random_prompt(CONFIG, 1, context_text=3, context_audio=2),
+               random_prompt(CONFIG, 2, context_text=12, context_audio=9)]
     batch = generator.generate(prompts, 20, GREEDY_FRAMES)
     for prompt, codes in zip(prompts, batch):
         np.testing.assert_array_equal(codes, reference_greedy(models[1], prompt, 20))
@@ -101,7 +95,7 @@ def end_of_speech_after(frames_per_row):
 
 
 def test_each_row_stops_on_its_own_end_frame(generator):
-    prompts = [random_prompt(3), random_prompt(4)]
+    prompts = [random_prompt(CONFIG, 3), random_prompt(CONFIG, 4)]
     free = generator.generate(prompts, 12, GREEDY_FRAMES)
     stopped = generator.generate(prompts, 12, GREEDY_FRAMES, processor=end_of_speech_after([3, 7]))
     assert [c.shape[1] for c in stopped] == [3, 7]  # the end frame itself is dropped
@@ -112,7 +106,7 @@ def test_each_row_stops_on_its_own_end_frame(generator):
 def test_seeded_sampling_is_reproducible_alone_batched_and_streamed(generator):
     sampling = FrameSampling(codebook0=SamplerConfig(temperature=1.0, top_k=20),
                              depth=SamplerConfig(temperature=0.8, top_p=0.9))
-    prompts = [random_prompt(5), random_prompt(6)]
+    prompts = [random_prompt(CONFIG, 5), random_prompt(CONFIG, 6)]
     first = generator.generate(prompts, 10, sampling, seeds=[11, 12])
     again = generator.generate(prompts, 10, sampling, seeds=[11, 12])
     alone = generator.generate(prompts[1:], 10, sampling, seeds=[12])

@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from csm_jax.inference import kernels
-from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.config import preset
 from csm_jax.inference.loop import FrameGenerator
-from csm_jax.io.frames import Frames, audio_frames, text_frames
 from csm_jax.core.model import Csm
 from csm_jax.inference.sampling import GREEDY, FrameSampling, SamplerConfig, inverse_cdf_sample, sample
+from tests.helpers import random_prompt
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build the kernel")
 
@@ -48,8 +48,7 @@ def test_bfloat16_weights_generate_the_frames_of_float32_weights():
     half = Csm(config, dtype=jnp.float32, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
     full = Csm(config, rngs=nnx.Rngs(0))
     nnx.update(full, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(half, nnx.Param)))
-    rng = np.random.default_rng(0)
-    prompt = Frames.concat([text_frames(rng.integers(0, 300, 6)), audio_frames(rng.integers(1, 67, (32, 4)))])
+    prompt = random_prompt(config, 0, context_text=6, context_audio=4, target_text=0)
     sampling = FrameSampling.same(GREEDY)
     ours = FrameGenerator(half).generate([prompt, prompt], 12, sampling)
     expect = FrameGenerator(full).generate([prompt, prompt], 12, sampling)
@@ -69,8 +68,7 @@ def test_kernel_switch_changes_the_path_not_the_frames(monkeypatch):
         use_cpu_kernels()
     monkeypatch.delenv(KERNELS_ENV)
     assert use_cpu_kernels() and not use_cpu_kernels(False)
-    rng = np.random.default_rng(1)
-    prompt = Frames.concat([text_frames(rng.integers(0, 300, 6)), audio_frames(rng.integers(1, 67, (32, 4)))])
+    prompt = random_prompt(model.config, 1, context_text=6, context_audio=4, target_text=0)
     off, on = decode_model(model, cpu_kernels=False), decode_model(model, cpu_kernels=True)
     assert (off.cpu_kernels, on.cpu_kernels) == (False, True)
     sampling = FrameSampling.same(SamplerConfig(temperature=0.8, top_k=20))

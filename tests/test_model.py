@@ -11,17 +11,7 @@ from csm_jax.io.checkpoint import CheckpointError, load_model, read_metadata, sa
 from csm_jax.core.config import CsmConfig, preset
 from csm_jax.core.layers import KVCache
 from csm_jax.core.model import Csm, segment_positions
-
-
-def random_frames(rng, config: CsmConfig, batch: int, length: int):
-    """Random mixed text/audio frames: (tokens (B,S,n+1) int32, mask (B,S,n+1) bool)."""
-    n = config.num_codebooks
-    is_audio = rng.random((batch, length)) < 0.6
-    tokens = np.zeros((batch, length, n + 1), np.int32)
-    tokens[..., :n] = rng.integers(0, config.audio_vocab_size, (batch, length, n))
-    tokens[..., n] = rng.integers(0, config.text_vocab_size, (batch, length))
-    mask = np.concatenate([np.repeat(is_audio[..., None], n, -1), ~is_audio[..., None]], -1)
-    return jnp.asarray(tokens * mask), jnp.asarray(mask)
+from tests.helpers import random_frames
 
 
 @pytest.fixture(scope="module")

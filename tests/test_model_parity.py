@@ -12,10 +12,11 @@ import torch
 
 from convert import convert_to_orbax
 from csm_jax.io.checkpoint import load_model
-from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.config import preset
 from csm_jax.core.layers import RMSNorm, rope_frequencies
-from tests.test_model import random_frames
-from tests.torch_references import original_model, save_original, transformers_logits, transformers_model
+from tests.helpers import logits_inputs
+from tests.references import (original_model, save_original, transformers_config, transformers_logits,
+                              transformers_model)
 
 FLOAT32_ATOL = 1e-4
 
@@ -24,11 +25,6 @@ def our_logits(model, tokens, mask, codes):
     c0, hidden = model(tokens, mask)
     depth = model.depth_logits(hidden[:, -1], jnp.asarray(codes, jnp.int32))
     return np.asarray(c0), np.asarray(depth)
-
-
-def inputs(rng, config, batch=2, length=10):
-    tokens, mask = random_frames(rng, config, batch, length)
-    return tokens, mask, rng.integers(0, config.audio_vocab_size, (batch, config.num_codebooks))
 
 
 def assert_logits_close(ours, reference, atol):
@@ -49,7 +45,7 @@ def transformers_checkpoint(request, tmp_path_factory):
 
 def test_transformers_checkpoint_matches_transformers_logits(transformers_checkpoint, rng):
     reference, converted, config = transformers_checkpoint
-    tokens, mask, codes = inputs(rng, config)
+    tokens, mask, codes = logits_inputs(rng, config)
     want = transformers_logits(reference, tokens, mask, codes)[:2]
     assert_logits_close(our_logits(load_model(converted), tokens, mask, codes), want, FLOAT32_ATOL)
 
@@ -59,7 +55,7 @@ def test_bfloat16_load_stays_close_to_float32_reference(transformers_checkpoint,
     2 configs x 4 seeds (logits up to about 4.4): max |diff| 0.036-0.089, argmax of codebook 0 equal at 95-100%
     of positions. Bound: 0.15 absolute (about 3.5% of the largest logit), argmax equal at >= 90%."""
     reference, converted, config = transformers_checkpoint
-    tokens, mask, codes = inputs(rng, config, batch=4)
+    tokens, mask, codes = logits_inputs(rng, config, batch=4)
     want = transformers_logits(reference, tokens, mask, codes)[:2]
     got = our_logits(load_model(converted, dtype=jnp.bfloat16), tokens, mask, codes)
     assert_logits_close(got, want, atol=0.15)
@@ -73,7 +69,7 @@ def test_original_checkpoint_matches_torchtune_reference(fmt, tmp_path, rng):
     reference = original_model(config, seed=2)
     src = save_original(reference, tmp_path / "src", fmt)
     converted = convert_to_orbax(src, tmp_path / "orbax")
-    tokens, mask, codes = inputs(rng, config)
+    tokens, mask, codes = logits_inputs(rng, config)
     want = reference.logits(tokens, mask, codes)[:2]
     assert_logits_close(our_logits(load_model(converted), tokens, mask, codes), want, FLOAT32_ATOL)
 
@@ -85,13 +81,11 @@ def test_rope_frequencies_match_transformers_and_torchtune(stack):
     """CSM-1B's real RoPE settings: transformers' llama3 init (with its re-expressed factors) and torchtune's
     Llama3ScaledRoPE (the original's) give the same float32 inverse frequencies as ours."""
     from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
-    from transformers import CsmConfig as HfCsmConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     cfg = getattr(preset("csm_1b"), stack)
     ours = rope_frequencies(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
-    hf_config = HfCsmConfig(**{k: v for k, v in preset("csm_1b").to_transformers().items()
-                               if k not in ("architectures", "model_type")})
+    hf_config = transformers_config(preset("csm_1b"))
     hf_config = hf_config if stack == "backbone" else hf_config.depth_decoder_config
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
     np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6, atol=0)
@@ -119,15 +113,13 @@ def test_attention_with_gqa_matches_transformers(name, rng):
     """One attention layer of the backbone (tiny: 4 query heads on 2 kv heads, Llama-3 scaled RoPE; tiny_odd:
     head_dim 24 != dim/heads) against transformers' CsmAttention, weights mapped by the converter's table."""
     from flax import nnx
-    from transformers import CsmConfig as HfCsmConfig
     from transformers.models.csm.modeling_csm import CsmAttention, CsmRotaryEmbedding
 
     from convert.layouts import TRANSFORMERS, TRANSFORMS
     from csm_jax.core.layers import Attention, AttentionInputs, attention_mask
 
     cfg = preset(name).backbone
-    hf_config = HfCsmConfig(**{k: v for k, v in preset(name).to_transformers().items()
-                               if k not in ("architectures", "model_type")}, attn_implementation="eager")
+    hf_config = transformers_config(preset(name), attn_implementation="eager")
     reference = CsmAttention(hf_config, layer_idx=0).eval()
     ours = Attention(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     for name, module in [("q_proj", reference.q_proj), ("k_proj", reference.k_proj), ("v_proj", reference.v_proj),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.emilia import ENGLISH, MANDARIN
+from tests.helpers import ENGLISH, MANDARIN
 from train.data import DataConfig, Featurizer, dataset
 
 ROOT = Path(__file__).resolve().parents[1]

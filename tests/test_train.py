@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.emilia import ENGLISH, MANDARIN
+from tests.helpers import ENGLISH, MANDARIN
 from train.data import (SKIPPED, DataConfig, Featurizer, TarShard, keep, list_shards, parse_metadata,
                         process_share, tar_dataset)
 
@@ -102,8 +102,8 @@ def test_cosine_schedule_reaches_its_end_value_at_the_runs_last_step():
 
 def test_sharded_step_equals_single_device_step():
     """2x2x2 (data, fsdp, tensor) mesh of 8 CPU devices vs one device, same step, float32."""
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_step.py"), "2", "2", "2"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "tests.sharded_step", "2", "2", "2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(report["loss"][0], report["loss"][1], rtol=1e-5)
@@ -161,10 +161,10 @@ def test_two_processes_train_like_one_process_with_eight_devices(shards, tmp_pat
     restored by both processes together."""
     import portpicker
 
-    script = str(ROOT / "tests" / "multihost_train.py")
+    module = ["-m", "tests.multihost_train"]
     port = portpicker.pick_unused_port()
-    commands = [[script, str(shards), str(tmp_path / "one")]] + [
-        [script, str(shards), str(tmp_path / "two"), "--processes", "2", "--process-id", str(i), "--port", str(port)]
+    commands = [[*module, str(shards), str(tmp_path / "one")]] + [
+        [*module, str(shards), str(tmp_path / "two"), "--processes", "2", "--process-id", str(i), "--port", str(port)]
         for i in range(2)]
     logs = [(tmp_path / f"{i}.out", tmp_path / f"{i}.err") for i in range(3)]
     procs = [subprocess.Popen([sys.executable, *c], cwd=ROOT, stdout=open(o, "w"), stderr=open(e, "w"))

@@ -4,44 +4,24 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.config import preset
+from tests.helpers import utterance_batch
+from tests.references import csm_from_transformers, transformers_loss, transformers_model
 from train.loss import choose_depth_frames, csm_loss, target_frames
-from tests.hf_reference import csm_from_transformers, transformers_csm
-
-
-def utterance_batch(rng, config: CsmConfig, batch: int, text_len: int, audio_len: int):
-    """Each row: text frames, then audio frames ending with the all-zero end frame (as training data is built)."""
-    n = config.num_codebooks
-    s = text_len + audio_len
-    tokens = np.zeros((batch, s, n + 1), np.int64)
-    mask = np.zeros((batch, s, n + 1), bool)
-    tokens[:, :text_len, n] = rng.integers(0, config.text_vocab_size, (batch, text_len))
-    mask[:, :text_len, n] = True
-    tokens[:, text_len:-1, :n] = rng.integers(0, config.audio_vocab_size, (batch, audio_len - 1, n))
-    mask[:, text_len:, :n] = True
-    return tokens, mask
 
 
 def test_loss_matches_transformers_training_loss(rng):
     config = preset("tiny")
-    hf = transformers_csm(config, seed=3)
+    hf = transformers_model(config, seed=3)
     model = csm_from_transformers(hf, config)
-    n = config.num_codebooks
     tokens, mask = utterance_batch(rng, config, batch=2, text_len=5, audio_len=9)
     seg = np.ones(tokens.shape[:2], np.int32)
     targets = np.asarray(target_frames(jnp.asarray(mask), jnp.asarray(seg)))
     depth_mask = targets & (rng.random(targets.shape) < 0.4)
     depth_mask[0, 7] = depth_mask[1, -1] = True  # at least one frame each row, the end frame included
 
-    # transformers: labels (B, S, n): codes on audio frames, -100 elsewhere, -101 on backbone-only frames.
-    t = torch.tensor(tokens)
-    is_audio = torch.tensor(mask[..., 0])
-    embeds = torch.where(is_audio[..., None], hf.backbone_model.embed_tokens(t[..., :n]), hf.embed_text_tokens(t[..., n]))
-    labels = torch.where(is_audio[..., None], t[..., :n], torch.full_like(t[..., :n], -100))
-    backbone_only = torch.tensor(targets & ~depth_mask)
-    labels[..., 1:][backbone_only] = -100  # what transformers makes of a -101 frame
-    with torch.no_grad():
-        out = hf(inputs_embeds=embeds, labels=labels)
+    with torch.no_grad():  # frames outside depth_mask are backbone-only (-101 in transformers' labels)
+        out = transformers_loss(hf, tokens, mask, depth_mask)
 
     indices, weights = jnp.asarray(np.flatnonzero(depth_mask)), jnp.ones(int(depth_mask.sum()))
     loss, metrics = csm_loss(model, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jnp.asarray(seg), indices,

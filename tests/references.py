@@ -1,4 +1,4 @@
-"""Reference CSM implementations in PyTorch for parity tests, both written by others:
+"""Reference CSM implementations in PyTorch for parity tests and benchmarks, both written by others:
 
 * transformers' `CsmForConditionalGeneration` (random weights, saved with `save_pretrained`);
 * the original Sesame model, assembled as Sesame's `models.py` does it from torchtune's `llama3_2` decoders
@@ -12,13 +12,18 @@ Weights are redrawn so that every logit is of order 1 and norm scales differ fro
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn as nn
 
+from convert import convert_to_orbax
 from csm_jax.core.config import CsmConfig
+from csm_jax.core.model import Csm
+from csm_jax.io.checkpoint import load_model
 
 
 def redraw_weights(module: nn.Module, seed: int, skip: str = "codec_model.") -> None:
@@ -50,13 +55,53 @@ def small_mimi_config() -> dict:
                       upsample_groups=32, vector_quantization_hidden_dimension=8).to_dict()
 
 
-def transformers_model(config: CsmConfig, seed: int = 0):
-    from transformers import CsmConfig as HfCsmConfig, CsmForConditionalGeneration
+def transformers_config(config: CsmConfig, **overrides):
+    """Our config as transformers' `CsmConfig` (`overrides` are passed on, e.g. `attn_implementation`)."""
+    from transformers import CsmConfig as HfCsmConfig
 
-    d = {k: v for k, v in config.to_transformers().items() if k not in ("architectures", "model_type")}
-    model = CsmForConditionalGeneration(HfCsmConfig(**d, codec_config=small_mimi_config()))
+    fields = {k: v for k, v in config.to_transformers().items() if k not in ("architectures", "model_type")}
+    return HfCsmConfig(**fields, **overrides)
+
+
+def transformers_model(config: CsmConfig, seed: int = 0):
+    """transformers' CSM with redrawn weights (see `redraw_weights`) and a small Mimi codec, in eval mode."""
+    from transformers import CsmForConditionalGeneration
+
+    model = CsmForConditionalGeneration(transformers_config(config, codec_config=small_mimi_config()))
     redraw_weights(model, seed)
     return model.eval()
+
+
+def csm_from_transformers(model, config: CsmConfig, dtype=jnp.float32) -> Csm:
+    """The same weights in our `Csm` through the production path: save_pretrained -> the converter -> load_model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "hf")
+        convert_to_orbax(Path(tmp) / "hf", Path(tmp) / "orbax")
+        ours = load_model(Path(tmp) / "orbax", dtype=dtype)
+    assert ours.config == config
+    return ours
+
+
+def transformers_embeds(model, tokens, mask) -> torch.Tensor:
+    """transformers' embedding of our frames (tokens, mask: (B, S, n+1)) -> (B, S, D). Its 3-D `input_ids` path
+    embeds audio frames only, so mixed text/audio inputs go in as `inputs_embeds`."""
+    n = model.config.num_codebooks
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    is_audio = torch.as_tensor(np.asarray(mask))[..., 0]
+    return torch.where(is_audio[..., None], model.backbone_model.embed_tokens(tokens[..., :n]),
+                       model.embed_text_tokens(tokens[..., n]))
+
+
+def transformers_loss(model, tokens, mask, depth_frames):
+    """transformers' CSM training loss over our frames; returns its output (loss, backbone_loss,
+    depth_decoder_loss). Labels (B, S, n) are the codes on audio frames and -100 elsewhere; outside `depth_frames`
+    (B, S) codebooks 1.. are -100 too, which is what transformers makes of its -101 (backbone-only) label."""
+    n = model.config.num_codebooks
+    codes = torch.as_tensor(np.asarray(tokens), dtype=torch.long)[..., :n]
+    is_audio = torch.as_tensor(np.asarray(mask))[..., 0]
+    labels = torch.where(is_audio[..., None], codes, torch.full_like(codes, -100))
+    labels[..., 1:][torch.as_tensor(~np.asarray(depth_frames))] = -100
+    return model(inputs_embeds=transformers_embeds(model, tokens, mask), labels=labels)
 
 
 @torch.no_grad()
@@ -64,11 +109,7 @@ def transformers_logits(model, tokens: np.ndarray, mask: np.ndarray, codes: np.n
     """c0 logits (B, S, V) of the backbone over frames, and depth logits (B, n-1, V) for each row's `codes` (B, n)
     predicted from the backbone's last hidden state."""
     n = model.config.num_codebooks
-    tokens = torch.tensor(np.asarray(tokens), dtype=torch.long)
-    is_audio = torch.tensor(np.asarray(mask))[..., 0]
-    embeds = torch.where(is_audio[..., None], model.backbone_model.embed_tokens(tokens[..., :n]),
-                         model.embed_text_tokens(tokens[..., n]))
-    out = model(inputs_embeds=embeds, output_hidden_states=True)
+    out = model(inputs_embeds=transformers_embeds(model, tokens, mask), output_hidden_states=True)
     hidden = out.hidden_states[-1][:, -1]  # transformers' last hidden state is after the final norm
     codes = torch.tensor(np.asarray(codes), dtype=torch.long)
     depth = model.depth_decoder(input_ids=nn.functional.pad(codes[:, : n - 1], (1, 0)),

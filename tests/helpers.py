@@ -1,0 +1,131 @@
+"""What tests and benchmarks share: random inputs for the model, real speech from espeak-ng, and Emilia-format
+shards built from it. (The reference models written by others are in tests/references.py.)"""
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+
+from csm_jax.core.config import CsmConfig
+from csm_jax.io.frames import Frames, audio_frames, text_frames
+
+# ---- random model inputs -------------------------------------------------------------------------------------
+
+def random_frames(rng: np.random.Generator, config: CsmConfig, batch: int, length: int):
+    """Text and audio frames mixed at random: (tokens (B, S, n+1) int32, mask (B, S, n+1) bool), as jnp arrays."""
+    n = config.num_codebooks
+    is_audio = rng.random((batch, length)) < 0.6
+    tokens = np.zeros((batch, length, n + 1), np.int32)
+    tokens[..., :n] = rng.integers(0, config.audio_vocab_size, (batch, length, n))
+    tokens[..., n] = rng.integers(0, config.text_vocab_size, (batch, length))
+    mask = np.concatenate([np.repeat(is_audio[..., None], n, -1), ~is_audio[..., None]], -1)
+    return jnp.asarray(tokens * mask), jnp.asarray(mask)
+
+
+def logits_inputs(rng: np.random.Generator, config: CsmConfig, batch: int = 2, length: int = 10):
+    """`random_frames`, and codes (B, n) for each row: the teacher-forced input of the depth decoder's logits."""
+    tokens, mask = random_frames(rng, config, batch, length)
+    return tokens, mask, rng.integers(0, config.audio_vocab_size, (batch, config.num_codebooks))
+
+
+def utterance_batch(rng: np.random.Generator, config: CsmConfig, batch: int | tuple[int, ...], text_len: int,
+                    audio_len: int):
+    """Training rows as training data builds them: `text_len` text frames, then `audio_len` audio frames of which
+    the last is the all-zero end frame. `batch` is the leading shape (rows, or (micro-batches, rows)). Returns
+    (tokens (*batch, S, n+1) int64, mask (*batch, S, n+1) bool) as numpy arrays."""
+    batch = (batch,) if isinstance(batch, int) else tuple(batch)
+    n = config.num_codebooks
+    tokens = np.zeros((*batch, text_len + audio_len, n + 1), np.int64)
+    mask = np.zeros(tokens.shape, bool)
+    tokens[..., :text_len, n] = rng.integers(0, config.text_vocab_size, (*batch, text_len))
+    mask[..., :text_len, n] = True
+    tokens[..., text_len:-1, :n] = rng.integers(0, config.audio_vocab_size, (*batch, audio_len - 1, n))
+    mask[..., text_len:, :n] = True
+    return tokens, mask
+
+
+def random_prompt(config: CsmConfig, seed: int, context_text: int = 7, context_audio: int = 5,
+                  target_text: int = 4) -> Frames:
+    """A generation prompt shaped like the reference's: context text, context audio codes (then the end frame),
+    target text (none when `target_text` is 0). Codes are never 0 (an all-zero frame ends speech) and below 2048
+    (what Mimi decodes)."""
+    rng = np.random.default_rng(seed)
+    n = config.num_codebooks
+    parts = [text_frames(rng.integers(0, config.text_vocab_size, context_text), n),
+             audio_frames(rng.integers(1, min(2048, config.audio_vocab_size), (n, context_audio)))]
+    if target_text:
+        parts.append(text_frames(rng.integers(0, config.text_vocab_size, target_text), n))
+    return Frames.concat(parts)
+
+
+# ---- real speech ---------------------------------------------------------------------------------------------
+
+def espeak_wav(path, text: str, voice: str = "en-us", rate: int = 24000) -> str:
+    """Real speech without any download: espeak-ng piped through sox into a 16-bit mono wav at `rate`.
+
+    For Mandarin pass tone-numbered pinyin (pypinyin Style.TONE3) with voice "cmn-latn-pinyin".
+    """
+    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+        pytest.fail("espeak-ng and sox are required for the audio tests: apt-get install espeak-ng sox")
+    speech = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], check=True, capture_output=True).stdout
+    subprocess.run(["sox", "-t", "wav", "-", "-r", str(rate), "-c", "1", "-b", "16", str(path)], input=speech,
+                   check=True, capture_output=True)
+    return str(path)
+
+
+# ---- Emilia-format WebDataset shards (English, and Mandarin spoken as tone-numbered pinyin) --------------------
+
+ENGLISH = ["Hello there, how are you today?", "The weather is lovely this morning.",
+           "Please pass me the salt.", "We will meet again tomorrow."]
+MANDARIN = ["你好，今天天气很好。", "我们明天再见。"]
+
+
+def _mp3_bytes(tmp: Path, text: str, voice: str) -> bytes:
+    wav = espeak_wav(tmp / "u.wav", text, voice)
+    subprocess.run(["sox", wav, str(tmp / "u.mp3")], check=True, capture_output=True)
+    return (tmp / "u.mp3").read_bytes()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _utterance_json(key: str, text: str, language: str, duration: float = 2.0, dnsmos: float = 3.5) -> bytes:
+    return json.dumps({"id": key, "wav": f"{key}.mp3", "text": " " + text, "duration": duration,
+                       "speaker": f"{language}_B000000_S00001", "language": language.lower(),
+                       "dnsmos": dnsmos}).encode()
+
+
+def make_shard(path: Path, language: str, texts: list[str], corrupt: bool = False) -> Path:
+    """One shard `{LANG}-B000000.tar`; with `corrupt`, adds a bad mp3, a missing json, an empty text and NaN audio."""
+    from pypinyin import Style, lazy_pinyin
+
+    tmp = path.parent / f".{path.stem}-work"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i, text in enumerate(texts):
+            key = f"{language}_B000000_S00001_W{i:06d}"
+            spoken, voice = ((" ".join(lazy_pinyin(text, style=Style.TONE3)), "cmn-latn-pinyin")
+                             if language == "ZH" else (text, "en-us"))
+            _add(tar, f"{key}.mp3", _mp3_bytes(tmp, spoken, voice))
+            _add(tar, f"{key}.json", _utterance_json(key, text, language))
+        if corrupt:
+            _add(tar, "bad_mp3.mp3", b"\xff\xfb\x90\x00 this is not an mp3 stream" * 10)
+            _add(tar, "bad_mp3.json", _utterance_json("bad_mp3", "broken audio", language))
+            _add(tar, "no_json.mp3", _mp3_bytes(tmp, "no metadata", "en-us"))
+            _add(tar, "empty_text.mp3", _mp3_bytes(tmp, "silence", "en-us"))
+            _add(tar, "empty_text.json", _utterance_json("empty_text", "   ", language))
+            nan = io.BytesIO()
+            sf.write(nan, np.full(4800, np.nan, np.float32), 24000, format="WAV", subtype="FLOAT")
+            _add(tar, "nan_audio.wav", nan.getvalue())
+            _add(tar, "nan_audio.json", _utterance_json("nan_audio", "not a number", language))
+    return path
