@@ -23,3 +23,52 @@ def shards(tmp_path_factory):
     make_shard(d / "EN" / "EN-B000000.tar", "EN", ENGLISH, corrupt=True)
     make_shard(d / "ZH" / "ZH-B000000.tar", "ZH", MANDARIN)
     return d
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tmp_path_factory):
+    """A random transformers CSM (tiny) saved with save_pretrained, and the reference model."""
+    from csm_jax.core.config import preset
+    from tests.references import transformers_model
+
+    model = transformers_model(preset("tiny"), seed=3)
+    path = tmp_path_factory.mktemp("hf_tiny")
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def hf_tiny_orbax(hf_tiny, tmp_path_factory):
+    """`hf_tiny` converted to a csm-jax checkpoint."""
+    from convert import convert_to_orbax
+
+    return convert_to_orbax(hf_tiny[0], tmp_path_factory.mktemp("converted") / "orbax")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random `tiny_full_vocab` model: CSM's real vocabularies, so it fits the real tokenizer and Mimi."""
+    from flax import nnx
+
+    from csm_jax.core.config import preset
+    from csm_jax.core.model import Csm
+
+    return Csm(preset("tiny_full_vocab"), rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def generator(model):
+    """`model` with the offline tokenizer and a random Mimi."""
+    from csm_jax.inference.generator import Generator
+    from csm_jax.io import audio
+    from csm_jax.io.text import load_tokenizer
+
+    return Generator(model, load_tokenizer(), audio.random_mimi(0))
+
+
+@pytest.fixture(scope="module")
+def context_wav(tmp_path_factory):
+    """espeak-ng speech at 16 kHz (on purpose: readers resample to 24 kHz)."""
+    from tests.helpers import espeak_wav
+
+    return espeak_wav(tmp_path_factory.mktemp("ctx") / "ctx.wav", "this is what came before", rate=16000)

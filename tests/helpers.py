@@ -93,13 +93,13 @@ def _mp3_bytes(tmp: Path, text: str, voice: str) -> bytes:
     return (tmp / "u.mp3").read_bytes()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
 
 
-def _utterance_json(key: str, text: str, language: str, duration: float = 2.0, dnsmos: float = 3.5) -> bytes:
+def utterance_json(key: str, text: str, language: str, duration: float = 2.0, dnsmos: float = 3.5) -> bytes:
     return json.dumps({"id": key, "wav": f"{key}.mp3", "text": " " + text, "duration": duration,
                        "speaker": f"{language}_B000000_S00001", "language": language.lower(),
                        "dnsmos": dnsmos}).encode()
@@ -116,16 +116,16 @@ def make_shard(path: Path, language: str, texts: list[str], corrupt: bool = Fals
             key = f"{language}_B000000_S00001_W{i:06d}"
             spoken, voice = ((" ".join(lazy_pinyin(text, style=Style.TONE3)), "cmn-latn-pinyin")
                              if language == "ZH" else (text, "en-us"))
-            _add(tar, f"{key}.mp3", _mp3_bytes(tmp, spoken, voice))
-            _add(tar, f"{key}.json", _utterance_json(key, text, language))
+            add_member(tar, f"{key}.mp3", _mp3_bytes(tmp, spoken, voice))
+            add_member(tar, f"{key}.json", utterance_json(key, text, language))
         if corrupt:
-            _add(tar, "bad_mp3.mp3", b"\xff\xfb\x90\x00 this is not an mp3 stream" * 10)
-            _add(tar, "bad_mp3.json", _utterance_json("bad_mp3", "broken audio", language))
-            _add(tar, "no_json.mp3", _mp3_bytes(tmp, "no metadata", "en-us"))
-            _add(tar, "empty_text.mp3", _mp3_bytes(tmp, "silence", "en-us"))
-            _add(tar, "empty_text.json", _utterance_json("empty_text", "   ", language))
+            add_member(tar, "bad_mp3.mp3", b"\xff\xfb\x90\x00 this is not an mp3 stream" * 10)
+            add_member(tar, "bad_mp3.json", utterance_json("bad_mp3", "broken audio", language))
+            add_member(tar, "no_json.mp3", _mp3_bytes(tmp, "no metadata", "en-us"))
+            add_member(tar, "empty_text.mp3", _mp3_bytes(tmp, "silence", "en-us"))
+            add_member(tar, "empty_text.json", utterance_json("empty_text", "   ", language))
             nan = io.BytesIO()
             sf.write(nan, np.full(4800, np.nan, np.float32), 24000, format="WAV", subtype="FLOAT")
-            _add(tar, "nan_audio.wav", nan.getvalue())
-            _add(tar, "nan_audio.json", _utterance_json("nan_audio", "not a number", language))
+            add_member(tar, "nan_audio.wav", nan.getvalue())
+            add_member(tar, "nan_audio.json", utterance_json("nan_audio", "not a number", language))
     return path

@@ -20,7 +20,6 @@ from csm_jax.io.checkpoint import CheckpointError, load_model, save_model
 from csm_jax.io.frames import Segment
 from csm_jax.io.hub import resolve_checkpoint
 from csm_jax.io.text import TokenizerError, load_tokenizer
-from tests.test_generate_e2e import context_wav, generator, model  # noqa: F401 (module-scoped fixtures)
 
 SPEECH_TEXT = "this is what came before"
 

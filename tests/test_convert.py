@@ -32,20 +32,6 @@ def assert_same_tensors(got: dict, want: dict):
         assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
 
 
-@pytest.fixture(scope="module")
-def hf_tiny(tmp_path_factory):
-    """A random transformers CSM (tiny) saved with save_pretrained, and the reference model."""
-    model = transformers_model(preset("tiny"), seed=3)
-    path = tmp_path_factory.mktemp("hf_tiny")
-    model.save_pretrained(path)
-    return path, model
-
-
-@pytest.fixture(scope="module")
-def hf_tiny_orbax(hf_tiny, tmp_path_factory):
-    return convert_to_orbax(hf_tiny[0], tmp_path_factory.mktemp("converted") / "orbax")
-
-
 @pytest.fixture
 def original_tiny(tmp_path):
     model = original_model(preset("tiny"), seed=4)

@@ -21,8 +21,7 @@ from convert.__main__ import main
 from csm_jax.core.config import preset
 from csm_jax.io.checkpoint import abstract_model, read_metadata
 from csm_jax.io.output_dir import EXPORT_MARKER, output_kind
-from tests.test_convert import hf_tiny, hf_tiny_orbax  # noqa: F401 (fixtures)
-from tests.torch_references import original_model, save_original
+from tests.references import original_model, save_original
 
 REPO = Path(__file__).resolve().parent.parent
 

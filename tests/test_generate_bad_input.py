@@ -16,11 +16,11 @@ import pytest
 import soundfile as sf
 from flax import nnx
 
+from csm_jax.core.config import preset
 from csm_jax.core.model import Csm
 from csm_jax.generate import main
 from csm_jax.io import audio
 from csm_jax.io.checkpoint import save_model
-from tests.test_generate_e2e import CONFIG, context_wav, generator, model  # noqa: F401 (module-scoped fixtures)
 
 EXISTING = b"RIFF: the user's own file, which no failed or interrupted run may change"
 
@@ -173,7 +173,8 @@ def test_a_prompt_over_budget_never_touches_the_output(checkpoint, context_wav, 
 @pytest.fixture(scope="module")
 def long_checkpoint(tmp_path_factory):
     """The test model with room for 2000 frames (160 s), so that a stream is still running when it is signalled."""
-    config = dataclasses.replace(CONFIG, backbone=dataclasses.replace(CONFIG.backbone, max_seq_len=2048))
+    config = preset("tiny_full_vocab")
+    config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, max_seq_len=2048))
     return save_model(Csm(config, rngs=nnx.Rngs(1)), tmp_path_factory.mktemp("long") / "ckpt")
 
 

@@ -1,7 +1,6 @@
 """End to end, offline: random tiny CSM + random Mimi (codebooks filled) + the shipped tokenizer, context from
 espeak-ng speech; through the command line and the Python API (single, batched, streamed)."""
 
-import dataclasses
 import subprocess
 import sys
 
@@ -10,7 +9,6 @@ import pytest
 import soundfile as sf
 from flax import nnx
 
-from tests.helpers import espeak_wav
 from csm_jax.io import audio
 from csm_jax.io.checkpoint import save_model
 from csm_jax.core.config import preset
@@ -21,23 +19,6 @@ from csm_jax.core.model import Csm
 from csm_jax.io.text import load_tokenizer
 
 # tiny stacks, but the real vocabularies: Llama-3 text ids and 2048 Mimi codes must embed
-CONFIG = dataclasses.replace(preset("tiny"), text_vocab_size=128_256, audio_vocab_size=2051)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return Csm(CONFIG, rngs=nnx.Rngs(1))
-
-
-@pytest.fixture(scope="module")
-def generator(model):
-    return Generator(model, load_tokenizer(), audio.random_mimi(0))
-
-
-@pytest.fixture(scope="module")
-def context_wav(tmp_path_factory):
-    # 16 kHz on purpose: the reader resamples to 24 kHz
-    return espeak_wav(tmp_path_factory.mktemp("ctx") / "ctx.wav", "this is what came before", rate=16000)
 
 
 def test_cli_writes_a_24k_wav_with_one_frame_of_audio_per_generated_frame(model, context_wav, tmp_path):

@@ -188,7 +188,7 @@ def test_cli_on_two_processes_exports_the_weights_of_one_process(tmp_path):
     one-process run whose batches hold both copies (every frame trains the depth decoder, so row order is moot)."""
     import portpicker
 
-    from tests.emilia import MANDARIN, make_shard
+    from tests.helpers import MANDARIN, make_shard
 
     data = tmp_path / "data"
     first = make_shard(data / "ZH-B000000.tar", "ZH", MANDARIN)

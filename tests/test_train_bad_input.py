@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.emilia import add, utterance_json
+from tests.helpers import add_member, utterance_json
 from train.__main__ import main as train_main
 from train.data import SKIPPED, DataConfig, DataError, Featurizer, dataset, list_shards, tar_dataset
 from train.prepare import main as prepare_main
@@ -68,8 +68,8 @@ def corrupt(shards, tmp_path_factory) -> Path:
     with tarfile.open(d / "EN" / "EN-B000001.tar", "w") as tar:
         for key, fields in [("good", {}), ("bad_duration", {"duration": "two seconds"}),
                             ("bad_dnsmos", {"dnsmos": "high"})]:
-            add(tar, f"{key}.mp3", mp3)
-            add(tar, f"{key}.json", json.dumps({**json.loads(utterance_json(key, "A sentence.", "EN")),
+            add_member(tar, f"{key}.mp3", mp3)
+            add_member(tar, f"{key}.json", json.dumps({**json.loads(utterance_json(key, "A sentence.", "EN")),
                                                 **fields}).encode())
     (d / "XX").mkdir()
     (d / "XX" / "XX-B000000.tar").write_bytes(b"this is not a tar archive\n" * 40)

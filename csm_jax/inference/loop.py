@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx, struct
 
 from csm_jax.core.codec import CODEBOOK_SIZE
+from csm_jax.core.layers import KVCache
 from csm_jax.core.model import Csm
 from csm_jax.inference.decode_model import DecodeCsm, decode_model
 from csm_jax.inference.prompt import PROMPT_BUCKET, check_budget
