@@ -21,7 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from csm_jax.core.errors import UserError, run_main
 from train.data import SKIPPED, TarShard, decode_audio, list_shards, parse_metadata
