@@ -6,9 +6,9 @@
 #   bash .ci/setup.sh --dev      # plus the test and reference dependencies (transformers, torchtune, espeak-ng, sox)
 #   CSM_CUDA=1 bash .ci/setup.sh # JAX with CUDA wheels
 #   PYTHON=python3.11 bash .ci/setup.sh   # build the environment from this interpreter
-# Without PYTHON the environment is built from Python 3.12 when the machine has it (python3, python3.12, or a
-# pyenv-installed 3.12.x), which gets jax 0.11/0.12; otherwise from python3 (3.11 gets jax 0.10). An existing
-# .venv is kept whatever it was built from: delete it to rebuild.
+#   PYTHON=$(pyenv root)/versions/3.12.1/bin/python3 bash .ci/setup.sh --dev   # e.g. a pyenv-installed 3.12
+# Without PYTHON the environment is built from python3, or python3.12 where python3 is older; Python 3.12+ gets
+# jax 0.11/0.12, Python 3.11 jax 0.10. An existing .venv is kept whatever it was built from: delete it to rebuild.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
@@ -22,9 +22,8 @@ apt_install() {
 
 pick_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
-  local root c
-  root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
-  for c in python3 python3.12 $(ls -d "$root"/versions/3.12.*/bin/python3 2>/dev/null | sort -rV); do
+  local c
+  for c in python3 python3.12; do
     if "$c" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 12))' >/dev/null 2>&1; then echo "$c"; return; fi
   done
   echo python3
