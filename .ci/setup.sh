@@ -37,7 +37,8 @@ if [ ! -x .venv/bin/python ]; then
     exit 2
   fi
   # The venv module is a separate Debian package (python3.X-venv) for the system Python of Debian/Ubuntu.
-  "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=("python$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv")
+  ver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=("python$ver-venv")
 fi
 if [ "$dev" = 1 ] && ! { command -v espeak-ng && command -v sox; } >/dev/null 2>&1; then
   missing+=(espeak-ng sox libsox-fmt-mp3)
