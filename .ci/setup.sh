@@ -1,34 +1,57 @@
 #!/usr/bin/env bash
 # Sets up csm-jax in a project virtual environment, .venv/ in the repository, on a fresh Debian/Ubuntu machine
-# with Python >= 3.11 and apt (a system Python that refuses pip installs, PEP 668, is fine: nothing is installed
-# into it). Afterwards run everything with .venv/bin/python.
+# with apt (a system Python that refuses pip installs, PEP 668, is fine: nothing is installed into it). Afterwards
+# run everything with .venv/bin/python.
 #   bash .ci/setup.sh            # the package (generation, conversion, training)
 #   bash .ci/setup.sh --dev      # plus the test and reference dependencies (transformers, torchtune, espeak-ng, sox)
 #   CSM_CUDA=1 bash .ci/setup.sh # JAX with CUDA wheels
-#   PYTHON=python3.12 bash .ci/setup.sh   # build the environment from another interpreter
+#   PYTHON=python3.11 bash .ci/setup.sh   # build the environment from this interpreter
+#   PYTHON=$(pyenv root)/versions/3.12.1/bin/python3 bash .ci/setup.sh --dev   # e.g. a pyenv-installed 3.12
+# Without PYTHON the environment is built from python3, or python3.12 where python3 is older; Python 3.12+ gets
+# jax 0.11/0.12, Python 3.11 jax 0.10. An existing .venv is kept whatever it was built from: delete it to rebuild.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
 
+missing=()
 apt_install() {
+  [ "$#" -gt 0 ] || return 0
   local SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q && $SUDO apt-get install -y -q "$@"
+  $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "$@"
 }
 
-# The venv module is a separate Debian package (python3-venv) on stock Debian/Ubuntu.
-PY=${PYTHON:-python3}
-if ! $PY -c "import ensurepip, venv" >/dev/null 2>&1; then
-  apt_install python3-venv
+pick_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  local c
+  for c in python3 python3.12; do
+    if "$c" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 12))' >/dev/null 2>&1; then echo "$c"; return; fi
+  done
+  echo python3
+}
+
+if [ ! -x .venv/bin/python ]; then
+  PY=$(pick_python)
+  if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' >/dev/null 2>&1; then
+    echo "error: csm-jax needs Python >= 3.11 and '$PY' is missing or older; install python3.12 (or python3.11) and" \
+         "run again, or name the interpreter with PYTHON=/path/to/python3 bash .ci/setup.sh" >&2
+    exit 2
+  fi
+  # The venv module is a separate Debian package (python3.X-venv) for the system Python of Debian/Ubuntu.
+  ver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=("python$ver-venv")
 fi
 if [ "$dev" = 1 ] && ! { command -v espeak-ng && command -v sox; } >/dev/null 2>&1; then
-  apt_install espeak-ng sox libsox-fmt-mp3
+  missing+=(espeak-ng sox libsox-fmt-mp3)
 fi
-if ! command -v g++ >/dev/null 2>&1; then  # the CPU decode kernels are compiled on first use
-  apt_install g++ || echo "note: no g++; CPU decoding falls back to XLA's slower path" >&2
+command -v g++ >/dev/null 2>&1 || missing+=(g++)  # the CPU decode kernels are compiled on first use
+if ! apt_install "${missing[@]}"; then
+  [ "${missing[*]}" = g++ ] || exit 1
+  echo "note: no g++; CPU decoding falls back to XLA's slower path" >&2
 fi
 
-[ -x .venv/bin/python ] || $PY -m venv .venv
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
+echo "building the environment in .venv with $($VPY -c 'import sys; print("Python", sys.version.split()[0])')"
 $VPY -m pip install -q --upgrade pip
 
 # PyTorch first, so that the resolver below finds it satisfied: any torch >= 2.4 works (CPU or CUDA build).
