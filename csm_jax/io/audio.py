@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from csm_jax.core.codec import FRAME_SAMPLES, SAMPLE_RATE, frames_for_samples
+from csm_jax.core.codec import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, frames_for_samples
 from csm_jax.core.errors import UserError
 from csm_jax.io.hub import looks_like_hub_id
 
@@ -305,8 +305,8 @@ def as_mono(audio, what: str = "audio", channel_axis: int | None = None) -> np.n
     elif a.ndim != 1:
         raise AudioError(f"{what} has shape {a.shape}; give mono audio of shape (samples,) or (samples, channels)")
     if a.size == 0:
-        raise AudioError(f"{what} holds no samples; give at least one 80 ms frame ({FRAME_SAMPLES} samples) of "
-                         f"24 kHz audio")
+        raise AudioError(f"{what} holds no samples; give at least one {FRAME_MS} ms frame ({FRAME_SAMPLES} samples) "
+                         f"of {SAMPLE_RATE // 1000} kHz audio")
     a = a.astype(np.float32, copy=False)
     bad = ~np.isfinite(a)
     if bad.any():
