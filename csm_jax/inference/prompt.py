@@ -24,13 +24,19 @@ def prompt_frames(tokenizer: TextTokenizer, mimi, text: str, speaker: int | str,
     """The reference's prompt: every context segment (text then Mimi-encoded audio), then the target's text."""
     from csm_jax.io import audio
 
-    parts = []
+    coded = []
     for i, seg in enumerate(context):
         if seg.audio is None:
             raise ValueError(f"context segment {i} ({seg.text[:40]!r}) has no audio; every context segment needs "
                              f"the 24 kHz mono audio of its text")
-        codes = audio.encode(mimi, np.asarray(seg.audio, np.float32).reshape(-1))
-        parts.append(segment_frames(tokenizer, seg, codes[:num_codebooks], num_codebooks))
+        coded.append((seg, audio.encode(mimi, np.asarray(seg.audio, np.float32).reshape(-1))))
+    return coded_prompt_frames(tokenizer, text, speaker, coded, num_codebooks)
+
+
+def coded_prompt_frames(tokenizer: TextTokenizer, text: str, speaker: int | str,
+                        context: Sequence[tuple[Segment, np.ndarray]] = (), num_codebooks: int = 32) -> Frames:
+    """`prompt_frames` with the context already Mimi-encoded: (segment, codes (>= n, T)) pairs (saved voices)."""
+    parts = [segment_frames(tokenizer, seg, codes[:num_codebooks], num_codebooks) for seg, codes in context]
     parts.append(segment_frames(tokenizer, Segment(speaker, text), None, num_codebooks))
     return Frames.concat(parts)
 
