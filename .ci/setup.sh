@@ -3,7 +3,8 @@
 # with Python >= 3.11 and apt (a system Python that refuses pip installs, PEP 668, is fine: nothing is installed
 # into it). Afterwards run everything with .venv/bin/python.
 #   bash .ci/setup.sh            # the package (generation, conversion, training)
-#   bash .ci/setup.sh --dev      # plus the test and reference dependencies (transformers, torchtune, espeak-ng, sox)
+#   bash .ci/setup.sh --dev      # plus the test and reference dependencies (transformers, torchtune, espeak-ng, sox,
+#                                # chromium for the playground test)
 #   CSM_CUDA=1 bash .ci/setup.sh # JAX with CUDA wheels
 #   PYTHON=python3.12 bash .ci/setup.sh   # build the environment from another interpreter
 set -euo pipefail
@@ -22,6 +23,10 @@ if ! $PY -c "import ensurepip, venv" >/dev/null 2>&1; then
 fi
 if [ "$dev" = 1 ] && ! { command -v espeak-ng && command -v sox; } >/dev/null 2>&1; then
   apt_install espeak-ng sox libsox-fmt-mp3
+fi
+# the speech server's playground is tested in a real headless browser (selenium drives Debian's chromium)
+if [ "$dev" = 1 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  apt_install chromium chromium-driver
 fi
 if ! command -v g++ >/dev/null 2>&1; then  # the CPU decode kernels are compiled on first use
   apt_install g++ || echo "note: no g++; CPU decoding falls back to XLA's slower path" >&2

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     voices = args.voices or str(cache_dir() / "voices")
     try:
         app = build_app(load_generator(args), config, voices)
-    except (UserError, OSError) as e:
+    except (ValueError, OSError) as e:  # a bad checkpoint, tokenizer, Mimi or voices folder
         raise UserError(str(e)) from None
     logging.getLogger("csm_jax.serve").info("serving on http://%s:%d (%d slots, voices in %s)", args.host, args.port,
                                             config.slots, voices)

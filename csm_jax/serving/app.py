@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hmac
 import itertools
@@ -56,9 +57,9 @@ class ServeConfig:
     model_name: str = "csm-1b"
 
 
-def event(name: str, **fields) -> None:
+def event(kind: str, **fields) -> None:
     """One structured (JSON) log line."""
-    log.info(json.dumps({"event": name, **fields}, default=str))
+    log.info(json.dumps({"event": kind, **fields}, default=str))
 
 
 class SpeechService:
@@ -322,6 +323,7 @@ def build_app(generator, config: ServeConfig, voices_dir: str | Path) -> Starlet
     """The app around a loaded `Generator`; compiles and warms up before returning."""
     service = SpeechService(generator, config, voices_dir)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         service.engine.start()
         yield

@@ -94,7 +94,7 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.wake:
-            if len(self.pending) >= self.max_queue:
+            if len(self.pending) >= self.max_queue + self.slots - len(self.active):  # free slots take some
                 raise QueueFull
             self.pending.append(job)
             self._gauges()
