@@ -83,6 +83,12 @@ def _static(x) -> bool:
     return isinstance(x, (int, float))
 
 
+def _unless_all(skip: jax.Array, f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """f(x), or x itself when every row skips f (per-row settings: the 32-pass bisections run only when some row
+    filters)."""
+    return jax.lax.cond(jnp.all(skip), lambda x: x, f, x)
+
+
 def _order_keys(x: jax.Array) -> jax.Array:
     """float32 -> uint32 with the same order (sign-magnitude to offset binary), so thresholds can be bisected."""
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
@@ -107,9 +113,13 @@ def top_k_mask(logits: jax.Array, k: int | jax.Array) -> jax.Array:
     off = (k <= 0) | (k >= logits.shape[-1])
     if _static(k) and off:
         return logits
-    keys = _order_keys(logits)
-    kth = _largest_key_where(keys, lambda kept: kept.sum(axis=-1) >= k)
-    return jnp.where((keys >= kth[..., None]) | jnp.asarray(off)[..., None], logits, NEG_INF)
+
+    def mask(logits):
+        keys = _order_keys(logits)
+        kth = _largest_key_where(keys, lambda kept: kept.sum(axis=-1) >= k)
+        return jnp.where((keys >= kth[..., None]) | jnp.asarray(off)[..., None], logits, NEG_INF)
+
+    return mask(logits) if _static(k) else _unless_all(off, mask, logits)
 
 
 def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
@@ -118,10 +128,14 @@ def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     off = p >= 1.0
     if _static(p) and off:
         return logits
-    probs = jax.nn.softmax(logits, axis=-1)
-    keys = _order_keys(logits)
-    threshold = _largest_key_where(keys, lambda kept: jnp.where(kept, probs, 0.0).sum(axis=-1) >= p)
-    return jnp.where((keys >= threshold[..., None]) | jnp.asarray(off)[..., None], logits, NEG_INF)
+
+    def mask(logits):
+        probs = jax.nn.softmax(logits, axis=-1)
+        keys = _order_keys(logits)
+        threshold = _largest_key_where(keys, lambda kept: jnp.where(kept, probs, 0.0).sum(axis=-1) >= p)
+        return jnp.where((keys >= threshold[..., None]) | jnp.asarray(off)[..., None], logits, NEG_INF)
+
+    return mask(logits) if _static(p) else _unless_all(off, mask, logits)
 
 
 def min_p_mask(logits: jax.Array, min_p: float | jax.Array) -> jax.Array:
@@ -152,8 +166,9 @@ def sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig | RowSa
     logits). With `cpu_kernel` the fused CPU kernel of `csm_jax.inference.kernels` makes the same draw.
     """
     if isinstance(config, RowSampler):  # rows with temperature 0 take the argmax
-        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jnp.where(config.temperature == 0, greedy, inverse_cdf_sample(uniforms, logits, config))
+        greedy, rows = jnp.argmax(logits, axis=-1).astype(jnp.int32), config.temperature == 0
+        return jax.lax.cond(jnp.all(rows), lambda: greedy,
+                            lambda: jnp.where(rows, greedy, inverse_cdf_sample(uniforms, logits, config)))
     if config.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if cpu_kernel:
