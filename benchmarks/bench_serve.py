@@ -10,6 +10,8 @@ Every client streams pcm (`stream_format` audio) requests back to back; each req
 requests (at most `--max-seconds` per level). Reported per level: aggregate generated frames/s (all frames / wall
 time), time to first audio (p50, p95) and request latency (p95), and their ratios to one-at-a-time serving.
 Compilation happens before timing (the server warms up at start, and one request per level is sent first).
+First the two halves of serving are timed apart: the decode batch alone (frames/s with 1 and with `--slots` busy
+slots) and one stream's Mimi decode (ms per frame), which bound what the server can reach.
 """
 
 from __future__ import annotations
@@ -98,6 +100,38 @@ async def level(url: str, clients: int, requests: int, frames: int, max_seconds:
             "ttfa_p95": np.percentile(ttfa, 95), "latency_p95": np.percentile(latency, 95), "wall": wall}
 
 
+def parts(generator, slots: int, frames: int, chunk: int) -> dict:
+    """The two halves of serving, timed apart: the decode batch alone (1 and `slots` busy slots, frames/s) and one
+    stream's Mimi decode (ms per frame)."""
+    from csm_jax.inference.batcher import SlotBatcher
+    from csm_jax.inference.prompt import coded_prompt_frames
+    from csm_jax.inference.sampling import FrameSampling
+    from csm_jax.serving.mimi_streams import MimiStreams
+
+    prompt = coded_prompt_frames(generator.tokenizer, TEXTS[0], 0, (), generator.frames.config.num_codebooks)
+    out = {}
+    for busy in (1, slots):
+        batcher = SlotBatcher(generator.frames, busy)
+        for rep in range(2):  # the first round compiles
+            for s in range(busy):
+                batcher.insert(s, prompt, frames, s, FrameSampling())
+            start, made = time.perf_counter(), 0
+            while True:
+                _, kept, done = batcher.run(chunk)
+                made += int(kept.sum())
+                if done.all():
+                    break
+        out[f"batch{busy}_fps"] = made / (time.perf_counter() - start)
+    streams, state = MimiStreams(generator.mimi), None
+    codes = np.random.default_rng(0).integers(1, 2048, (generator.frames.config.num_codebooks, chunk))
+    state, _ = streams.decode(state, codes)
+    start = time.perf_counter()
+    for _ in range(5):
+        state, _ = streams.decode(state, codes)
+    out["mimi_ms_per_frame"] = (time.perf_counter() - start) / (5 * chunk) * 1000
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small")
@@ -110,6 +144,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     generator = Generator(Csm(preset(args.config), rngs=nnx.Rngs(0)), load_tokenizer(), audio.random_mimi(0))
+    split = parts(generator, args.slots, args.frames, args.chunk_frames)
     rows = []
     server, thread, url = serve(generator, 1, args.chunk_frames)
     base = asyncio.run(level(url, 1, args.requests * 2, args.frames, args.max_seconds))
@@ -128,6 +163,9 @@ def main(argv=None):
 
     print(f"config {args.config}, {args.frames} frames per request, chunk {args.chunk_frames} frames, "
           f"{os.cpu_count()} CPUs")
+    print(f"decode batch alone: {split['batch1_fps']:.1f} frames/s with 1 slot, {split[f'batch{args.slots}_fps']:.1f} "
+          f"with {args.slots} busy slots ({split[f'batch{args.slots}_fps'] / split['batch1_fps']:.2f}x); Mimi "
+          f"streaming decode {split['mimi_ms_per_frame']:.1f} ms per frame of one stream")
     print(f"{'server':<24}{'clients':>8}{'requests':>9}{'frames/s':>10}{'x base':>8}{'TTFA p50':>10}"
           f"{'TTFA p95':>10}{'x base':>8}{'latency p95':>12}")
     for r in rows:

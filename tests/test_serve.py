@@ -291,7 +291,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, http):
 def test_a_full_queue_answers_429_and_recovers(server, http):
     def ask(_):
         r = http.post("/v1/audio/speech", json={"input": "busy", "response_format": "pcm",
-                                                "max_audio_length_ms": 4000})
+                                                "max_audio_length_ms": 1600})
         return r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None
 
     with concurrent.futures.ThreadPoolExecutor(7) as pool:
