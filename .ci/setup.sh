@@ -3,7 +3,8 @@
 # with apt (a system Python that refuses pip installs, PEP 668, is fine: nothing is installed into it). Afterwards
 # run everything with .venv/bin/python.
 #   bash .ci/setup.sh            # the package (generation, conversion, training)
-#   bash .ci/setup.sh --dev      # plus the test and reference dependencies (transformers, torchtune, espeak-ng, sox)
+#   bash .ci/setup.sh --dev      # plus the test and reference dependencies (transformers, torchtune, espeak-ng, sox,
+#                                # chromium for the playground test)
 #   CSM_CUDA=1 bash .ci/setup.sh # JAX with CUDA wheels
 #   PYTHON=python3.11 bash .ci/setup.sh   # build the environment from this interpreter
 #   PYTHON=$(pyenv root)/versions/3.12.1/bin/python3 bash .ci/setup.sh --dev   # e.g. a pyenv-installed 3.12
@@ -42,6 +43,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ "$dev" = 1 ] && ! { command -v espeak-ng && command -v sox; } >/dev/null 2>&1; then
   missing+=(espeak-ng sox libsox-fmt-mp3)
+fi
+# the speech server's playground is tested in a real headless browser (selenium drives Debian's chromium)
+if [ "$dev" = 1 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  missing+=(chromium chromium-driver)
 fi
 command -v g++ >/dev/null 2>&1 || missing+=(g++)  # the CPU decode kernels are compiled on first use
 if ! apt_install "${missing[@]}"; then

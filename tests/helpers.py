@@ -129,3 +129,61 @@ def make_shard(path: Path, language: str, texts: list[str], corrupt: bool = Fals
             add_member(tar, "nan_audio.wav", nan.getvalue())
             add_member(tar, "nan_audio.json", utterance_json("nan_audio", "not a number", language))
     return path
+
+
+# ---- the speech server ------------------------------------------------------------------------------------
+
+KEY = "test-key"
+NARRATOR = "the narrator speaks first"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp_path_factory, **overrides):
+    """A speech server on 127.0.0.1 in this process (uvicorn in a thread) over the random `tiny_full_vocab` model,
+    with one voice ("narrator") loaded from a folder."""
+    import threading
+    import time
+    import types
+
+    import uvicorn
+    from flax import nnx
+
+    from csm_jax.core.model import Csm
+    from csm_jax.inference.generator import Generator
+    from csm_jax.io import audio
+    from csm_jax.io.text import load_tokenizer
+    from csm_jax.serving.app import ServeConfig, build_app
+
+    from csm_jax.core.config import preset
+
+    generator = Generator(Csm(preset("tiny_full_vocab"), rngs=nnx.Rngs(1)), load_tokenizer(), audio.random_mimi(0))
+    voices = tmp_path_factory.mktemp("voices")
+    (voices / "narrator").mkdir()
+    espeak_wav(voices / "narrator" / "clip.wav", NARRATOR, rate=16000)
+    (voices / "narrator" / "clip.txt").write_text(NARRATOR)
+    (voices / "narrator" / "speaker.txt").write_text("1")
+    settings = dict(slots=2, max_queue=2, chunk_frames=2, api_key=KEY, max_body_bytes=1 << 20, max_input_chars=300,
+                    max_audio_ms=20_000, request_timeout=120)
+    config = ServeConfig(**{**settings, **overrides})
+    app = build_app(generator, config, voices)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    return types.SimpleNamespace(url=f"http://127.0.0.1:{port}", generator=generator, voices=voices, app=app,
+                                 server=server, thread=thread, config=config)
+
+
+def stop_server(s):
+    s.server.should_exit = True
+    s.thread.join(timeout=30)

@@ -83,7 +83,8 @@ class KVCache:
     k, v: (L, B, S, K, hd) in the compute dtype, or (`per_layer`, for the decode layout's unrolled layers) tuples of L
     (B, S, K, hd) arrays, so that a decode step updates each layer in place instead of copying slices of one
     stacked array; segment_ids: (B, S) int32, the segment of the token written in each slot (0 = empty or
-    padding), shared by all layers. Slots are written at one index for the whole batch.
+    padding), shared by all layers. Slots are written at one index for the whole batch, or at one index per
+    row (continuous batching, where every row is at its own frame).
     """
 
     k: jax.Array | tuple[jax.Array, ...]
@@ -112,12 +113,24 @@ class AttentionInputs:
 def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_offset: jax.Array | int) -> jax.Array:
     """(B, T, S) bool: causal over slots (query t sits at slot q_offset + t) within equal segment ids.
 
-    Padding (segment 0) attends only to padding, so padded rows stay finite and never leak into real tokens.
+    q_offset: one offset () for the batch, or one per row (B,). Padding (segment 0) attends only to padding, so
+    padded rows stay finite and never leak into real tokens.
     """
     t = q_segments.shape[1]
     s = k_segments.shape[1]
-    causal = (jnp.arange(s)[None, :] <= (jnp.arange(t) + q_offset)[:, None])  # (T, S)
-    return causal[None] & (q_segments[:, :, None] == k_segments[:, None, :])
+    query_slots = jnp.arange(t) + jnp.asarray(q_offset)[..., None]  # (T,) or (B, T)
+    causal = jnp.arange(s) <= query_slots[..., None]  # (T, S) or (B, T, S)
+    return causal & (q_segments[:, :, None] == k_segments[:, None, :])
+
+
+def write_slots(cache: jax.Array, x: jax.Array, index: jax.Array | int) -> jax.Array:
+    """cache (B, S, ...) with x (B, T, ...) written at slots [index, index + T): one index () for the batch, or
+    one per row (B,)."""
+    index = jnp.asarray(index, jnp.int32)
+    zeros = (jnp.zeros((), jnp.int32),) * (cache.ndim - 2)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, x, (jnp.zeros((), jnp.int32), index, *zeros))
+    return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, *zeros)))(cache, x, index)
 
 
 def dense(x: jax.Array, w: jax.Array, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
@@ -162,10 +175,8 @@ class Attention(nnx.Module):
         q = self.rope(q, inputs.positions)
         k = self.rope(k, inputs.positions)
         if kv is not None:
-            zero = jnp.zeros((), jnp.int32)
-            index = jnp.asarray(cache_index, jnp.int32)
-            k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (zero, index, zero, zero))
-            v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (zero, index, zero, zero))
+            k_all = write_slots(kv[0], k.astype(kv[0].dtype), cache_index)
+            v_all = write_slots(kv[1], v.astype(kv[1].dtype), cache_index)
             new_kv = (k_all, v_all)
             k, v = k_all.astype(dt), v_all.astype(dt)
         else:
@@ -223,11 +234,11 @@ def layer_inputs(positions: jax.Array, segment_ids: jax.Array, cache: KVCache | 
     """The attention inputs every layer shares, and the cache's updated segment ids (None without a cache).
 
     Without a cache, tokens attend causally within x (and within equal segment ids, which allows packing). With a
-    cache, x is written at slots [cache_index, cache_index + T) and attends to every filled slot."""
+    cache, x is written at slots [cache_index, cache_index + T) (cache_index: () or one per row (B,)) and attends to
+    every filled slot."""
     if cache is None:
         return AttentionInputs(positions=positions, mask=attention_mask(segment_ids, segment_ids, 0)), None
-    seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                       (jnp.zeros((), jnp.int32), jnp.asarray(cache_index, jnp.int32)))
+    seg = write_slots(cache.segment_ids, segment_ids.astype(jnp.int32), cache_index)
     return AttentionInputs(positions=positions, mask=attention_mask(segment_ids, seg, cache_index)), seg
 
 

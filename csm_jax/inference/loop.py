@@ -44,12 +44,16 @@ class DecodeState:
 
 def sample_frame(model: DecodeCsm, hidden: jax.Array, keys: jax.Array, step: jax.Array, sampling: FrameSampling,
                  processor: LogitsProcessor | None) -> jax.Array:
-    """All n codebooks of one frame per row: hidden (B, D) -> codes (B, n) int32."""
+    """All n codebooks of one frame per row: hidden (B, D) -> codes (B, n) int32.
+
+    step: the frame index, () for the batch or (B,) per row; `sampling` holds `SamplerConfig`s, or `RowSampler`s
+    for per-row settings (continuous batching, `csm_jax.inference.batcher`)."""
     n = model.config.num_codebooks
     b = hidden.shape[0]
 
     # one uniform per (row, codebook): row r's frame t depends only on key_r and t
-    uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (n,)))(keys)
+    uniforms = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), (n,)))(
+        keys, jnp.broadcast_to(step, keys.shape))
 
     def pick(logits, codebook, config):
         codebook = jnp.asarray(codebook, jnp.int32)
@@ -142,8 +146,10 @@ class FrameGenerator:
         self.graphdef, self.params = nnx.split(self.model)
         self.config = model.config
 
-    def start(self, prompts: Sequence[Frames], max_frames: int, seeds: Sequence[int]) -> DecodeState:
-        """Left-pads the prompts into one batch, checks the budget and prefills the backbone."""
+    def start(self, prompts: Sequence[Frames], max_frames: int, seeds: Sequence[int],
+              frame_capacity: int | None = None) -> DecodeState:
+        """Left-pads the prompts into one batch, checks the budget and prefills the backbone. The cache holds the
+        prompt then `frame_capacity` frames (default: max_frames rounded up to the prompt bucket)."""
         n = self.config.num_codebooks
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -159,7 +165,8 @@ class FrameGenerator:
             segment_ids[row, length - len(p):] = 1
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
         return _prefill(self.graphdef, self.params, tokens, mask, segment_ids, keys, max_frames,
-                        frame_capacity=_round_up(max_frames, PROMPT_BUCKET))
+                        frame_capacity=_round_up(max_frames, PROMPT_BUCKET) if frame_capacity is None
+                        else frame_capacity)
 
     def run(self, state: DecodeState, until: int, sampling: FrameSampling,
             processor: LogitsProcessor | None = None) -> DecodeState:

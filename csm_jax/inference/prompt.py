@@ -10,9 +10,11 @@ import re
 from numbers import Integral, Real
 from typing import Sequence
 
+import numpy as np
+
 from csm_jax.core.codec import FRAME_MS, frames_for_samples
 from csm_jax.core.errors import UserError
-from csm_jax.io.frames import Frames, Segment, audio_frames, segment_frames
+from csm_jax.io.frames import Frames, Segment, segment_frames
 from csm_jax.io.text import TextTokenizer
 
 PROMPT_BUCKET = 64  # prompt lengths and frame caps are rounded up to this, so few shapes are ever compiled
@@ -100,14 +102,23 @@ def prompt_frames(tokenizer: TextTokenizer, mimi, text: str, speaker: int | str,
     length = len(target) + sum(len(t) + frames_for_samples(len(seg.audio)) + 1 for t, seg in zip(texts, context))
     if max_seq_len is not None:
         check_budget(length, max_frames, max_seq_len)
-    parts = []
-    for seg_text, seg in zip(texts, context):
+    coded = []
+    for seg in context:
         codes = audio.encode(mimi, seg.audio)
         if codes.shape[0] < num_codebooks:
             raise RequestError(f"the Mimi model gives {codes.shape[0]} codebooks but the model needs "
                                f"{num_codebooks}; load Mimi with num_codebooks={num_codebooks}")
-        parts += [seg_text, audio_frames(codes[:num_codebooks])]
-    return Frames.concat([*parts, target])
+        coded.append((seg, codes))
+    return coded_prompt_frames(tokenizer, text, speaker, coded, num_codebooks)
+
+
+def coded_prompt_frames(tokenizer: TextTokenizer, text: str, speaker: int | str,
+                        context: Sequence[tuple[Segment, np.ndarray]] = (), num_codebooks: int = 32) -> Frames:
+    """`prompt_frames` with the context already Mimi-encoded: (segment, codes (>= n, T)) pairs (saved voices)."""
+    text, speaker = check_text(text, "text"), speaker_id(speaker)
+    parts = [segment_frames(tokenizer, seg, codes[:num_codebooks], num_codebooks) for seg, codes in context]
+    parts.append(segment_frames(tokenizer, Segment(speaker, text), None, num_codebooks))
+    return Frames.concat(parts)
 
 
 def max_frames_for(max_audio_length_ms: float) -> int:

@@ -4,16 +4,21 @@ Order of the filters, as in transformers' sampling: temperature, then top-k, top
 ties at its threshold (the reference's top-k keeps every logit >= the k-th largest). Filtered logits become
 -inf; an inverse-CDF draw from the softmax of the rest has the distribution of the reference's exponential
 race. A temperature of 0 means greedy (argmax), whatever the filters.
+
+Settings are either static (`SamplerConfig`: one compile per setting, the fused CPU kernel applies) or per row
+(`RowSampler`: (B,) arrays, so one compiled step serves rows with different settings, as continuous batching
+needs); both make the same draw for the same setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from csm_jax.core.errors import UserError
 from csm_jax.inference import kernels
@@ -58,6 +63,33 @@ class SamplerConfig:
 GREEDY = SamplerConfig(temperature=0.0, top_k=0)
 
 
+class RowSampler(NamedTuple):
+    """`SamplerConfig` per row: (B,) arrays (temperature float32, top_k int32, top_p and min_p float32)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+
+    @classmethod
+    def of(cls, configs: Sequence[SamplerConfig]) -> RowSampler:
+        def column(name, dtype):
+            return np.array([getattr(c, name) for c in configs], dtype)
+
+        return cls(column("temperature", np.float32), column("top_k", np.int32), column("top_p", np.float32),
+                   column("min_p", np.float32))
+
+
+def _static(x) -> bool:
+    return isinstance(x, (int, float))
+
+
+def _unless_all(skip: jax.Array, f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """f(x), or x itself when every row skips f (per-row settings: the 32-pass bisections run only when some row
+    filters)."""
+    return jax.lax.cond(jnp.all(skip), lambda x: x, f, x)
+
+
 def _order_keys(x: jax.Array) -> jax.Array:
     """float32 -> uint32 with the same order (sign-magnitude to offset binary), so thresholds can be bisected."""
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
@@ -77,46 +109,67 @@ def _largest_key_where(keys: jax.Array, enough: Callable[[jax.Array], jax.Array]
     return lo
 
 
-def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
-    """Keeps logits >= the k-th largest of each row (ties at the k-th value are kept)."""
-    if k <= 0 or k >= logits.shape[-1]:
+def top_k_mask(logits: jax.Array, k: int | jax.Array) -> jax.Array:
+    """Keeps logits >= the k-th largest of each row (ties at the k-th value are kept); k: an int or one per row."""
+    off = (k <= 0) | (k >= logits.shape[-1])
+    if _static(k) and off:
         return logits
-    keys = _order_keys(logits)
-    kth = _largest_key_where(keys, lambda kept: kept.sum(axis=-1) >= k)
-    return jnp.where(keys >= kth[..., None], logits, NEG_INF)
+
+    def mask(logits):
+        keys = _order_keys(logits)
+        kth = _largest_key_where(keys, lambda kept: kept.sum(axis=-1) >= k)
+        return jnp.where((keys >= kth[..., None]) | jnp.asarray(off)[..., None], logits, NEG_INF)
+
+    return mask(logits) if _static(k) else _unless_all(off, mask, logits)
 
 
-def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
-    """Keeps the smallest set of most likely tokens whose probability sums to >= p (always the top one)."""
-    if p >= 1.0:
+def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Keeps the smallest set of most likely tokens whose probability sums to >= p (always the top one); p: a
+    float or one per row."""
+    off = p >= 1.0
+    if _static(p) and off:
         return logits
-    probs = jax.nn.softmax(logits, axis=-1)
-    keys = _order_keys(logits)
-    threshold = _largest_key_where(keys, lambda kept: jnp.where(kept, probs, 0.0).sum(axis=-1) >= p)
-    return jnp.where(keys >= threshold[..., None], logits, NEG_INF)
+
+    def mask(logits):
+        probs = jax.nn.softmax(logits, axis=-1)
+        keys = _order_keys(logits)
+        threshold = _largest_key_where(keys, lambda kept: jnp.where(kept, probs, 0.0).sum(axis=-1) >= p)
+        return jnp.where((keys >= threshold[..., None]) | jnp.asarray(off)[..., None], logits, NEG_INF)
+
+    return mask(logits) if _static(p) else _unless_all(off, mask, logits)
 
 
-def min_p_mask(logits: jax.Array, min_p: float) -> jax.Array:
-    """Keeps tokens whose probability is >= min_p times the most likely token's."""
-    if min_p <= 0.0:
+def min_p_mask(logits: jax.Array, min_p: float | jax.Array) -> jax.Array:
+    """Keeps tokens whose probability is >= min_p times the most likely token's; min_p: a float or one per row
+    (0 keeps every token: log 0 = -inf)."""
+    if _static(min_p) and min_p <= 0.0:
         return logits
     top = jnp.max(logits, axis=-1, keepdims=True)
-    return jnp.where(logits >= top + jnp.log(min_p), logits, NEG_INF)
+    return jnp.where(logits >= top + jnp.log(jnp.asarray(min_p, jnp.float32))[..., None], logits, NEG_INF)
 
 
-def filter_logits(logits: jax.Array, config: SamplerConfig) -> jax.Array:
+def filter_logits(logits: jax.Array, config: SamplerConfig | RowSampler) -> jax.Array:
     """Temperature-scaled, filtered float32 logits (B, V); non-candidates are -inf."""
-    logits = logits.astype(jnp.float32) / (config.temperature if not config.greedy else 1.0)
+    if isinstance(config, SamplerConfig):
+        scale = config.temperature if not config.greedy else 1.0
+    else:
+        scale = jnp.where(config.temperature > 0, config.temperature, 1.0)[..., None]
+    logits = logits.astype(jnp.float32) / scale
     return min_p_mask(top_p_mask(top_k_mask(logits, config.top_k), config.top_p), config.min_p)
 
 
-def sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig, cpu_kernel: bool = False) -> jax.Array:
+def sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig | RowSampler,
+           cpu_kernel: bool = False) -> jax.Array:
     """One token per row by inverse-CDF sampling: uniforms (B,) in [0, 1), logits (B, V) -> (B,) int32.
 
     One uniform per draw (not V Gumbel variates: random bits dominate a small model's frame on CPU), and each
     row's draw depends only on its own uniform. The distribution is the reference's (softmax of the filtered
     logits). With `cpu_kernel` the fused CPU kernel of `csm_jax.inference.kernels` makes the same draw.
     """
+    if isinstance(config, RowSampler):  # rows with temperature 0 take the argmax
+        greedy, rows = jnp.argmax(logits, axis=-1).astype(jnp.int32), config.temperature == 0
+        return jax.lax.cond(jnp.all(rows), lambda: greedy,
+                            lambda: jnp.where(rows, greedy, inverse_cdf_sample(uniforms, logits, config)))
     if config.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if cpu_kernel:
@@ -125,7 +178,7 @@ def sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig, cpu_ke
     return inverse_cdf_sample(uniforms, logits, config)
 
 
-def inverse_cdf_sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig) -> jax.Array:
+def inverse_cdf_sample(uniforms: jax.Array, logits: jax.Array, config: SamplerConfig | RowSampler) -> jax.Array:
     """`sample` in jnp: the filtered softmax's cumulative sums, and the first entry above uniform x total."""
     filtered = filter_logits(logits, config)
     weights = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))  # 0 for filtered-out tokens

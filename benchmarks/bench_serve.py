@@ -1,0 +1,178 @@
+"""Load test of the speech server on loopback: 1, 4 and 16 concurrent streaming clients against one-at-a-time
+serving, on random weights (the `small` preset, random Mimi), in one run.
+
+    flock /tmp/csm-heavy.lock python benchmarks/bench_serve.py
+    flock /tmp/csm-heavy.lock python benchmarks/bench_serve.py --config small --slots 16 --frames 24 --requests 2
+
+One-at-a-time serving is a 1-slot server with one client; then one `--slots` server takes 1, 4 and 16 clients.
+Every client streams pcm (`stream_format` audio) requests back to back; each request asks for `--frames` frames
+(a random model never ends early, so every request is exactly that long) and each client sends `--requests`
+requests (at most `--max-seconds` per level). Reported per level: aggregate generated frames/s (all frames / wall
+time), time to first audio (p50, p95) and request latency (p95), and their ratios to one-at-a-time serving.
+Compilation happens before timing (the server warms up at start, and one request per level is sent first).
+First the two halves of serving are timed apart: the decode batch alone (frames/s with 1 and with `--slots` busy
+slots) and one stream's Mimi decode (ms per frame), which bound what the server can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import uvicorn  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from csm_jax.core.codec import FRAME_MS  # noqa: E402
+from csm_jax.core.config import preset  # noqa: E402
+from csm_jax.core.model import Csm  # noqa: E402
+from csm_jax.inference.generator import Generator  # noqa: E402
+from csm_jax.io import audio  # noqa: E402
+from csm_jax.io.text import load_tokenizer  # noqa: E402
+from csm_jax.serving.app import ServeConfig, build_app  # noqa: E402
+
+TEXTS = ["Hello there, how are you today?", "The weather is fine.", "Please leave a message after the tone.",
+         "One, two, three, four.", "This is a load test of the speech server."]
+
+
+def serve(generator, slots: int, chunk_frames: int):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(generator, ServeConfig(slots=slots, max_queue=64, chunk_frames=chunk_frames,
+                                           max_audio_ms=100_000), tempfile.mkdtemp())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@dataclasses.dataclass
+class Result:
+    ttfa: float
+    latency: float
+    frames: int
+
+
+async def one_request(client: httpx.AsyncClient, text: str, frames: int, seed: int) -> Result:
+    start = time.perf_counter()
+    first, received = None, 0
+    body = {"model": "csm-1b", "input": text, "response_format": "pcm", "seed": seed,
+            "max_audio_length_ms": frames * FRAME_MS}
+    async with client.stream("POST", "/v1/audio/speech", json=body) as r:
+        r.raise_for_status()
+        async for chunk in r.aiter_bytes():
+            if chunk and first is None:
+                first = time.perf_counter() - start
+            received += len(chunk)
+    return Result(first, time.perf_counter() - start, received // (1920 * 2))
+
+
+async def level(url: str, clients: int, requests: int, frames: int, max_seconds: float) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        await one_request(client, TEXTS[0], 2, 0)  # compiles this prompt bucket before timing
+        results: list[Result] = []
+        start = time.perf_counter()
+
+        async def worker(w: int):
+            for i in range(requests):
+                if time.perf_counter() - start > max_seconds:
+                    return
+                results.append(await one_request(client, TEXTS[(w + i) % len(TEXTS)], frames, w * 1000 + i))
+
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+        wall = time.perf_counter() - start
+    ttfa, latency = np.array([r.ttfa for r in results]), np.array([r.latency for r in results])
+    return {"clients": clients, "requests": len(results), "frames": sum(r.frames for r in results),
+            "fps": sum(r.frames for r in results) / wall, "ttfa_p50": np.percentile(ttfa, 50),
+            "ttfa_p95": np.percentile(ttfa, 95), "latency_p95": np.percentile(latency, 95), "wall": wall}
+
+
+def parts(generator, slots: int, frames: int, chunk: int) -> dict:
+    """The two halves of serving, timed apart: the decode batch alone (1 and `slots` busy slots, frames/s) and one
+    stream's Mimi decode (ms per frame)."""
+    from csm_jax.inference.batcher import SlotBatcher
+    from csm_jax.inference.prompt import coded_prompt_frames
+    from csm_jax.inference.sampling import FrameSampling
+    from csm_jax.serving.mimi_streams import MimiStreams
+
+    prompt = coded_prompt_frames(generator.tokenizer, TEXTS[0], 0, (), generator.frames.config.num_codebooks)
+    out = {}
+    for busy in (1, slots):
+        batcher = SlotBatcher(generator.frames, busy)
+        for rep in range(2):  # the first round compiles
+            for s in range(busy):
+                batcher.insert(s, prompt, frames, s, FrameSampling())
+            start, made = time.perf_counter(), 0
+            while True:
+                _, kept, done = batcher.run(chunk)
+                made += int(kept.sum())
+                if done.all():
+                    break
+        out[f"batch{busy}_fps"] = made / (time.perf_counter() - start)
+    streams, state = MimiStreams(generator.mimi), None
+    codes = np.random.default_rng(0).integers(1, 2048, (generator.frames.config.num_codebooks, chunk))
+    state, _ = streams.decode(state, codes)
+    start = time.perf_counter()
+    for _ in range(5):
+        state, _ = streams.decode(state, codes)
+    out["mimi_ms_per_frame"] = (time.perf_counter() - start) / (5 * chunk) * 1000
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="small")
+    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--frames", type=int, default=24, help="frames per request (80 ms each)")
+    p.add_argument("--requests", type=int, default=2, help="requests per client")
+    p.add_argument("--chunk-frames", type=int, default=2)
+    p.add_argument("--max-seconds", type=float, default=300, help="stop starting requests after this per level")
+    args = p.parse_args(argv)
+
+    generator = Generator(Csm(preset(args.config), rngs=nnx.Rngs(0)), load_tokenizer(), audio.random_mimi(0))
+    split = parts(generator, args.slots, args.frames, args.chunk_frames)
+    rows = []
+    server, thread, url = serve(generator, 1, args.chunk_frames)
+    base = asyncio.run(level(url, 1, args.requests * 2, args.frames, args.max_seconds))
+    base["server"] = "1 slot (one at a time)"
+    rows.append(base)
+    server.should_exit = True
+    thread.join()
+    server, thread, url = serve(generator, args.slots, args.chunk_frames)
+    for clients in args.clients:
+        row = asyncio.run(level(url, clients, args.requests if clients > 1 else args.requests * 2, args.frames,
+                                args.max_seconds))
+        row["server"] = f"{args.slots} slots"
+        rows.append(row)
+    server.should_exit = True
+    thread.join()
+
+    print(f"config {args.config}, {args.frames} frames per request, chunk {args.chunk_frames} frames, "
+          f"{os.cpu_count()} CPUs")
+    print(f"decode batch alone: {split['batch1_fps']:.1f} frames/s with 1 slot, {split[f'batch{args.slots}_fps']:.1f} "
+          f"with {args.slots} busy slots ({split[f'batch{args.slots}_fps'] / split['batch1_fps']:.2f}x); Mimi "
+          f"streaming decode {split['mimi_ms_per_frame']:.1f} ms per frame of one stream")
+    print(f"{'server':<24}{'clients':>8}{'requests':>9}{'frames/s':>10}{'x base':>8}{'TTFA p50':>10}"
+          f"{'TTFA p95':>10}{'x base':>8}{'latency p95':>12}")
+    for r in rows:
+        print(f"{r['server']:<24}{r['clients']:>8}{r['requests']:>9}{r['fps']:>10.1f}{r['fps'] / base['fps']:>8.2f}"
+              f"{r['ttfa_p50']:>9.3f}s{r['ttfa_p95']:>9.3f}s{r['ttfa_p95'] / base['ttfa_p95']:>8.2f}"
+              f"{r['latency_p95']:>11.2f}s")
+
+
+if __name__ == "__main__":
+    main()

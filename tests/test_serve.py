@@ -1,0 +1,275 @@
+"""The speech server on loopback with a tiny random CSM (real vocabularies), random Mimi and the shipped tokenizer,
+through real clients: the official `openai` package and plain HTTP (httpx). Audio is checked against
+`Generator.generate` with the same voice, seed and settings; bad requests get OpenAI-shaped 4xx errors and leave
+the server serving."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+
+from csm_jax.io import audio
+from csm_jax.io.frames import Segment
+from csm_jax.serve import main as serve_main
+from csm_jax.serving.voices import VoiceStore
+from tests.helpers import KEY, NARRATOR, espeak_wav, start_server, stop_server
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = start_server(tmp_path_factory)
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+def narrator_context(server):
+    return [Segment("1", NARRATOR, audio.read_audio(server.voices / "narrator" / "clip.wav"))]
+
+
+def wav_samples(data: bytes) -> np.ndarray:
+    return sf.read(io.BytesIO(data), dtype="float32")[0]
+
+
+def expected(server, text, ms, seed=0, temperature=0.9, topk=50, context=None, speaker="1"):
+    return server.generator.generate(text, speaker, narrator_context(server) if context is None else context,
+                                     max_audio_length_ms=ms, temperature=temperature, topk=topk, seed=seed)
+
+
+def assert_same_audio(got, want):
+    assert len(got) == len(want) > 0
+    np.testing.assert_allclose(got, want, atol=2 / 32768)  # 16-bit rounding of the same float audio
+
+
+def error_of(response):
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_openai_client_gets_the_audio_of_generate_with_the_voice(server, client):
+    response = client.audio.speech.create(model="csm-1b", voice="narrator", input="Hello there.",
+                                          response_format="wav",
+                                          extra_body={"seed": 3, "temperature": 0.8, "topk": 30,
+                                                      "max_audio_length_ms": 480})
+    assert_same_audio(wav_samples(response.content), expected(server, "Hello there.", 480, 3, 0.8, 30))
+
+
+def test_openai_streaming_response_gives_pcm_in_several_chunks(server, client):
+    with client.audio.speech.with_streaming_response.create(
+            model="csm-1b", voice="narrator", input="Streaming words.", response_format="pcm",
+            extra_body={"seed": 5, "max_audio_length_ms": 1280}) as response:
+        assert response.headers["content-type"] == "audio/pcm"
+        chunks = [c for c in response.iter_bytes() if c]
+    pcm = np.frombuffer(b"".join(chunks), "<i2").astype(np.float32) / 32767
+    assert len(chunks) > 1  # audio left as frames were produced, not in one piece at the end
+    assert_same_audio(pcm, expected(server, "Streaming words.", 1280, 5))
+
+
+def test_concurrent_requests_each_get_their_own_single_generation(server, http):
+    jobs = [("One, two.", 7, 0.0, 50, 640), ("Three.", 8, 0.8, 30, 960), ("Four five six.", 9, 0.8, 30, 400)]
+
+    def ask(job):
+        text, seed, temperature, topk, ms = job
+        r = http.post("/v1/audio/speech", json={"model": "csm-1b", "input": text, "voice": "narrator",
+                                                 "response_format": "wav", "seed": seed, "temperature": temperature,
+                                                 "topk": topk, "max_audio_length_ms": ms})
+        assert r.status_code == 200, r.text
+        return wav_samples(r.content)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(ask, jobs))
+    for (text, seed, temperature, topk, ms), audio_ in zip(jobs, got):
+        assert_same_audio(audio_, expected(server, text, ms, seed, temperature, topk))
+
+
+def test_sse_stream_carries_base64_audio_then_usage(server, http):
+    with http.stream("POST", "/v1/audio/speech", json={"model": "csm-1b", "input": "Events.", "voice": "narrator",
+                                                        "response_format": "pcm", "stream_format": "sse",
+                                                        "max_audio_length_ms": 640}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
+    assert events[-1]["type"] == "speech.audio.done" and events[-1]["usage"]["output_tokens"] == 8
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert len(pcm) == 8 * 1920 * 2
+
+
+def test_inline_context_and_compressed_formats(server, http, tmp_path):
+    wav = espeak_wav(tmp_path / "ctx.wav", "some earlier words")
+    context = [{"text": "some earlier words", "speaker": 0, "audio": base64.b64encode(open(wav, "rb").read()).decode()}]
+    body = {"model": "csm-1b", "input": "And now this.", "context": context, "speaker": 0, "seed": 2,
+            "max_audio_length_ms": 400}
+    want = expected(server, "And now this.", 400, 2, context=[Segment(0, "some earlier words", audio.read_audio(wav))],
+                    speaker=0)
+    formats = http.get("/health").json()["formats"]
+    for fmt in formats:
+        r = http.post("/v1/audio/speech", json={**body, "response_format": fmt})
+        assert r.status_code == 200, r.text
+        if fmt == "pcm":
+            got = np.frombuffer(r.content, "<i2").astype(np.float32) / 32767
+        else:
+            got = sf.read(io.BytesIO(r.content), dtype="float32")[0]
+        if fmt in ("pcm", "wav", "flac"):  # lossless
+            assert_same_audio(got, want)
+        else:
+            assert abs(len(got) - len(want)) < 2000
+
+
+def test_voices_are_created_listed_persisted_and_consistent(server, http, tmp_path):
+    wav = espeak_wav(tmp_path / "clone.wav", "a voice to copy")
+    with open(wav, "rb") as f:
+        r = http.post("/v1/voices", data={"name": "clone", "speaker": "2", "text": "a voice to copy"},
+                      files={"file": ("clone.wav", f, "audio/wav")})
+    assert r.status_code == 201, r.text
+    assert r.json()["speaker"] == "2" and r.json()["clips"][0]["text"] == "a voice to copy"
+    again = http.post("/v1/voices", json={"name": "clone", "audio": base64.b64encode(open(wav, "rb").read()).decode(),
+                                          "text": "a voice to copy"})
+    assert again.status_code == 409 and error_of(again)["code"] == "voice_exists"
+    json_voice = http.post("/v1/voices", json={"name": "clone2", "speaker": 2, "clips": [
+        {"audio": base64.b64encode(open(wav, "rb").read()).decode(), "text": "a voice to copy"}]})
+    assert json_voice.status_code == 201, json_voice.text
+    names = [v["name"] for v in http.get("/v1/voices").json()["data"]]
+    assert {"narrator", "clone", "clone2"} <= set(names)
+
+    body = {"model": "csm-1b", "input": "Same voice.", "response_format": "wav", "seed": 4, "max_audio_length_ms": 320}
+    first = http.post("/v1/audio/speech", json={**body, "voice": "clone"}).content
+    assert http.post("/v1/audio/speech", json={**body, "voice": "clone"}).content == first
+    assert http.post("/v1/audio/speech", json={**body, "voice": "clone2"}).content == first
+    saved = server.voices / "clone"
+    assert (saved / "codes.npz").is_file() and (saved / "voice.json").is_file()
+    encoded = []
+    reloaded = VoiceStore(server.voices, lambda w: encoded.append(w) or audio.encode(server.generator.mimi, w), 32)
+    reloaded.load_all()
+    assert not encoded  # saved codes are reused, never encoded again
+    np.testing.assert_array_equal(reloaded.get("clone").clips[0].codes,
+                                  server.app.state.service.voices.get("clone").clips[0].codes)
+    assert http.delete("/v1/voices/clone2").json()["deleted"]
+    assert http.get("/v1/voices/clone2").status_code == 404
+
+
+def good(http):
+    r = http.post("/v1/audio/speech", json={"model": "csm-1b", "input": "ok", "response_format": "pcm",
+                                            "max_audio_length_ms": 160})
+    assert r.status_code == 200 and len(r.content) == 2 * 1920 * 2
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"input": "   "}, 400, "input"),
+    ({"input": "x" * 301}, 400, "input"),
+    ({"input": "hi", "voice": "nobody"}, 400, "voice"),
+    ({"input": "hi", "response_format": "aac"}, 400, "response_format"),
+    ({"input": 5}, 400, "input"),
+    ({"input": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"input": "hi", "topk": 2.5}, 400, "topk"),
+    ({"input": "hi", "speed": 1.5}, 400, "speed"),
+    ({"input": "hi", "stream_format": "ws"}, 400, "stream_format"),
+    ({"input": "hi", "colour": "blue"}, 400, "colour"),
+    ({"input": "hi", "context": [{"text": "x", "audio": "not base64!"}]}, 400, "context[0].audio"),
+    ({"input": "hi", "context": [{"text": "x", "audio": base64.b64encode(b"noise").decode()}]}, 400,
+     "context[0].audio"),
+    ({"input": "hi", "max_audio_length_ms": 10}, 400, "max_audio_length_ms"),
+    ({"input": "hi", "max_audio_length_ms": 100000}, 400, "max_audio_length_ms"),
+    (["input", "hi"], 400, None),
+])
+def test_bad_requests_get_a_400_naming_the_field_and_the_server_goes_on(http, body, status, param):
+    r = http.post("/v1/audio/speech", json={"model": "csm-1b", **body} if isinstance(body, dict) else body)
+    assert r.status_code == status, r.text
+    error = error_of(r)
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    good(http)
+
+
+def test_bad_json_oversize_body_wrong_key_and_unknown_route(server, http):
+    r = http.post("/v1/audio/speech", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
+    r = http.post("/v1/audio/speech", json={"input": "x" * 10, "pad": "y" * (2 << 20)})
+    assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+    for headers in ({"Authorization": "Bearer wrong"}, {"Authorization": ""}):
+        r = httpx.post(server.url + "/v1/audio/speech", json={"input": "hi"}, headers=headers)
+        assert r.status_code == 401 and error_of(r)["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).audio.speech.create(
+            model="csm-1b", voice="narrator", input="hi")
+    r = http.get("/v1/nothing")
+    assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
+    r = http.get("/v1/audio/speech")
+    assert r.status_code == 405
+    good(http)
+
+
+def test_prompt_over_the_budget_is_a_400_with_the_fix(server, http):
+    r = http.post("/v1/audio/speech", json={"input": "word " * 50, "voice": "narrator", "max_audio_length_ms": 19_000})
+    assert r.status_code == 400 and "lower max_audio_length_ms" in error_of(r)["message"]
+    good(http)
+
+
+def wait_idle(http):
+    for _ in range(600):
+        health = http.get("/health").json()
+        if health["busy"] == 0 and health["queued"] == 0:
+            return health
+        time.sleep(0.1)
+    raise AssertionError(f"the server stayed busy: {health}")
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server, http):
+    with http.stream("POST", "/v1/audio/speech", json={"input": "a long answer", "response_format": "pcm",
+                                                        "max_audio_length_ms": 4000}) as r:
+        assert r.status_code == 200
+        next(r.iter_bytes())
+    wait_idle(http)
+    metrics = http.get("/metrics").text
+    assert 'csm_requests_total{status="cancelled"}' in metrics
+    good(http)
+
+
+def test_a_full_queue_answers_429_and_recovers(server, http):
+    def ask(_):
+        r = http.post("/v1/audio/speech", json={"input": "busy", "response_format": "pcm",
+                                                "max_audio_length_ms": 1600})
+        return r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None
+
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        results = list(pool.map(ask, range(7)))
+    assert (429, "server_busy") in results and (200, None) in results  # 2 slots + 2 waiting
+    wait_idle(http)
+    good(http)
+
+
+def test_health_and_prometheus_metrics(http):
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["slots"] == 2 and health["voices"] >= 1
+    text = http.get("/metrics").text
+    for name in ("csm_requests_total", "csm_frames_generated_total", "csm_frames_per_second",
+                 "csm_time_to_first_audio_seconds_bucket", "csm_request_seconds_count", "csm_queue_depth",
+                 "csm_slots_busy"):
+        assert name in text
+    assert 'csm_requests_total{status="ok"}' in text
+
+
+def test_command_line_refuses_bad_settings_and_a_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--slots", "0"])
+    assert exit_info.value.code == 2 and "--slots must be at least 1" in capsys.readouterr().err
+    from csm_jax.core.errors import run_main
+
+    assert run_main(serve_main, ["--checkpoint", str(tmp_path / "missing"), "--mimi", "random",
+                                 "--voices", str(tmp_path / "v")]) == 2
+    assert "error: " in capsys.readouterr().err
