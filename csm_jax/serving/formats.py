@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Iterator
 
 import numpy as np
 
