@@ -69,18 +69,24 @@ def train(cfg: TrainConfig) -> Path:
     from csm_jax.core.config import preset
     from csm_jax.core.sharding import make_mesh
     from train.data import SKIPPED
-    from train.trainer import Trainer, checkpoint_manager, restore_checkpoint, save_checkpoint
+    from train.lora import make_trainer
+    from train.trainer import checkpoint_manager, checkpoint_meta, restore_checkpoint, save_checkpoint
 
     if not cfg.data.source:
         raise SystemExit("no training data: set data.source=DIR (a directory of Emilia .tar shards) or a hub id")
     model_config = preset(cfg.model)
     workdir = Path(cfg.workdir)
-    trainer = Trainer(model_config, cfg.optim, make_mesh(*cfg.mesh), compute_dtype=jnp.dtype(cfg.compute_dtype))
+    trainer = make_trainer(model_config, cfg.optim, make_mesh(*cfg.mesh), cfg.lora,
+                           compute_dtype=jnp.dtype(cfg.compute_dtype))
     iterator = iter(build_pipeline(cfg, model_config, cfg.data.source))
     manager = checkpoint_manager(workdir / "checkpoints", cfg.keep_checkpoints, cfg.save_every)
+    if cfg.lora.rank:  # the frozen base, and a check that resumed adapters were trained over it
+        trainer.load_base(cfg.init, cfg.seed)
+        trainer.check_resume(checkpoint_meta(manager))
     state = restore_checkpoint(manager, trainer, iterator)
     if state is None:
-        state = trainer.init_from_checkpoint(cfg.init, cfg.seed) if cfg.init else trainer.init_state(cfg.seed)
+        state = (trainer.init_from_checkpoint(cfg.init, cfg.seed) if cfg.init and not cfg.lora.rank
+                 else trainer.init_state(cfg.seed))
     start = int(state.step)
     log = MetricsLog(workdir)
     rows = cfg.optim.accumulation * cfg.data.batch_size * jax.process_count()
@@ -98,10 +104,10 @@ def train(cfg: TrainConfig) -> Path:
             log.write(step + 1, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", c0=f"{metrics['c0_loss']:.3f}",
                             frames_s=f"{metrics['frames_per_s']:.0f}", step_s=f"{step_time:.2f}")
-        save_checkpoint(manager, state, iterator)
+        save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             log.write(step + 1, evaluate(cfg, trainer, state, model_config))
-    save_checkpoint(manager, state, iterator)
+    save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
     manager.wait_until_finished()
     if SKIPPED:
         logging.warning("skipped corrupt or filtered members: %s", dict(SKIPPED))
@@ -131,4 +137,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from csm_jax.core.errors import run_main
+
+    sys.exit(run_main(main))

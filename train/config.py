@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from train.data import DataConfig
+from train.lora import LoraConfig
 from train.trainer import OptimConfig
 
 
@@ -32,6 +33,7 @@ class TrainConfig:
     seed: int = 0
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
+    lora: LoraConfig = LoraConfig()  # lora.rank > 0: train LoRA adapters over a frozen base (see train/lora.py)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
