@@ -26,8 +26,8 @@ from tests.test_model_parity import inputs, our_logits
 from tests.torch_references import transformers_logits, transformers_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# float32 logits of order 1-5 through 2 (backbone) or 3 (decoder) adapted layers: measured max |diff| / max |logit|
-# about 1e-6; the bound is 1e-5 of the largest logit.
+# float32 logits through the adapted backbone and depth decoder: measured max |diff| / max |logit| of
+# 0.9e-6 (export) and 1.3e-6 (import); the bound is 1e-5 of the largest logit.
 RELATIVE = 1e-5
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -125,21 +125,22 @@ def test_peft_adapter_imports_and_matches_peft(reference, peft_without_torchao, 
     """An adapter trained with PEFT in PyTorch, with the plain module names people use (so it also wraps the Mimi
     codec, whose LoRA keys we skip with a warning), rsLoRA scaling and non-zero B."""
     hf, ours, config, (tokens, mask, codes) = reference
-    lora = peft_without_torchao.LoraConfig(r=4, lora_alpha=16, target_modules=PEFT_TARGETS, use_rslora=True)
+    lora = peft_without_torchao.LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS, use_rslora=True)
     peft_model = peft_without_torchao.get_peft_model(copy.deepcopy(hf), lora)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
     peft_model.save_pretrained(tmp_path / "peft")
     adapted = peft_model.eval().get_base_model()
     want = transformers_logits(adapted, tokens, mask, codes)[:2]
+    assert np.abs(want[1] - transformers_logits(hf, tokens, mask, codes)[1]).max() > 0.1
 
     with caplog.at_level(logging.WARNING):
         adapter = load_adapter(tmp_path / "peft", config)
     assert "Mimi codec" in caplog.text
-    assert adapter.spec.rslora and adapter.spec.scale == 8.0 and adapter.config is None
+    assert adapter.spec.rslora and adapter.spec.scale == 4.0 and adapter.config is None
     merged = with_params(ours, merged_params(params_of(ours), adapter))
     assert_relative_close(our_logits(merged, tokens, mask, codes), want)
 
