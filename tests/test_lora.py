@@ -161,3 +161,72 @@ def test_adapter_for_another_model_is_a_user_error(tmp_path):
     (path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(UserError, match="use_dora"):
         load_adapter(path, config)
+
+
+def test_generator_switches_adapters_over_its_kept_base(tmp_path):
+    from csm_jax.core.model import Csm
+    from csm_jax.inference.decode_model import decode_model
+    from csm_jax.inference.generator import Generator
+    from csm_jax.io.text import load_tokenizer
+
+    config = preset("tiny_full_vocab")
+    model = Csm(config, rngs=nnx.Rngs(0))
+    spec = LoraSpec(rank=2, targets=("q", "down"))
+    path = save_adapter(tmp_path / "a", random_adapter(params_of(model), spec), spec, config)
+    tokenizer = load_tokenizer()
+
+    def decoded(m):
+        return jax.tree.leaves(nnx.state(decode_model(m), nnx.Param))
+
+    def assert_decodes_with(generator, m):
+        for got, want in zip(jax.tree.leaves(nnx.state(generator.frames.model, nnx.Param)), decoded(m)):
+            np.testing.assert_array_equal(got, want)
+
+    generator = Generator(model, tokenizer, mimi=None, adapter=path)
+    merged = with_params(model, merged_params(params_of(model), load_adapter(path, config)))
+    assert_decodes_with(generator, merged)
+    generator.use_adapter(None)
+    assert_decodes_with(generator, model)
+    generator.use_adapter(path)
+    assert_decodes_with(generator, merged)
+    with pytest.raises(AdapterError, match="keep_base=True"):
+        Generator(model, tokenizer, mimi=None).use_adapter(path)
+
+
+def test_cli_trains_adapters_only_resumes_exports_and_generates(shards, tmp_path):
+    from csm_jax.core.model import Csm
+    from tests.test_train import run_train
+
+    config = preset("tiny_full_vocab")
+    base = save_model(Csm(config, rngs=nnx.Rngs(0)), tmp_path / "base")
+    work = tmp_path / "run"
+    common = [f"data.source={shards}", f"init={base}", f"workdir={work}", "log_every=1", "save_every=2",
+              "lora.rank=4", "lora.alpha=8", "lora.targets=q,v,down"]
+    run_train(*common, "steps=2")
+    run_train(*common, "steps=4")  # resumes from the step-2 checkpoint
+    steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+    import orbax.checkpoint as ocp
+    tree = ocp.PyTreeCheckpointer().metadata(work / "checkpoints" / "4" / "state").item_metadata.tree
+    assert {s: set(t) for s, t in tree["params"].items()} == {"backbone": {"q", "v", "down"},
+                                                             "decoder": {"q", "v", "down"}}
+
+    adapter = load_adapter(work / "adapter", config)
+    assert adapter.metadata["step"] == 4 and adapter.metadata["base"]["path"] == str(base.absolute())
+    assert max(np.abs(t["b"]).max() for s in adapter.weights.values() for t in s.values()) > 0
+    base_params = params_of(load_model(base))
+    want = jax.tree.leaves(merged_params(base_params, adapter))
+    for got, w in zip(jax.tree.leaves(params_of(load_model(work / "export"))), want):
+        np.testing.assert_allclose(got, w, rtol=0, atol=1e-6)
+
+    other = save_model(Csm(config, rngs=nnx.Rngs(1)), tmp_path / "other")
+    out = subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/smoke.py", *common,
+                          f"init={other}", "steps=6"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "error: the checkpoints were trained over the base" in out.stderr, out.stderr[-2000:]
+
+    wav = tmp_path / "out.wav"
+    out = subprocess.run([sys.executable, "-m", "csm_jax.generate", "--checkpoint", str(base), "--adapter",
+                          str(work / "adapter"), "--mimi", "random", "--text", "Hi.", "--max-audio-length-ms", "160",
+                          "--no-watermark", "--out", str(wav)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and wav.exists(), out.stderr[-3000:]

@@ -58,15 +58,12 @@ class BaseMismatchError(UserError):
     """Resuming a LoRA run on another base model than the one it started from."""
 
 
-def base_fingerprint(init: str | None, seed: int) -> dict[str, str]:
-    """Identifies the base: the checkpoint's path and a hash of its config.json and metadata.json (or the seed of
-    a random base)."""
-    if init is None:
-        return {"path": "", "fingerprint": f"random-init-seed-{seed}"}
-    digest = hashlib.sha256()
-    for name in ("config.json", "metadata.json"):
-        digest.update((Path(init) / name).read_bytes())
-    return {"path": str(Path(init).absolute()), "fingerprint": digest.hexdigest()}
+def params_fingerprint(params: dict) -> str:
+    """A hash of a parameter tree's values: per array, the wrapping uint32 sum of its float32 bit patterns (exact,
+    so independent of the mesh and of the reduction order)."""
+    bits = lambda x: jnp.sum(jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32), dtype=jnp.uint32)  # noqa: E731
+    sums = jax.device_get(jax.jit(lambda p: [bits(x) for x in jax.tree.leaves(p)])(params))
+    return hashlib.sha256(json.dumps([int(x) for x in sums]).encode()).hexdigest()
 
 
 class LoraTrainer(Trainer):
@@ -118,13 +115,15 @@ class LoraTrainer(Trainer):
     def load_base(self, init: str | None, seed: int = 0) -> None:
         """The base of a run: the inference checkpoint `init`, or the model's random init from `seed`."""
         params = self.checkpoint_params(init) if init else self.random_params(seed)
-        self.set_base(params, base_fingerprint(init, seed))
+        self.set_base(params, {"path": str(Path(init).absolute()) if init else f"random init, seed {seed}",
+                               "fingerprint": params_fingerprint(params)})
 
     def init_state(self, seed: int = 0, params: dict | None = None) -> TrainState:
         """Fresh adapters (b = 0) over `params` as the base; without `params`, over the base already set (or the
         random init when none is)."""
         if params is not None:
-            self.set_base(jax.device_put(params, self.param_shardings))
+            params = jax.device_put(params, self.param_shardings)
+            self.set_base(params, {"path": "", "fingerprint": params_fingerprint(params)})
         elif self.frozen is None:
             self.load_base(None, seed)
         shapes = nnx.to_pure_dict(nnx.state(self.abstract, nnx.Param))
@@ -146,9 +145,9 @@ class LoraTrainer(Trainer):
         saved, now = meta.get("base", {}), self.base_info or {}
         if saved.get("fingerprint") != now.get("fingerprint"):
             raise BaseMismatchError(
-                f"the checkpoints were trained over the base {saved.get('path') or saved.get('fingerprint')!r}, "
-                f"but this run's base is {now.get('path') or now.get('fingerprint')!r} (a different model); set "
-                f"init= to the run's base, or use a new workdir")
+                f"the checkpoints were trained over the base {saved.get('path')!r} (fingerprint "
+                f"{saved.get('fingerprint', '')[:12]}), but this run's base {now.get('path')!r} has other weights "
+                f"(fingerprint {now.get('fingerprint', '')[:12]}); set init= to the run's base, or use a new workdir")
         if meta.get("lora") != self.checkpoint_meta()["lora"]:
             raise BaseMismatchError(f"the checkpoints hold adapters with LoRA settings {meta.get('lora')}, not "
                                     f"{dataclasses.asdict(self.spec)}; use the same lora.* settings or a new workdir")

@@ -92,7 +92,8 @@ def save_adapter(path: str | os.PathLike, weights: dict, spec: LoraSpec, config:
               **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=header)
-        base = (metadata or {}).get("base", {}).get("path") if isinstance((metadata or {}).get("base"), dict) else None
+        base = (metadata or {}).get("base", {}).get("path")
+        base = base if base and Path(base).is_dir() else None
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(spec, base), indent=2) + "\n")
     return Path(path)
 
