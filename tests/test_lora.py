@@ -19,7 +19,7 @@ from flax import nnx
 from convert import convert_to_orbax
 from csm_jax.core.config import preset
 from csm_jax.core.errors import UserError
-from csm_jax.core.lora import TARGETS, LoraSpec, delta, get_path, init_adapters, merge, quantize_int8, weight_path
+from csm_jax.core.lora import TARGETS, LoraSpec, delta, init_adapters, merge, quantize_int8
 from csm_jax.io.adapters import AdapterError, load_adapter, merged_params, save_adapter
 from csm_jax.io.checkpoint import abstract_model, load_model, save_model
 from tests.test_model_parity import inputs, our_logits

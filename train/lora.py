@@ -49,9 +49,13 @@ class LoraConfig:
             raise ValueError(f"lora.base_dtype={self.base_dtype!r}: use float32, bfloat16 or int8")
 
     def spec(self) -> LoraSpec:
-        names = lambda x: tuple(n.strip() for n in x.split(",") if n.strip()) if isinstance(x, str) else tuple(x)  # noqa: E731
-        return LoraSpec(rank=self.rank, alpha=float(self.alpha), targets=names(self.targets),
-                        stacks=names(self.stacks), dropout=float(self.dropout))
+        return LoraSpec(rank=self.rank, alpha=float(self.alpha), targets=_names(self.targets),
+                        stacks=_names(self.stacks), dropout=float(self.dropout))
+
+
+def _names(x: tuple[str, ...] | str) -> tuple[str, ...]:
+    """("q", "v") or "q,v" (a command-line override) -> ("q", "v")."""
+    return tuple(n.strip() for n in x.split(",") if n.strip()) if isinstance(x, str) else tuple(x)
 
 
 class BaseMismatchError(UserError):
@@ -61,7 +65,9 @@ class BaseMismatchError(UserError):
 def params_fingerprint(params: dict) -> str:
     """A hash of a parameter tree's values: per array, the wrapping uint32 sum of its float32 bit patterns (exact,
     so independent of the mesh and of the reduction order)."""
-    bits = lambda x: jnp.sum(jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32), dtype=jnp.uint32)  # noqa: E731
+    def bits(x):
+        return jnp.sum(jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32), dtype=jnp.uint32)
+
     sums = jax.device_get(jax.jit(lambda p: [bits(x) for x in jax.tree.leaves(p)])(params))
     return hashlib.sha256(json.dumps([int(x) for x in sums]).encode()).hexdigest()
 
@@ -72,6 +78,7 @@ class LoraTrainer(Trainer):
 
     def __init__(self, config, optim, mesh, lora: LoraConfig, **kwargs):
         self.lora, self.spec = lora, lora.spec()
+        self.compute_dtype = kwargs.get("compute_dtype", jnp.bfloat16)
         self.base_info: dict[str, str] | None = None
         super().__init__(config, optim, mesh, **kwargs)
         abstract_frozen = jax.eval_shape(self._freeze, nnx.to_pure_dict(nnx.state(self.abstract, nnx.Param)))
@@ -103,7 +110,9 @@ class LoraTrainer(Trainer):
         return abstract, shardings
 
     def model_params(self, params: dict, frozen: Any, key: jax.Array | None) -> dict:
-        return merge(frozen, params, self.spec, dropout_key=key)
+        if key is None:  # export and eval: merged in float32
+            return merge(frozen, params, self.spec)
+        return merge(frozen, params, self.spec, dropout_key=key, dtype=self.compute_dtype)
 
     # ---- state --------------------------------------------------------------------------------------------
 

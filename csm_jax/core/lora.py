@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 # target name -> (module, parameter, number of leading input axes of the per-layer weight)
@@ -120,11 +119,12 @@ def merge(params: dict, adapters: dict, spec: LoraSpec, dropout_key: jax.Array |
           dtype: Any = None) -> dict:
     """params with every adapted weight replaced by W + scale * a @ b (in float32, or `dtype`).
 
-    Weights may be `Int8Weight`s (dequantised here). `dropout_key` (training only) drops input features of each
-    adapter with probability `spec.dropout`: one mask per layer and step, shared by all tokens (PEFT drops the
+    Weights may be `Int8Weight`s (dequantised here, to `dtype` or float32). Training passes its compute dtype: the
+    merged weights and their gradients then take half the memory in bfloat16, as the layers cast to it anyway.
+    `dropout_key` (training only) drops input features of each adapter with probability `spec.dropout`: one mask per layer and step, shared by all tokens (PEFT drops the
     adapter's input per token, which a merged weight cannot express).
     """
-    params = dequantize_tree(params, None)
+    params = dequantize_tree(params, dtype)
     for i, (stack, target) in enumerate(spec.pairs()):
         path = weight_path(stack, target)
         a, b = adapters[stack][target]["a"], adapters[stack][target]["b"]
@@ -183,7 +183,3 @@ def frozen_base(params: dict, base_dtype: str) -> dict:
                 path = weight_path(stack, target)
                 base = set_path(base, path, quantize_int8(get_path(params, path), target))
     return base
-
-
-def numpy_tree(tree: dict) -> dict:
-    return jax.tree.map(np.asarray, tree)

@@ -127,8 +127,8 @@ def load_adapter(path: str | os.PathLike, config: CsmConfig) -> Adapter:
     if trained_for is not None and trained_for != config:
         diff = [f"{k}: {v} != {config.to_dict()[k]}" for k, v in trained_for.to_dict().items()
                 if config.to_dict().get(k) != v]
-        raise AdapterError(f"adapter {path} was trained for another model than the base checkpoint ({'; '.join(diff)}); "
-                           f"load it on the base it was trained from")
+        raise AdapterError(f"adapter {path} was trained for another model than the base checkpoint "
+                           f"({'; '.join(diff)}); load it on the base it was trained from")
     codec = sorted(k for k in tensors if _CODEC.match(k))
     if codec:
         log.warning("adapter %s: skipped %d LoRA tensors of the Mimi codec (codec_model.*); csm-jax adapts only "
