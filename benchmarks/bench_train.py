@@ -20,7 +20,8 @@ from csm_jax.core.config import CsmConfig, preset
 from csm_jax.core.sharding import make_mesh
 from tests.helpers import utterance_batch
 from tests.references import transformers_loss, transformers_model
-from train.trainer import OptimConfig, Trainer
+from train.lora import LoraConfig, make_trainer
+from train.trainer import OptimConfig
 
 
 def median_time(step, repeats: int) -> float:
@@ -34,34 +35,48 @@ def median_time(step, repeats: int) -> float:
     return statistics.median(times)
 
 
-def transformers_step(config, tokens, mask, depth_mask, lr):
-    hf = transformers_model(config).train()
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-3)
+def transformers_step(config, tokens, mask, depth_mask, lr, hf=None):
+    """`hf`: the model to train (default: a random one); only its parameters that require grad are trained."""
+    hf = (transformers_model(config) if hf is None else hf).train()
+    optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=1e-3)
 
     def step():
         loss = transformers_loss(hf, tokens, mask, depth_mask).loss
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.requires_grad], 1.0)
         optimizer.step()
 
     return step
 
 
-def our_step(config, tokens, mask, depth_fraction, lr, dtype):
-    trainer = Trainer(config, OptimConfig(learning_rate=lr, warmup_steps=0, depth_fraction=depth_fraction),
-                      make_mesh(-1, 1, 1), compute_dtype=dtype)
-    state = trainer.init_state(0)
+def our_step(config, tokens, mask, depth_fraction, lr, dtype, lora=LoraConfig(), params=None):
+    """`lora`: LoRA settings (rank 0 = full fine-tuning); `params`: the weights (default: a random init)."""
+    trainer = make_trainer(config, OptimConfig(learning_rate=lr, warmup_steps=0, depth_fraction=depth_fraction),
+                           make_mesh(-1, 1, 1), lora, compute_dtype=dtype)
+    state = trainer.init_state(0, params)
     batch = trainer.put_batch({"tokens": tokens[None].astype(np.int32), "mask": mask[None],
                                "segment_ids": np.ones((1, *tokens.shape[:2]), np.int32)})
     step_fn = trainer._step
 
     def step():
         nonlocal state
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, trainer.frozen)
         jax.block_until_ready(metrics)
 
     return step
+
+
+def bench_batch(config: CsmConfig, batch: int, frames: int, depth_fraction: float):
+    """Utterance rows (text then audio frames) and the frames transformers' depth decoder trains on."""
+    rng = np.random.default_rng(0)
+    text_len = frames // 8
+    tokens, mask = utterance_batch(rng, config, batch, text_len, frames - text_len)
+    audio = np.argwhere(mask[..., 0])
+    depth_mask = np.zeros(tokens.shape[:2], bool)
+    depth_mask[tuple(audio[rng.choice(len(audio), int(batch * frames * depth_fraction), replace=False)].T)] = True
+    return tokens, mask, depth_mask
 
 
 def train_flops(config: CsmConfig, frames: int, depth_frames: int) -> float:
@@ -84,13 +99,8 @@ def main():
     args = p.parse_args()
 
     config = preset(args.config)
-    rng = np.random.default_rng(0)
-    text_len = args.frames // 8
-    tokens, mask = utterance_batch(rng, config, args.batch, text_len, args.frames - text_len)
-    depth_frames = int(args.batch * args.frames * args.depth_fraction)
-    audio = np.argwhere(mask[..., 0])
-    depth_mask = np.zeros(tokens.shape[:2], bool)
-    depth_mask[tuple(audio[rng.choice(len(audio), depth_frames, replace=False)].T)] = True
+    tokens, mask, depth_mask = bench_batch(config, args.batch, args.frames, args.depth_fraction)
+    depth_frames = int(depth_mask.sum())
 
     ours = median_time(our_step(config, tokens, mask, args.depth_fraction, 1e-4, jnp.dtype(args.dtype)),
                        args.repeats)

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "replaced only once complete")
     p.add_argument("--checkpoint", default="sesame/csm-1b", help="csm-jax checkpoint directory, PyTorch "
                    "checkpoint or hub id (default sesame/csm-1b)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (python -m train ... lora.rank=N "
+                   "writes WORKDIR/adapter; PEFT adapters of CsmForConditionalGeneration work too), merged into the "
+                   "--checkpoint weights it was trained on")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype the weights are held in (default: --dtype); on CPU '--dtype float32 --weights-dtype "
@@ -127,7 +130,7 @@ def generate(argv: list[str] | None = None) -> int:
         mimi = audio.random_mimi(0) if args.mimi == "random" else args.mimi
         generator = load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
                                 param_dtype=jnp.dtype(args.weights_dtype or args.dtype), tokenizer=args.tokenizer,
-                                mimi=mimi, watermark=not args.no_watermark)
+                                mimi=mimi, watermark=not args.no_watermark, adapter=args.adapter)
         chunks = generator.stream_codes(Request(args.text, speaker, context), args.max_audio_length_ms, sampling,
                                         args.seed, first_chunk_frames=1 if args.stream else 4,
                                         chunk_frames=4 if args.stream else 16)

@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import soundfile as sf
 
 from csm_jax.core.config import CsmConfig
 from csm_jax.io.frames import Frames, audio_frames, text_frames
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 # ---- random model inputs -------------------------------------------------------------------------------------
 
@@ -187,3 +190,20 @@ def start_server(tmp_path_factory, **overrides):
 def stop_server(s):
     s.server.should_exit = True
     s.thread.join(timeout=30)
+
+
+# ---- our model and command lines -----------------------------------------------------------------------------
+
+def our_logits(model, tokens, mask, codes):
+    """Our model's codebook-0 logits of every position and depth logits of the last, as numpy."""
+    c0, hidden = model(tokens, mask)
+    depth = model.depth_logits(hidden[:, -1], jnp.asarray(codes, jnp.int32))
+    return np.asarray(c0), np.asarray(depth)
+
+
+def run_train(*overrides: str) -> subprocess.CompletedProcess:
+    """`python -m train` with the smoke config and `overrides`, from the repository root; asserts it succeeded."""
+    out = subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/smoke.py", *overrides],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out

@@ -14,17 +14,11 @@ from convert import convert_to_orbax
 from csm_jax.io.checkpoint import load_model
 from csm_jax.core.config import preset
 from csm_jax.core.layers import RMSNorm, rope_frequencies
-from tests.helpers import logits_inputs
+from tests.helpers import logits_inputs, our_logits
 from tests.references import (original_model, save_original, transformers_config, transformers_logits,
                               transformers_model)
 
 FLOAT32_ATOL = 1e-4
-
-
-def our_logits(model, tokens, mask, codes):
-    c0, hidden = model(tokens, mask)
-    depth = model.depth_logits(hidden[:, -1], jnp.asarray(codes, jnp.int32))
-    return np.asarray(c0), np.asarray(depth)
 
 
 def assert_logits_close(ours, reference, atol):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import ENGLISH, MANDARIN
+from tests.helpers import ENGLISH, MANDARIN, run_train
 from train.data import (SKIPPED, DataConfig, Featurizer, TarShard, keep, list_shards, parse_metadata,
                         process_share, tar_dataset)
 
@@ -113,12 +113,13 @@ def test_sharded_step_equals_single_device_step():
     assert report["specs"]["text_embeddings"] == "P('tensor', 'fsdp')"
     assert report["specs"]["wq_shard_shape"] == [3, 32, 2, 16]  # (layers, dim/fsdp, heads/tensor, head_dim)
 
-
-def run_train(*overrides: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/smoke.py", *overrides],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
+    lora = report["lora"]  # two LoRA steps over an int8 base
+    np.testing.assert_allclose(lora["loss"][0], lora["loss"][1], rtol=1e-5)
+    assert lora["max_b"] > 1e-4 and lora["max_adapter_diff"] < 2e-5
+    assert lora["optimizer_moments"] == 2 * lora["adapter_size"]  # Adam's two moments of the adapters, no base
+    assert lora["specs"] == {"q_a": "P(None, 'fsdp', None)", "q_b": "P(None, None, 'tensor', None)",
+                             "down_a": "P(None, 'tensor', None)", "wq_int8": "P(None, 'fsdp', 'tensor', None)",
+                             "wq_scale": "P(None, None, 'tensor', None)", "wq_dtype": "int8"}
 
 
 def exported_params(path: Path):

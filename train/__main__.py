@@ -78,7 +78,8 @@ def train(cfg: TrainConfig) -> Path:
     from csm_jax.core.config import preset
     from csm_jax.core.sharding import make_mesh
     from train.data import SKIPPED
-    from train.trainer import Trainer, checkpoint_manager, save_checkpoint
+    from train.lora import make_trainer
+    from train.trainer import checkpoint_manager, checkpoint_meta, save_checkpoint
 
     validate(cfg)
     model_config = preset(cfg.model)
@@ -90,9 +91,14 @@ def train(cfg: TrainConfig) -> Path:
     iterator = iter(build_pipeline(cfg, model_config, cfg.data.source))
     if cfg.eval_every:
         check_eval_data(cfg, model_config)
-    trainer = Trainer(model_config, cfg.optim, mesh, steps=cfg.steps, compute_dtype=jnp.dtype(cfg.compute_dtype))
+    trainer = make_trainer(model_config, cfg.optim, mesh, cfg.lora, steps=cfg.steps,
+                           compute_dtype=jnp.dtype(cfg.compute_dtype))
+    if cfg.lora.rank:  # the frozen base
+        trainer.load_base(cfg.init, cfg.seed)
     checkpoints = workdir / "checkpoints"
     manager = checkpoint_manager(checkpoints, cfg.keep_checkpoints, cfg.save_every) if checkpoints.is_dir() else None
+    if manager is not None and cfg.lora.rank:  # resumed adapters must have been trained over this base
+        trainer.check_resume(checkpoint_meta(manager))
     state = resume(manager, trainer, iterator, checkpoints) if manager is not None else None
     if state is not None and int(state.step) > cfg.steps:
         raise TrainConfigError(f"{checkpoints} already holds step {int(state.step)}, past steps={cfg.steps}; set "
@@ -102,7 +108,8 @@ def train(cfg: TrainConfig) -> Path:
     batches = iterator if finished else itertools.chain([next(iterator)], iterator)
     manager = manager or checkpoint_manager(checkpoints, cfg.keep_checkpoints, cfg.save_every)
     if state is None:
-        state = trainer.init_from_checkpoint(cfg.init, cfg.seed) if cfg.init else trainer.init_state(cfg.seed)
+        state = (trainer.init_from_checkpoint(cfg.init, cfg.seed) if cfg.init and not cfg.lora.rank
+                 else trainer.init_state(cfg.seed))
     start = int(state.step)
     log = MetricsLog(workdir)
     rows = cfg.optim.accumulation * cfg.data.batch_size * jax.process_count()
@@ -120,10 +127,10 @@ def train(cfg: TrainConfig) -> Path:
             log.write(step + 1, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", c0=f"{metrics['c0_loss']:.3f}",
                             frames_s=f"{metrics['frames_per_s']:.0f}", step_s=f"{step_time:.2f}")
-        save_checkpoint(manager, state, iterator)
+        save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             log.write(step + 1, evaluate(cfg, trainer, state, model_config))
-    save_checkpoint(manager, state, iterator)
+    save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
     manager.wait_until_finished()
     if SKIPPED:
         logging.warning("skipped corrupt or filtered members: %s", dict(SKIPPED))

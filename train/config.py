@@ -19,6 +19,7 @@ from typing import Any
 
 from csm_jax.core.errors import UserError
 from train.data import DataConfig
+from train.lora import LoraConfig
 from train.trainer import OptimConfig
 
 EXAMPLE_CONFIG = "train/configs/smoke.py"
@@ -49,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
+    lora: LoraConfig = LoraConfig()  # lora.rank > 0: train LoRA adapters over a frozen base (see train/lora.py)
 
 
 # ---- reading -------------------------------------------------------------------------------------------------

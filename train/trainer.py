@@ -87,13 +87,14 @@ class Trainer:
         self.param_shardings = param_shardings(self.abstract, mesh, rules)
         self.rules = rules
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.abstract_state = jax.eval_shape(
-            self._init_state, nnx.to_pure_dict(nnx.state(self.abstract, nnx.Param)), jnp.zeros((), jnp.uint32))
+        self.frozen = None  # parameters the step reads but does not train (LoRA's base: see train.lora)
+        trainable, trainable_shardings = self.trainable_layout()
+        self.abstract_state = jax.eval_shape(self._init_state, trainable, jnp.zeros((), jnp.uint32))
         # optimizer moments are shaped like the parameters and sharded like them; counters are replicated
         opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, sharding: sharding, self.abstract_state.opt_state, self.param_shardings,
+            self.tx, lambda _, sharding: sharding, self.abstract_state.opt_state, trainable_shardings,
             transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-        self.state_shardings = TrainState(step=replicated, params=self.param_shardings, opt_state=opt_shardings,
+        self.state_shardings = TrainState(step=replicated, params=trainable_shardings, opt_state=opt_shardings,
                                           rng=replicated)
         self._step = jax.jit(self._train_step, donate_argnums=0,
                              out_shardings=(self.state_shardings, replicated))
@@ -101,49 +102,72 @@ class Trainer:
 
     # ---- state --------------------------------------------------------------------------------------------
 
+    def trainable_layout(self) -> tuple[dict, dict]:
+        """(abstract trained parameters, their shardings): here every model parameter."""
+        return nnx.to_pure_dict(nnx.state(self.abstract, nnx.Param)), self.param_shardings
+
+    def model_params(self, params: dict, frozen: Any, key: jax.Array | None) -> dict:
+        """The model's full parameter dict from the trained `params` and `self.frozen` (`key`: None outside
+        training); here the trained parameters are the model's."""
+        return params
+
     def _init_state(self, params: dict, seed: jax.Array) -> TrainState:
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                           rng=jax.random.key_data(jax.random.key(seed)))
 
+    def random_params(self, seed: int) -> dict:
+        """The model's random init (a pure dict), placed by the sharding rules."""
+        shardings = self.param_shardings
+
+        @jax.jit
+        def random_params():
+            model = Csm(self.config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+            return jax.lax.with_sharding_constraint(nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
+
+        return random_params()
+
     def init_state(self, seed: int = 0, params: dict | None = None) -> TrainState:
         """A fresh state: `params` (a pure dict, e.g. `load_params` of a converted checkpoint) or random init."""
-        if params is None:
-            shardings = self.param_shardings
+        params = jax.device_put(self.random_params(seed) if params is None else params, self.param_shardings)
+        return self.fresh_state(params, seed)
 
-            @jax.jit
-            def random_params():
-                model = Csm(self.config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
-                return jax.lax.with_sharding_constraint(nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
-
-            params = random_params()
-        params = jax.device_put(params, self.param_shardings)
+    def fresh_state(self, trainable: dict, seed: int) -> TrainState:
         init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        return init(params, jnp.asarray(seed, jnp.uint32))
+        return init(trainable, jnp.asarray(seed, jnp.uint32))
+
+    def checkpoint_params(self, path: str | Path) -> dict:
+        """An inference checkpoint's parameters (a pure float32 dict), placed by the sharding rules."""
+        abstract = abstract_model(self.config, dtype=jnp.float32, param_dtype=jnp.float32)
+        return jax.device_put(nnx.to_pure_dict(load_params(path, abstract)), self.param_shardings)
 
     def init_from_checkpoint(self, path: str | Path, seed: int = 0) -> TrainState:
         """Start from an inference checkpoint (converted from PyTorch, or exported by an earlier run)."""
-        abstract = abstract_model(self.config, dtype=jnp.float32, param_dtype=jnp.float32)
-        state = load_params(path, abstract)
-        return self.init_state(seed, nnx.to_pure_dict(state))
+        return self.init_state(seed, self.checkpoint_params(path))
+
+    def checkpoint_meta(self) -> dict | None:
+        """What the checkpoints store besides the state and the data iterator (nothing for a full fine-tune)."""
+        return None
 
     # ---- the step -----------------------------------------------------------------------------------------
 
-    def _loss(self, params: dict, batch: dict[str, jax.Array], key: jax.Array):
-        model = nnx.merge(self.graphdef, params)
+    def _loss(self, params: dict, batch: dict[str, jax.Array], key: jax.Array, frozen: Any = None,
+              training: bool = True):
+        model = nnx.merge(self.graphdef, self.model_params(params, frozen, jax.random.fold_in(key, 1)
+                                                           if training else None))
         tokens, mask, seg = batch["tokens"], batch["mask"], batch["segment_ids"]
         count = depth_frame_count(*seg.shape, self.optim.depth_fraction)
         indices, weights = choose_depth_frames(key, target_frames(mask, seg), count)
         return csm_loss(model, tokens, mask, seg, indices, weights, self.optim.depth_weight)
 
-    def _train_step(self, state: TrainState, batch: dict[str, jax.Array]):
+    def _train_step(self, state: TrainState, batch: dict[str, jax.Array], frozen: Any = None):
         """batch arrays are (accumulation, B, S, ...): one optimizer update over all micro-batches."""
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
         def micro(carry, xs):
             grads, i = carry
-            (_, metrics), g = grad_fn(state.params, xs, jax.random.fold_in(key, i))
+            (_, metrics), g = grad_fn(state.params, xs, jax.random.fold_in(key, i), frozen)
             return (jax.tree.map(jnp.add, grads, g), i + 1), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -164,15 +188,16 @@ class Trainer:
         return {k: put(v) for k, v in local.items()}
 
     def step(self, state: TrainState, local_batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
-        return self._step(state, self.put_batch(local_batch))
+        return self._step(state, self.put_batch(local_batch), self.frozen)
 
-    def _eval_metrics(self, params: dict, batch: dict[str, jax.Array], rng: jax.Array) -> dict:
+    def _eval_metrics(self, params: dict, batch: dict[str, jax.Array], rng: jax.Array, frozen: Any = None) -> dict:
         key = jax.random.wrap_key_data(rng)
-        return jax.tree.map(jnp.mean, jax.lax.map(lambda micro: self._loss(params, micro, key)[1], batch))
+        return jax.tree.map(jnp.mean, jax.lax.map(lambda micro: self._loss(params, micro, key, frozen, False)[1],
+                                                  batch))
 
     def eval_loss(self, state: TrainState, local_batch: dict[str, np.ndarray]) -> dict:
         """Loss metrics on a held-out batch (compiled once, not per call)."""
-        return self._eval(state.params, self.put_batch(local_batch), state.rng)
+        return self._eval(state.params, self.put_batch(local_batch), state.rng, self.frozen)
 
     # ---- export -------------------------------------------------------------------------------------------
 
@@ -181,13 +206,14 @@ class Trainer:
 
         In a multi-process run every process takes part (the sharded parameters are gathered from all of them) and
         process 0 writes."""
+        params = jax.jit(self.model_params)(state.params, self.frozen, None)  # merged with any adapters
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            params = multihost_utils.process_allgather(state.params, tiled=True)
+            params = multihost_utils.process_allgather(params, tiled=True)
         else:
-            params = jax.device_get(state.params)
-        params = jax.tree.map(np.asarray, params)
+            params = jax.device_get(params)
+        params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
         if jax.process_index() == 0:
             model = nnx.merge(nnx.graphdef(abstract_model(self.config)), params)
             save_model(model, path, {"source": "train", "step": int(state.step), **(metadata or {})},
@@ -205,14 +231,26 @@ def checkpoint_manager(directory: str | Path, keep: int = 3, every: int = 1) -> 
                                            enable_async_checkpointing=True)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                "data": grain.checkpoint.CheckpointHandler()})
+                                                "data": grain.checkpoint.CheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iterator) -> bool:
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iterator,
+                    meta: dict | None = None) -> bool:
+    """Saves the state and the iterator, and `meta` (JSON, e.g. which base a LoRA run adapts) when given."""
     import grain
 
+    extra = {"meta": ocp.args.JsonSave(meta)} if meta else {}
     return manager.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator), **extra))
+
+
+def checkpoint_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict | None:
+    """The `meta` saved with the latest (or `step`) checkpoint; None without checkpoints or meta."""
+    step = manager.latest_step() if step is None else step
+    if step is None or not (Path(manager.directory) / str(step) / "meta").exists():
+        return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, data_iterator,

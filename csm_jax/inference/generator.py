@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from csm_jax.core.codec import FRAME_SAMPLES, SAMPLE_RATE
 from csm_jax.core.model import Csm
@@ -14,6 +17,7 @@ from csm_jax.inference.loop import FrameGenerator
 from csm_jax.core.errors import UserError
 from csm_jax.inference.prompt import RequestError, check_seeds, max_frames_for, prompt_frames
 from csm_jax.inference.sampling import FrameSampling, LogitsProcessor, SamplerConfig
+from csm_jax.io.adapters import Adapter, AdapterError
 from csm_jax.io.frames import Frames, Segment
 from csm_jax.io.text import TextTokenizer
 
@@ -37,18 +41,46 @@ class Generator:
 
     `generate` / `generate_batch` watermark their output when a watermarker is given (see `csm_jax.watermark`);
     streamed chunks are not watermarked, since the watermark is computed over a whole utterance.
+
+    LoRA adapters (`csm_jax.io.adapters`): `adapter` is merged into the weights before decoding; with
+    `keep_base=True` (implied by `adapter`) the base parameters are kept (one more copy of the weights) so that
+    `use_adapter` can switch adapters, or go back to the base, without reloading anything.
     """
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model: Csm, tokenizer: TextTokenizer, mimi, watermarker=None, cpu_kernels: bool | None = None):
+    def __init__(self, model: Csm, tokenizer: TextTokenizer, mimi, watermarker=None, cpu_kernels: bool | None = None,
+                 adapter: str | os.PathLike | None = None, keep_base: bool = False):
         if tokenizer.vocab_size > model.config.text_vocab_size:
             raise UserError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} ids but the model embeds "
                              f"only {model.config.text_vocab_size}; use the tokenizer the model was trained with")
-        self.frames = FrameGenerator(model, cpu_kernels)
+        self.config, self.cpu_kernels = model.config, cpu_kernels
+        self.base = nnx.split(model) if keep_base or adapter is not None else None
+        self.adapter: Adapter | None = None
+        self.frames = FrameGenerator(model, cpu_kernels) if adapter is None else None
         self.tokenizer = tokenizer
         self.mimi = mimi
         self.watermarker = watermarker
+        if adapter is not None:
+            self.use_adapter(adapter)
+
+    def use_adapter(self, adapter: str | os.PathLike | Adapter | None) -> None:
+        """Decodes from now on with `adapter` (a directory, ours or PEFT's, or a loaded `Adapter`) merged into the
+        kept base weights; None goes back to the base."""
+        from csm_jax.io.adapters import load_adapter, merged_params
+
+        if self.base is None:
+            raise AdapterError("this Generator did not keep its base weights, so it cannot switch adapters: build it "
+                               "with keep_base=True (or load_csm_1b(..., adapter=...))")
+        graphdef, state = self.base
+        if adapter is not None and not isinstance(adapter, Adapter):
+            adapter = load_adapter(adapter, self.config)
+        if adapter is not None:
+            merged = merged_params(nnx.to_pure_dict(state), adapter)
+            state = jax.tree.map(lambda x: x, state)  # a new State over the same arrays, then the merged ones
+            nnx.replace_by_pure_dict(state, merged)
+        self.frames = FrameGenerator(nnx.merge(graphdef, state), self.cpu_kernels)
+        self.adapter = adapter
 
     def prompt(self, request: Request, max_frames: int = 1) -> Frames:
         """The request's prompt frames, after checking it (`csm_jax.inference.prompt.check_request`) and that the
@@ -145,7 +177,8 @@ class Generator:
 
 def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_dtype=None,
                 tokenizer: str | None = None, mimi=None, mimi_device: str = "cpu", watermark: bool = True,
-                cache_dir: str | None = None, cpu_kernels: bool | None = None) -> Generator:
+                cache_dir: str | None = None, cpu_kernels: bool | None = None,
+                adapter: str | os.PathLike | None = None) -> Generator:
     """A ready `Generator`, like the original's `load_csm_1b`.
 
     checkpoint: a csm-jax checkpoint directory, or anything the converter reads (a hub id such as
@@ -154,7 +187,8 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     weights' dtype (default: dtype). On CPU the fastest choice is float32 compute over bfloat16 weights.
     tokenizer: a path or hub id (default: the offline Llama-3 tokenizer). mimi: a moshi Mimi model, a weights
     path or hub id (default: kyutai's Mimi from the hub). cpu_kernels: the decode layout's kernel switch (see
-    `csm_jax.inference.decode_model`).
+    `csm_jax.inference.decode_model`). adapter: a LoRA adapter directory (ours or PEFT's) merged into the weights;
+    the Generator then keeps the base to switch adapters with `use_adapter`.
     """
     from csm_jax.io import audio
     from csm_jax.io.checkpoint import load_model, read_config
@@ -171,4 +205,4 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
         mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=config.num_codebooks)
     model = load_model(path, dtype=dtype, param_dtype=param_dtype)
     return Generator(model, text_tokenizer, mimi, load_watermarker(mimi_device) if watermark else None,
-                     cpu_kernels=cpu_kernels)
+                     cpu_kernels=cpu_kernels, adapter=adapter)

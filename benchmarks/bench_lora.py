@@ -1,0 +1,103 @@
+"""LoRA fine-tuning: (1) one LoRA step, ours against transformers + PEFT, on the same config, weights and batch;
+(2) optimizer state and peak memory of LoRA / QLoRA against full fine-tuning at CSM-1B size, from the compiled
+step's memory analysis (abstract inputs: nothing of 1B size is allocated).
+
+    flock /tmp/csm-heavy.lock env PYTHONPATH=. python benchmarks/bench_lora.py --config small --batch 4 --frames 128
+
+Step times are medians; the ratio is transformers / ours (> 1 means ours is faster).
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from benchmarks.bench_train import bench_batch, median_time, our_step, transformers_step
+from csm_jax.core.config import preset
+from csm_jax.core.sharding import make_mesh
+from tests.references import csm_from_transformers, transformers_model
+from train.lora import LoraConfig, make_trainer
+from train.trainer import OptimConfig
+
+PEFT_TARGETS = r"(backbone_model|depth_decoder\.model)\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+
+
+def peft_model(hf, rank: int, alpha: float):
+    """transformers' CSM with PEFT LoRA on the same projections as ours (peft made blind to torchao 0.14)."""
+    import peft.import_utils
+    import peft.tuners.lora.torchao
+
+    peft.import_utils.is_torchao_available = peft.tuners.lora.torchao.is_torchao_available = lambda: False
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=PEFT_TARGETS))
+    return wrapped.get_base_model()
+
+
+def step_memory(config, lora: LoraConfig, batch: int, frames: int, dtype) -> dict[str, float]:
+    """GB: the optimizer state, the trained parameters, the frozen base, and the compiled step's peak."""
+    trainer = make_trainer(config, OptimConfig(), make_mesh(1, 1, 1, devices=jax.devices()[:1]), lora,
+                           compute_dtype=dtype)
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    state = jax.tree.map(sds, trainer.abstract_state, trainer.state_shardings)
+    n = config.num_codebooks
+    data = {"tokens": jax.ShapeDtypeStruct((1, batch, frames, n + 1), jnp.int32),
+            "mask": jax.ShapeDtypeStruct((1, batch, frames, n + 1), jnp.bool_),
+            "segment_ids": jax.ShapeDtypeStruct((1, batch, frames), jnp.int32)}
+    frozen = None
+    if lora.rank:
+        frozen = jax.eval_shape(trainer._freeze, nnx.to_pure_dict(nnx.state(trainer.abstract, nnx.Param)))
+    m = trainer._step.lower(state, data, frozen).compile().memory_analysis()
+    size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e9  # noqa: E731
+    return {"optimizer": size(state.opt_state), "trained": size(state.params), "frozen": size(frozen),
+            "peak": (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                     + m.temp_size_in_bytes) / 1e9}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="small")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--frames", type=int, default=128)
+    p.add_argument("--depth-fraction", type=float, default=1 / 16)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--memory-config", default="csm_1b", help="the model size of the memory comparison")
+    p.add_argument("--memory-batch", type=int, default=2)
+    p.add_argument("--memory-frames", type=int, default=256)
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args()
+
+    if not args.skip_speed:
+        config = preset(args.config)
+        tokens, mask, depth_mask = bench_batch(config, args.batch, args.frames, args.depth_fraction)
+        hf = transformers_model(config)
+        params = nnx.to_pure_dict(nnx.state(csm_from_transformers(hf, config), nnx.Param))
+        lora = LoraConfig(rank=args.rank, alpha=args.alpha)
+        ours = median_time(our_step(config, tokens, mask, args.depth_fraction, 2e-4, jnp.float32, lora, params),
+                           args.repeats)
+        theirs = median_time(transformers_step(config, tokens, mask, depth_mask, 2e-4,
+                                               peft_model(hf, args.rank, args.alpha)), args.repeats)
+        frames = args.batch * args.frames
+        print(f"{args.config}: LoRA r={args.rank} on q/k/v/o/gate/up/down of both stacks, batch {args.batch} x "
+              f"{args.frames} frames, float32, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+        print(f"ours:                 {ours * 1e3:8.1f} ms/step  {frames / ours:8.0f} frames/s")
+        print(f"transformers + PEFT:  {theirs * 1e3:8.1f} ms/step  {frames / theirs:8.0f} frames/s")
+        print(f"ratio transformers/ours: {theirs / ours:.2f}")
+
+    config = preset(args.memory_config)
+    print(f"\n{args.memory_config}, batch {args.memory_batch} x {args.memory_frames} frames, bfloat16 compute, "
+          f"AdamW (GB; peak = arguments + outputs - donated + temporaries of the compiled step)")
+    print(f"{'':28s}{'optimizer':>10s}{'trained':>10s}{'frozen':>10s}{'peak':>10s}")
+    for name, lora in [("full fine-tune", LoraConfig()),
+                       *[(f"LoRA r={args.rank}, {d} base", LoraConfig(rank=args.rank, base_dtype=d))
+                         for d in ("float32", "bfloat16", "int8")]]:
+        m = step_memory(config, lora, args.memory_batch, args.memory_frames, jnp.bfloat16)
+        print(f"{name:28s}" + "".join(f"{m[k]:10.3f}" for k in ("optimizer", "trained", "frozen", "peak")))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

@@ -1,0 +1,185 @@
+"""LoRA as pure functions over the stacked parameter tree, and the int8 base weights of QLoRA.
+
+An adapter is its own pytree beside the model's parameters, stacked over layers like the weight it adapts:
+`{stack: {target: {"a": (L, *in, r), "b": (L, r, *out)}}}`, e.g. for the backbone's q projection (D, H, hd):
+a (L, D, r) and b (L, r, H, hd). The effective weight is W + scale * a @ b (contracted over r), formed by
+`merge` on a pure parameter dict, so the model code never changes: training merges inside the jitted loss,
+generation merges once when an adapter is chosen. scale = alpha / r (alpha / sqrt(r) with rsLoRA), as in PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# target name -> (module, parameter, number of leading input axes of the per-layer weight)
+TARGETS: dict[str, tuple[str, str, int]] = {
+    "q": ("attn", "wq", 1),  # (D, H, hd)
+    "k": ("attn", "wk", 1),  # (D, K, hd)
+    "v": ("attn", "wv", 1),  # (D, K, hd)
+    "o": ("attn", "wo", 2),  # (H, hd, D)
+    "gate": ("mlp", "w_gate", 1),  # (D, F)
+    "up": ("mlp", "w_up", 1),  # (D, F)
+    "down": ("mlp", "w_down", 1),  # (F, D)
+}
+STACKS = ("backbone", "decoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What an adapter adapts and how strongly; `dropout` only matters in training (see `merge`)."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    targets: tuple[str, ...] = tuple(TARGETS)
+    stacks: tuple[str, ...] = STACKS
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def __post_init__(self):
+        bad = [t for t in self.targets if t not in TARGETS] + [s for s in self.stacks if s not in STACKS]
+        if bad or not self.targets or not self.stacks or self.rank < 1 or not 0 <= self.dropout < 1:
+            raise ValueError(f"invalid LoRA settings (rank {self.rank}, dropout {self.dropout}, targets "
+                             f"{self.targets}, stacks {self.stacks}): rank >= 1, 0 <= dropout < 1, targets among "
+                             f"{', '.join(TARGETS)}, stacks among {', '.join(STACKS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def pairs(self):
+        """(stack, target) for every adapted weight, in a fixed order."""
+        return [(s, t) for s in self.stacks for t in self.targets]
+
+
+def weight_path(stack: str, target: str) -> tuple[str, ...]:
+    """Path of the adapted (stacked) weight in the model's pure parameter dict."""
+    module, name, _ = TARGETS[target]
+    return (stack, "blocks", module, name)
+
+
+def get_path(tree: dict, path: tuple[str, ...]):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> dict:
+    """A copy of the nested dict `tree` with the leaf at `path` replaced (the other leaves shared)."""
+    if not path:
+        return value
+    return {**tree, path[0]: set_path(tree[path[0]], path[1:], value)}
+
+
+def split_shape(shape: tuple[int, ...], target: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A stacked weight's shape -> (layers, input axes, output axes)."""
+    n_in = TARGETS[target][2]
+    return tuple(shape[:1]), tuple(shape[1:1 + n_in]), tuple(shape[1 + n_in:])
+
+
+def adapter_shapes(weight_shape: tuple[int, ...], target: str, rank: int) -> dict[str, tuple[int, ...]]:
+    layers, ins, outs = split_shape(weight_shape, target)
+    return {"a": (*layers, *ins, rank), "b": (*layers, rank, *outs)}
+
+
+def adapter_axes(weight_axes: tuple, target: str) -> dict[str, tuple]:
+    """Logical axes of a and b from those of the weight: a (layers, *in, None), b (layers, None, *out); so the
+    sharding rules that place a weight place its adapter consistently."""
+    layers, ins, outs = split_shape(tuple(weight_axes), target)
+    return {"a": (*layers, *ins, None), "b": (*layers, None, *outs)}
+
+
+def init_adapters(key: jax.Array, params: dict, spec: LoraSpec) -> dict:
+    """PEFT's default init: a ~ U(+-1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)), b = 0, so training starts
+    from the base model. `params` may hold arrays or ShapeDtypeStructs (only shapes are read)."""
+    adapters: dict = {}
+    for i, (stack, target) in enumerate(spec.pairs()):
+        shapes = adapter_shapes(get_path(params, weight_path(stack, target)).shape, target, spec.rank)
+        fan_in = math.prod(shapes["a"][1:-1])
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(jax.random.fold_in(key, i), shapes["a"], jnp.float32, -bound, bound)
+        adapters.setdefault(stack, {})[target] = {"a": a, "b": jnp.zeros(shapes["b"], jnp.float32)}
+    return adapters
+
+
+def delta(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a (L, *in, r) @ b (L, r, *out) -> (L, *in, *out) in float32."""
+    layers, rank = a.shape[0], a.shape[-1]
+    flat = jnp.matmul(a.reshape(layers, -1, rank).astype(jnp.float32), b.reshape(layers, rank, -1).astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+    return flat.reshape(*a.shape[:-1], *b.shape[2:])
+
+
+def merge(params: dict, adapters: dict, spec: LoraSpec, dropout_key: jax.Array | None = None,
+          dtype: Any = None) -> dict:
+    """params with every adapted weight replaced by W + scale * a @ b (in float32, or `dtype`).
+
+    Weights may be `Int8Weight`s (dequantised here, to `dtype` or float32). Training passes its compute dtype: the
+    merged weights and their gradients then take half the memory in bfloat16, as the layers cast to it anyway.
+    `dropout_key` (training only) drops input features of each adapter with probability `spec.dropout`: one mask per layer and step, shared by all tokens (PEFT drops the
+    adapter's input per token, which a merged weight cannot express).
+    """
+    params = dequantize_tree(params, dtype)
+    for i, (stack, target) in enumerate(spec.pairs()):
+        path = weight_path(stack, target)
+        a, b = adapters[stack][target]["a"], adapters[stack][target]["b"]
+        if dropout_key is not None and spec.dropout > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, i), 1 - spec.dropout, a.shape[:-1] + (1,))
+            a = jnp.where(keep, a / (1 - spec.dropout), 0.0)
+        w = get_path(params, path)
+        merged = w.astype(jnp.float32) + spec.scale * delta(a, b)
+        params = set_path(params, path, merged.astype(dtype or jnp.float32))
+    return params
+
+
+# ---- int8 base weights (QLoRA) --------------------------------------------------------------------------------
+
+@struct.dataclass
+class Int8Weight:
+    """A frozen weight as int8 values and float32 scales per output channel (the scale has size 1 on the input
+    axes, so it broadcasts and shards like the weight)."""
+
+    values: jax.Array
+    scale: jax.Array
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def quantize_int8(w: jax.Array, target: str) -> Int8Weight:
+    """Symmetric per-output-channel int8 of a stacked weight (layers, *in, *out)."""
+    n_in = TARGETS[target][2]
+    axes = tuple(range(1, 1 + n_in))
+    scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=True) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return Int8Weight(jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale.astype(jnp.float32))
+
+
+def is_int8(x) -> bool:
+    return isinstance(x, Int8Weight)
+
+
+def dequantize_tree(params: dict, dtype=jnp.float32) -> dict:
+    """Every `Int8Weight` of a parameter tree -> a dense array (`dtype`; None = float32); other leaves as they are."""
+    return jax.tree.map(lambda x: x.dequantize(dtype or jnp.float32) if is_int8(x) else x, params, is_leaf=is_int8)
+
+
+def frozen_base(params: dict, base_dtype: str) -> dict:
+    """The frozen base of LoRA training: "float32" as is; "bfloat16" every matrix in bfloat16 (norm scales stay
+    float32); "int8" the blocks' projection weights in int8 (`Int8Weight`), the other matrices in bfloat16."""
+    if base_dtype not in ("float32", "bfloat16", "int8"):
+        raise ValueError(f"unknown LoRA base dtype {base_dtype!r}: use float32, bfloat16 or int8")
+    if base_dtype == "float32":
+        return jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x.astype(jnp.float32), params)
+    if base_dtype == "int8":
+        for stack in STACKS:
+            for target in TARGETS:
+                path = weight_path(stack, target)
+                base = set_path(base, path, quantize_int8(get_path(params, path), target))
+    return base
