@@ -75,7 +75,8 @@ def train(cfg: TrainConfig) -> Path:
         raise SystemExit("no training data: set data.source=DIR (a directory of Emilia .tar shards) or a hub id")
     model_config = preset(cfg.model)
     workdir = Path(cfg.workdir)
-    trainer = Trainer(model_config, cfg.optim, make_mesh(*cfg.mesh), compute_dtype=jnp.dtype(cfg.compute_dtype))
+    trainer = Trainer(model_config, cfg.optim, make_mesh(*cfg.mesh), compute_dtype=jnp.dtype(cfg.compute_dtype),
+                      remat=cfg.remat)
     iterator = iter(build_pipeline(cfg, model_config, cfg.data.source))
     manager = checkpoint_manager(workdir / "checkpoints", cfg.keep_checkpoints, cfg.save_every)
     state = restore_checkpoint(manager, trainer, iterator)
