@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="sesame/csm-1b", help="csm-jax checkpoint directory, PyTorch "
                    "checkpoint or hub id (default sesame/csm-1b)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="dtype the weights are held in (default: --dtype); on CPU '--dtype float32 --weights-dtype "
-                        "bfloat16' is the fastest")
+    p.add_argument("--weights-dtype", choices=["float32", "bfloat16", "int8"], default=None,
+                   help="dtype the weights are held in (default: --dtype); int8: weight-only, per-channel scales; on "
+                        "CPU '--dtype float32 --weights-dtype bfloat16' or 'int8' is the fastest")
     p.add_argument("--tokenizer", default=None, help="Llama-3 tokenizer directory or hub id (default: offline "
                    "tokenizer.model from llama-models)")
     p.add_argument("--mimi", default=None, help="Mimi weights (.safetensors) or hub id (default: "
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mimi = audio.random_mimi(0) if args.mimi == "random" else args.mimi
         generator = load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
-                                param_dtype=jnp.dtype(args.weights_dtype or args.dtype), tokenizer=args.tokenizer,
+                                param_dtype=args.weights_dtype or args.dtype, tokenizer=args.tokenizer,
                                 mimi=mimi, watermark=not args.no_watermark)
         prompt = generator.prompt(Request(args.text, args.speaker, context))
         max_frames = max_frames_for(args.max_audio_length_ms)

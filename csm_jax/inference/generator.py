@@ -40,11 +40,12 @@ class Generator:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model: Csm, tokenizer: TextTokenizer, mimi, watermarker=None, cpu_kernels: bool | None = None):
+    def __init__(self, model: Csm, tokenizer: TextTokenizer, mimi, watermarker=None, cpu_kernels: bool | None = None,
+                 weights_dtype: str | None = None):
         if tokenizer.vocab_size > model.config.text_vocab_size:
             raise ValueError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} ids but the model embeds "
                              f"only {model.config.text_vocab_size}; use the tokenizer the model was trained with")
-        self.frames = FrameGenerator(model, cpu_kernels)
+        self.frames = FrameGenerator(model, cpu_kernels, weights_dtype)
         self.tokenizer = tokenizer
         self.mimi = mimi
         self.watermarker = watermarker
@@ -125,7 +126,9 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     checkpoint: a csm-jax checkpoint directory, or anything the converter reads (a hub id such as
     "sesame/csm-1b", a PyTorch checkpoint directory or file), converted once into `cache_dir` (default
     $CSM_JAX_CACHE or ~/.cache/csm_jax; see `csm_jax.io.hub`). dtype: the compute dtype; param_dtype: the
-    weights' dtype (default: dtype). On CPU the fastest choice is float32 compute over bfloat16 weights.
+    weights' dtype (default: dtype): float32, bfloat16, or "int8" (weight-only, per-output-channel scales,
+    quantized from the float32 weights; `csm_jax.inference.quantize`). On CPU the fastest choices are float32
+    compute over bfloat16 or int8 weights.
     tokenizer: a path or hub id (default: the offline Llama-3 tokenizer). mimi: a moshi Mimi model, a weights
     path or hub id (default: kyutai's Mimi from the hub). cpu_kernels: the decode layout's kernel switch (see
     `csm_jax.inference.decode_model`).
@@ -137,9 +140,11 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     from csm_jax.io.watermark import load_watermarker
 
     param_dtype = dtype if param_dtype is None else param_dtype
-    path = resolve_checkpoint(checkpoint, jnp.dtype(param_dtype).name, cache_dir)
-    model = load_model(path, dtype=dtype, param_dtype=param_dtype)
+    int8 = isinstance(param_dtype, str) and param_dtype == "int8"
+    load_dtype = jnp.float32 if int8 else jnp.dtype(param_dtype)
+    path = resolve_checkpoint(checkpoint, jnp.dtype(load_dtype).name, cache_dir)
+    model = load_model(path, dtype=dtype, param_dtype=load_dtype)
     if mimi is None or isinstance(mimi, (str, bytes)) or hasattr(mimi, "__fspath__"):
         mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=model.config.num_codebooks)
     return Generator(model, load_tokenizer(tokenizer), mimi, load_watermarker(mimi_device) if watermark else None,
-                     cpu_kernels=cpu_kernels)
+                     cpu_kernels=cpu_kernels, weights_dtype="int8" if int8 else None)
