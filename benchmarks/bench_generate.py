@@ -132,7 +132,7 @@ def csm_embeds(hf, config):
     n = config.num_codebooks
 
     def embed(p: Frames) -> torch.Tensor:
-        tokens, mask = torch.from_numpy(p.tokens).long(), torch.from_numpy(p.mask)
+        tokens, mask = torch.from_numpy(p.tokens).long().to(hf.device), torch.from_numpy(p.mask).to(hf.device)
         text = hf.embed_text_tokens(tokens[:, n])
         audio = hf.backbone_model.embed_tokens(tokens[None, :, :n])[0]
         return torch.where(mask[:, n:], text, audio).float()[None]
