@@ -34,7 +34,7 @@ PEAK_BF16_FLOPS = 790e12  # H100/H200 dense bf16 matmul, measured on this workpl
 SIZES = {
     "gpu": dict(full="csm_1b", tiny="tiny", batches=(1, 8, 64), frames=16, train_batch=8, train_frames=512,
                 copy_mib=1024, matmul=8192, repeats=5, mimi_seconds=4.0),
-    "smoke": dict(full="tiny", tiny="tiny", batches=(1, 2, 4), frames=4, train_batch=2, train_frames=32,
+    "smoke": dict(full="tiny", tiny="tiny", batches=(1, 2, 4), frames=16, train_batch=2, train_frames=32,
                   copy_mib=16, matmul=256, repeats=2, mimi_seconds=0.5),
 }
 BUDGET_SCALE = {"gpu": 1, "smoke": 10}  # a shared CPU runs the smoke sizes slowly; its budgets only catch hangs

@@ -2,6 +2,7 @@
 sizes, through the same code, so that the script cannot break unseen between GPU runs."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,16 +32,19 @@ def test_gpu_check_smoke_runs_every_step_and_prints_the_table(tmp_path):
 
     assert results["mimi"]["pass"] is True and results["mimi"]["encode_ms"] > 0
 
+    # per-frame times are differences of two timed runs (2N and N frames): on a busy CPU at the smoke sizes they
+    # can come out at or below zero, so here they are only checked to be numbers
     for step in ("decode_bf16", "decode_int8"):
         decode = results[step]
         for batch in (1, 2, 4):
-            assert decode[f"batch_{batch}"]["ms_per_frame"] > 0, (step, batch, decode[f"batch_{batch}"])
-        assert decode["batch_1"]["share_of_bandwidth_floor"] > 0
+            figures = decode[f"batch_{batch}"]
+            assert math.isfinite(figures["ms_per_frame"]) and figures["first_call_s"] > 0, (step, batch, figures)
+        assert math.isfinite(decode["batch_1"]["share_of_bandwidth_floor"])
         assert decode["time_to_first_audio"]["audio_ms"] > decode["time_to_first_audio"]["codes_ms"] > 0
     assert results["decode_int8"]["weight_bytes_per_frame"] * 2 == results["decode_bf16"]["weight_bytes_per_frame"]
 
     theirs = results["transformers"]["batch_1"]
-    assert theirs["ms_per_frame"] > 0 and theirs["ours_speedup"] > 0 and "eager" in theirs["mode"]
+    assert math.isfinite(theirs["ms_per_frame"]) and math.isfinite(theirs["ours_speedup"]) and "eager" in theirs["mode"]
 
     train = results["train"]
     assert train["loss_finite"] and train["frames_per_s"] > 0 and 0 < train["mfu_vs_790"] < 1
