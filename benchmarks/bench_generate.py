@@ -4,6 +4,7 @@
     flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config csm_1b --dtype bfloat16 --frames 8 \
         --ours-dtype bfloat16-weights
     flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config small --batch 1 8 --frames 64
+    flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config small --ours-dtype int8 --frames 64
 
 Both sample with the reference settings (temperature 0.9, top-k 50, every codebook) from the same prompt (text
 and audio frames). Per-frame time = (time for 2N frames - time for N frames) / N, so the prompt's prefill (shown
@@ -122,7 +123,12 @@ def time_transformers(hf, prompts, frames: int, dtype) -> tuple[float, float]:
 
 
 def weight_dtype(dtype: str) -> str:
-    return "bfloat16" if dtype == "bfloat16-weights" else dtype
+    """The dtype our weights are filled in: int8 is quantized from float32 when the decode layout is built."""
+    return {"bfloat16-weights": "bfloat16", "int8": "float32"}.get(dtype, dtype)
+
+
+def weight_itemsize(dtype: str) -> int:
+    return 1 if dtype == "int8" else NP_DTYPES[weight_dtype(dtype)].itemsize
 
 
 def ours_from_transformers(hf, config: CsmConfig, dtype: str):
@@ -132,7 +138,7 @@ def ours_from_transformers(hf, config: CsmConfig, dtype: str):
 
 
 def build_ours(params, config, dtype: str):
-    compute = jnp.float32 if dtype == "bfloat16-weights" else jnp.dtype(dtype)
+    compute = jnp.float32 if dtype in ("bfloat16-weights", "int8") else jnp.dtype(dtype)
     abstract = abstract_model(config, dtype=compute, param_dtype=jnp.dtype(weight_dtype(dtype)))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
@@ -162,8 +168,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=["small", "csm_1b", "tiny"])
     p.add_argument("--dtype", default="float32", choices=list(NP_DTYPES), help="both models' dtype")
-    p.add_argument("--ours-dtype", default=None, choices=[*NP_DTYPES, "bfloat16-weights"],
-                   help="ours only (default: --dtype); bfloat16-weights = bfloat16 weights, float32 compute")
+    p.add_argument("--ours-dtype", default=None, choices=[*NP_DTYPES, "bfloat16-weights", "int8"],
+                   help="ours only (default: --dtype); bfloat16-weights = bfloat16 weights, float32 compute; int8 = "
+                        "int8 weights (per-channel scales, from float32), float32 compute")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--skip-transformers", action="store_true")
@@ -175,7 +182,7 @@ def main():
           f"{os.cpu_count()} cores", flush=True)
     bandwidth = read_bandwidth()
     for name, itemsize in [(args.dtype, NP_DTYPES[args.dtype].itemsize),
-                           (ours_dtype, NP_DTYPES[weight_dtype(ours_dtype)].itemsize)][: 1 + (ours_dtype != args.dtype)]:
+                           (ours_dtype, weight_itemsize(ours_dtype))][: 1 + (ours_dtype != args.dtype)]:
         floor = weight_bytes_per_frame(config, itemsize) / bandwidth
         print(f"memory reads {bandwidth / 1e9:.1f} GB/s: one frame's {name} weights take at least {floor * 1e3:.1f} ms "
               f"at batch 1 (unless caches hold them)", flush=True)
@@ -191,14 +198,15 @@ def main():
     params = ours_from_transformers(hf, config, ours_dtype)
     del hf
     gc.collect()
-    generator = FrameGenerator(build_ours(params, config, ours_dtype))  # keeps only its per-layer copy
+    generator = FrameGenerator(build_ours(params, config, ours_dtype),  # keeps only its per-layer copy
+                               weights_dtype="int8" if ours_dtype == "int8" else None)
     del params
     gc.collect()
     for batch in args.batch:
         prompts = [prompt(config, seed) for seed in range(batch)]
         step, prefill = time_ours(generator, prompts, args.frames)
         ours = report(f"csm-jax {ours_dtype}", step, prefill, batch,
-                      weight_bytes_per_frame(config, NP_DTYPES[weight_dtype(ours_dtype)].itemsize), bandwidth)
+                      weight_bytes_per_frame(config, weight_itemsize(ours_dtype)), bandwidth)
         if batch in theirs:
             print(f"{'':28s} batch {batch:2d}: csm-jax is {theirs[batch] / ours:.2f}x faster than transformers",
                   flush=True)

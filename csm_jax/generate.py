@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "writes WORKDIR/adapter; PEFT adapters of CsmForConditionalGeneration work too), merged into the "
                    "--checkpoint weights it was trained on")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="dtype the weights are held in (default: --dtype); on CPU '--dtype float32 --weights-dtype "
-                        "bfloat16' is the fastest")
+    p.add_argument("--weights-dtype", choices=["float32", "bfloat16", "int8"], default=None,
+                   help="dtype the weights are held in (default: --dtype); int8: weight-only, per-channel scales; on "
+                        "CPU '--dtype float32 --weights-dtype bfloat16' or 'int8' is the fastest")
     p.add_argument("--tokenizer", default=None, help="Llama-3 tokenizer directory or hub id (default: offline "
                    "tokenizer.model from llama-models)")
     p.add_argument("--mimi", default=None, help="Mimi weights (.safetensors, or a .pt read as tensors only) or hub "
@@ -129,7 +129,7 @@ def generate(argv: list[str] | None = None) -> int:
 
         mimi = audio.random_mimi(0) if args.mimi == "random" else args.mimi
         generator = load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
-                                param_dtype=jnp.dtype(args.weights_dtype or args.dtype), tokenizer=args.tokenizer,
+                                param_dtype=args.weights_dtype or args.dtype, tokenizer=args.tokenizer,
                                 mimi=mimi, watermark=not args.no_watermark, adapter=args.adapter)
         chunks = generator.stream_codes(Request(args.text, speaker, context), args.max_audio_length_ms, sampling,
                                         args.seed, first_chunk_frames=1 if args.stream else 4,

@@ -86,8 +86,8 @@ def transformers_embeds(model, tokens, mask) -> torch.Tensor:
     """transformers' embedding of our frames (tokens, mask: (B, S, n+1)) -> (B, S, D). Its 3-D `input_ids` path
     embeds audio frames only, so mixed text/audio inputs go in as `inputs_embeds`."""
     n = model.config.num_codebooks
-    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
-    is_audio = torch.as_tensor(np.asarray(mask))[..., 0]
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=model.device)
+    is_audio = torch.as_tensor(np.asarray(mask), device=model.device)[..., 0]
     return torch.where(is_audio[..., None], model.backbone_model.embed_tokens(tokens[..., :n]),
                        model.embed_text_tokens(tokens[..., n]))
 

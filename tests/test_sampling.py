@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from csm_jax.inference.sampling import (GREEDY, SamplerConfig, blocked_cumsum, filter_logits, min_p_mask, sample, top_k_mask,
-                              top_p_mask)
+                              top_k_bisection, top_k_sorted, top_p_mask)
 
 
 def kept(logits):
@@ -95,3 +95,14 @@ def test_bad_settings_say_what_is_allowed():
         SamplerConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         SamplerConfig(temperature=-1)
+
+
+def test_top_k_threshold_is_the_same_from_the_bisection_and_from_lax_top_k():
+    """The CPU (bisection) and GPU (`lax.top_k`) paths of `top_k_mask` keep the same set, ties and -inf included."""
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((6, 2051)).astype(np.float32)
+    logits[1, :60] = 1.5  # a tie across the k-th place
+    logits[2, 10:] = -np.inf  # fewer finite values than k
+    logits[3] = np.round(logits[3], 1)  # many ties
+    for k in (1, 50, 2050):
+        np.testing.assert_array_equal(top_k_bisection(jnp.asarray(logits), k), top_k_sorted(jnp.asarray(logits), k))

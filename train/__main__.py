@@ -92,7 +92,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.eval_every:
         check_eval_data(cfg, model_config)
     trainer = make_trainer(model_config, cfg.optim, mesh, cfg.lora, steps=cfg.steps,
-                           compute_dtype=jnp.dtype(cfg.compute_dtype))
+                           compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat)
     if cfg.lora.rank:  # the frozen base
         trainer.load_base(cfg.init, cfg.seed)
     checkpoints = workdir / "checkpoints"

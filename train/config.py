@@ -39,6 +39,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps of the run; the cosine schedule decays over them
     mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
     compute_dtype: str = "bfloat16"
+    remat: str = "none"  # activation rematerialisation per block: none | full | dots (see Trainer)
     mimi: str | None = None  # Mimi weights (file or hub id); "random" for smoke runs without downloads
     tokenizer: str | None = None  # None = the offline Llama-3 tokenizer from llama-models
     log_every: int = 10

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from csm_jax.io.checkpoint import abstract_model, load_params, save_model
 from csm_jax.core.config import CsmConfig
+from csm_jax.core.layers import remat_policy
 from csm_jax.core.model import Csm
 from csm_jax.core.sharding import DEFAULT_RULES, batch_sharding, param_shardings
 from train.loss import choose_depth_frames, csm_loss, depth_frame_count, target_frames
@@ -76,12 +77,16 @@ class Trainer:
     """Owns the mesh placement and the compiled step for one model config, batch shape and optimizer.
 
     steps: the run's length, over which the cosine schedule decays (needed only for `optim.schedule="cosine"`).
+    remat: activation rematerialisation per transformer block, "none", "full" or "dots"
+    (`csm_jax.core.layers.REMAT_POLICIES`): less memory for recomputation in the backward pass.
     """
 
     def __init__(self, config: CsmConfig, optim: OptimConfig, mesh: Mesh, *, steps: int | None = None,
-                 compute_dtype=jnp.bfloat16, rules=DEFAULT_RULES):
+                 compute_dtype=jnp.bfloat16, rules=DEFAULT_RULES, remat: str = "none"):
         self.config, self.optim, self.mesh = config, optim, mesh
         self.abstract = abstract_model(config, dtype=compute_dtype, param_dtype=jnp.float32)
+        remat_policy(remat)  # an unknown name fails here, not at the first step
+        self.abstract.backbone.remat = self.abstract.decoder.remat = remat
         self.graphdef = nnx.graphdef(self.abstract)
         self.tx = make_optimizer(optim, steps)
         self.param_shardings = param_shardings(self.abstract, mesh, rules)

@@ -10,6 +10,7 @@ transformers (the converter permutes the original's interleaved layout).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -133,6 +134,22 @@ def write_slots(cache: jax.Array, x: jax.Array, index: jax.Array | int) -> jax.A
     return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, *zeros)))(cache, x, index)
 
 
+ATTENTION_ENV = "CSM_JAX_ATTENTION"
+
+
+def attention_implementation(dtype: DType, head_dim: int) -> str:
+    """`jax.nn.dot_product_attention`'s implementation: "cudnn" (flash attention, which takes the segment/causal
+    mask as a bias) on a GPU for bfloat16/float16 with a head size it supports, else "xla" (float32 on GPU, CPU).
+    $CSM_JAX_ATTENTION=xla|cudnn overrides the choice."""
+    forced = os.environ.get(ATTENTION_ENV, "").strip().lower()
+    if forced in ("xla", "cudnn"):
+        return forced
+    if forced:
+        raise ValueError(f"{ATTENTION_ENV}={forced!r} is not an attention implementation; set xla or cudnn (or unset)")
+    cudnn_fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if cudnn_fits and jax.default_backend() == "gpu" else "xla"
+
+
 def dense(x: jax.Array, w: jax.Array, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
     """x (..., K) @ w (K, N) in the compute dtype (accumulated to `out_dtype` if given)."""
     return jnp.dot(x, w.astype(dtype), preferred_element_type=out_dtype)
@@ -182,12 +199,16 @@ class Attention(nnx.Module):
         else:
             new_kv = None
         b, t, h, hd = q.shape
-        groups = h // k.shape[2]
-        q = q.reshape(b, t, k.shape[2], groups, hd)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-        scores = jnp.where(inputs.mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, hd)
+        if t > 1:  # prefill and training: one fused attention (cuDNN flash attention on GPU where it applies)
+            out = jax.nn.dot_product_attention(q, k, v, mask=inputs.mask[:, None],
+                                               implementation=attention_implementation(q.dtype, hd))
+        else:  # a decode step: one query row against the cache
+            groups = h // k.shape[2]
+            q = q.reshape(b, t, k.shape[2], groups, hd)
+            scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+            scores = jnp.where(inputs.mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, hd)
         wo = self.wo[...]
         return self.matmul(out.reshape(b, t, h * hd), wo.reshape(h * hd, wo.shape[-1]), dt), new_kv
 
@@ -230,16 +251,32 @@ class Block(nnx.Module):
 
 
 def layer_inputs(positions: jax.Array, segment_ids: jax.Array, cache: KVCache | None,
-                 cache_index: jax.Array | int) -> tuple[AttentionInputs, jax.Array | None]:
+                 cache_index: jax.Array | int, mask: jax.Array | None = None) -> tuple[AttentionInputs, jax.Array | None]:
     """The attention inputs every layer shares, and the cache's updated segment ids (None without a cache).
 
     Without a cache, tokens attend causally within x (and within equal segment ids, which allows packing). With a
     cache, x is written at slots [cache_index, cache_index + T) (cache_index: () or one per row (B,)) and attends to
-    every filled slot."""
+    every filled slot. A precomputed `mask` (B, T, S) replaces both (the cache's segment ids are then left as they
+    are): the depth decoder's steps take theirs from one table instead of rebuilding it every step."""
+    if mask is not None:
+        return AttentionInputs(positions=positions, mask=mask), None if cache is None else cache.segment_ids
     if cache is None:
         return AttentionInputs(positions=positions, mask=attention_mask(segment_ids, segment_ids, 0)), None
     seg = write_slots(cache.segment_ids, segment_ids.astype(jnp.int32), cache_index)
     return AttentionInputs(positions=positions, mask=attention_mask(segment_ids, seg, cache_index)), seg
+
+
+# Activation rematerialisation of each scanned block (training memory): "none" keeps every activation for the
+# backward pass; "full" keeps only each block's input and recomputes the rest; "dots" keeps the weight products'
+# outputs (no batch dimensions) and recomputes the cheap elementwise work and attention.
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a REMAT_POLICIES name (None for "full": save nothing; "none" is no remat)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={name!r} is not a policy; choose one of {', '.join(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
 
 
 class Transformer(nnx.Module):
@@ -251,9 +288,10 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, cfg: TransformerConfig, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
-                 rngs: nnx.Rngs, matmul: Matmul = dense):
+                 rngs: nnx.Rngs, matmul: Matmul = dense, remat: str = "none"):
         self.cfg = cfg
         self.dtype = dtype
+        self.remat = remat  # see REMAT_POLICIES
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -267,18 +305,22 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache: KVCache | None = None, cache_index: jax.Array | int = 0):
-        """x: (B, T, D); positions, segment_ids: (B, T) int32 (segment 0 = padding); see `layer_inputs`.
+                 cache: KVCache | None = None, cache_index: jax.Array | int = 0, mask: jax.Array | None = None):
+        """x: (B, T, D); positions, segment_ids: (B, T) int32 (segment 0 = padding); see `layer_inputs` (also for
+        `mask`).
 
         Returns (final-norm hidden (B, T, D), updated cache or None).
         """
         x = x.astype(self.dtype)
-        inputs, seg = layer_inputs(positions, segment_ids, cache, cache_index)
+        inputs, seg = layer_inputs(positions, segment_ids, cache, cache_index, mask)
         graphdef, state = nnx.split(self.blocks)
 
         def layer(h, xs):
             block_state, kv = xs
             return nnx.merge(graphdef, block_state)(h, inputs, kv, cache_index)
+
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=remat_policy(self.remat))
 
         if cache is None:
             x, _ = jax.lax.scan(lambda h, s: (layer(h, (s, None))[0], None), x, state)

@@ -88,10 +88,11 @@ class Csm(nnx.Module):
     # ---- depth decoder -------------------------------------------------------------------------------------
 
     def decoder_forward(self, inputs: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                        cache_index: jax.Array | int = 0):
-        """inputs (B, T, D_backbone) in backbone space -> (decoder hidden (B, T, D_decoder), updated cache)."""
+                        cache_index: jax.Array | int = 0, mask: jax.Array | None = None):
+        """inputs (B, T, D_backbone) in backbone space -> (decoder hidden (B, T, D_decoder), updated cache).
+        `mask` (B, T, S): a precomputed attention mask (see `layer_inputs`)."""
         x = self.matmul(inputs.astype(self.dtype), self.projection[...], self.dtype)
-        return self.decoder(x, positions, jnp.ones(positions.shape, jnp.int32), cache, cache_index)
+        return self.decoder(x, positions, jnp.ones(positions.shape, jnp.int32), cache, cache_index, mask)
 
     def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
         """Decoder hidden (B, D_decoder) at position i -> logits (B, audio_vocab) float32 of codebook i (1..n-1)."""

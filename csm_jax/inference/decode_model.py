@@ -5,7 +5,8 @@ Training and checkpoints keep every transformer's layers stacked on a leading ax
 on CPU: 5 GB/s instead of 22+ GB/s), so decoding uses `DecodeCsm`: one array per layer (an unrolled loop), q|k|v
 and gate|up side by side in one array each (one small product instead of three and two), and one audio-head array
 per codebook (picked with a switch instead of sliced). `decode_params` is the pure map from the stacked parameter
-tree to this one; `decode_model` applies it to a `Csm`.
+tree to this one; `decode_model` applies it to a `Csm`, optionally followed by int8 weight-only quantization
+(`csm_jax.inference.quantize`), which the layout's `matmul` understands.
 
 CPU kernels (`csm_jax.inference.kernels`) are a switch of the decode layout, resolved once when it is built:
 `cpu_kernels=True/False`, else the environment variable `CSM_JAX_CPU_KERNELS` (1/0), else on when JAX's default
@@ -25,6 +26,7 @@ from csm_jax.core.layers import (Attention, Block, DType, KVCache, MLP, Matmul, 
                                  param)
 from csm_jax.core.model import Csm
 from csm_jax.inference import kernels
+from csm_jax.inference.quantize import Int8Weight, int8_dense, quantize_decode_params
 
 KERNELS_ENV = "CSM_JAX_CPU_KERNELS"
 
@@ -65,10 +67,10 @@ class LayerList(nnx.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache | None = None,
-                 cache_index: jax.Array | int = 0):
+                 cache_index: jax.Array | int = 0, mask: jax.Array | None = None):
         """As `Transformer.__call__`."""
         x = x.astype(self.dtype)
-        inputs, seg = layer_inputs(positions, segment_ids, cache, cache_index)
+        inputs, seg = layer_inputs(positions, segment_ids, cache, cache_index, mask)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             x, new_kv = block(x, inputs, None if cache is None else (cache.k[i], cache.v[i]), cache_index)
@@ -85,7 +87,7 @@ class DecodeCsm(Csm):
                  rngs: nnx.Rngs, cpu_kernels: bool = False):
         self.cpu_kernels = cpu_kernels
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                         matmul=kernel_matmul if cpu_kernels else dense, stack=LayerList)
+                         matmul=kernel_matmul if cpu_kernels else decode_dense, stack=LayerList)
 
     def make_audio_head(self, rngs: nnx.Rngs, param_dtype: DType):
         c = self.config
@@ -93,6 +95,8 @@ class DecodeCsm(Csm):
                          for _ in range(c.num_codebooks - 1)])
 
     def audio_logits(self, hidden: jax.Array, codebook: jax.Array | int) -> jax.Array:
+        if isinstance(codebook, int):  # a constant codebook (the unrolled depth loop): its head directly
+            return self.matmul(hidden, self.audio_head[codebook - 1][...], self.dtype, jnp.float32)
         branches = [lambda h, w=head: self.matmul(h, w[...], self.dtype, jnp.float32) for head in self.audio_head]
         return jax.lax.switch(jnp.asarray(codebook) - 1, branches, hidden)
 
@@ -105,8 +109,20 @@ class DecodeCsm(Csm):
         return KVCache.empty(cfg, batch, length, self.dtype, per_layer=True)
 
 
-def kernel_matmul(x: jax.Array, w: jax.Array, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
-    """`dense`, through the CPU kernel where it applies (`kernels.applies`)."""
+def decode_dense(x: jax.Array, w: jax.Array | Int8Weight, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
+    """`dense`, or `int8_dense` for int8 weights."""
+    if isinstance(w, Int8Weight):
+        return int8_dense(x, w, dtype, out_dtype)
+    return dense(x, w, dtype, out_dtype)
+
+
+def kernel_matmul(x: jax.Array, w: jax.Array | Int8Weight, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
+    """`decode_dense`, through the CPU kernels where they apply (`kernels.applies`; int8 weights whenever the
+    activations and compute are float32)."""
+    if isinstance(w, Int8Weight):
+        if jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32:
+            return kernels.matvec_int8(x, w.q, w.scale)
+        return int8_dense(x, w, dtype, out_dtype)
     if kernels.applies(x, w, dtype):
         return kernels.matvec(x, w)
     return dense(x, w, dtype, out_dtype)
@@ -153,13 +169,22 @@ def decode_params(params: dict, config: CsmConfig) -> dict:
     return out
 
 
-def decode_model(model: Csm, cpu_kernels: bool | None = None) -> DecodeCsm:
-    """`model` in the decode layout (new arrays for what is rearranged; drop `model` afterwards to free them)."""
+def decode_model(model: Csm, cpu_kernels: bool | None = None, weights_dtype: str | None = None) -> DecodeCsm:
+    """`model` in the decode layout (new arrays for what is rearranged; drop `model` afterwards to free them).
+
+    weights_dtype: None keeps the model's weights; "int8" quantizes the matrices (`quantize_decode_params`).
+    """
+    if weights_dtype not in (None, "int8"):
+        raise ValueError(f"weights_dtype={weights_dtype!r}: the decode layout quantizes only to 'int8' (other "
+                         f"dtypes are chosen when the model is loaded, with param_dtype)")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     param_dtype = model.text_embeddings[...].dtype
     use = use_cpu_kernels(cpu_kernels)
     abstract = nnx.eval_shape(lambda: DecodeCsm(model.config, dtype=model.dtype, param_dtype=param_dtype,
                                                 rngs=nnx.Rngs(0), cpu_kernels=use))
     graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, decode_params(params, model.config))
+    params = decode_params(params, model.config)
+    if weights_dtype == "int8":
+        params = quantize_decode_params(params)
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

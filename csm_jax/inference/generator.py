@@ -50,14 +50,14 @@ class Generator:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model: Csm, tokenizer: TextTokenizer, mimi, watermarker=None, cpu_kernels: bool | None = None,
-                 adapter: str | os.PathLike | None = None, keep_base: bool = False):
+                 adapter: str | os.PathLike | None = None, keep_base: bool = False, weights_dtype: str | None = None):
         if tokenizer.vocab_size > model.config.text_vocab_size:
             raise UserError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} ids but the model embeds "
                              f"only {model.config.text_vocab_size}; use the tokenizer the model was trained with")
-        self.config, self.cpu_kernels = model.config, cpu_kernels
+        self.config, self.cpu_kernels, self.weights_dtype = model.config, cpu_kernels, weights_dtype
         self.base = nnx.split(model) if keep_base or adapter is not None else None
         self.adapter: Adapter | None = None
-        self.frames = FrameGenerator(model, cpu_kernels) if adapter is None else None
+        self.frames = FrameGenerator(model, cpu_kernels, weights_dtype) if adapter is None else None
         self.tokenizer = tokenizer
         self.mimi = mimi
         self.watermarker = watermarker
@@ -79,7 +79,7 @@ class Generator:
             merged = merged_params(nnx.to_pure_dict(state), adapter)
             state = jax.tree.map(lambda x: x, state)  # a new State over the same arrays, then the merged ones
             nnx.replace_by_pure_dict(state, merged)
-        self.frames = FrameGenerator(nnx.merge(graphdef, state), self.cpu_kernels)
+        self.frames = FrameGenerator(nnx.merge(graphdef, state), self.cpu_kernels, self.weights_dtype)
         self.adapter = adapter
 
     def prompt(self, request: Request, max_frames: int = 1) -> Frames:
@@ -184,7 +184,9 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     checkpoint: a csm-jax checkpoint directory, or anything the converter reads (a hub id such as
     "sesame/csm-1b", a PyTorch checkpoint directory or file), converted once into `cache_dir` (default
     $CSM_JAX_CACHE or ~/.cache/csm_jax; see `csm_jax.io.hub`). dtype: the compute dtype; param_dtype: the
-    weights' dtype (default: dtype). On CPU the fastest choice is float32 compute over bfloat16 weights.
+    weights' dtype (default: dtype): float32, bfloat16, or "int8" (weight-only, per-output-channel scales,
+    quantized from the float32 weights; `csm_jax.inference.quantize`). On CPU the fastest choices are float32
+    compute over bfloat16 or int8 weights.
     tokenizer: a path or hub id (default: the offline Llama-3 tokenizer). mimi: a moshi Mimi model, a weights
     path or hub id (default: kyutai's Mimi from the hub). cpu_kernels: the decode layout's kernel switch (see
     `csm_jax.inference.decode_model`). adapter: a LoRA adapter directory (ours or PEFT's) merged into the weights;
@@ -199,10 +201,12 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     # the cheap loads first, so that a wrong tokenizer or Mimi path is reported before the model is read
     text_tokenizer = load_tokenizer(tokenizer)
     param_dtype = dtype if param_dtype is None else param_dtype
-    path = resolve_checkpoint(checkpoint, jnp.dtype(param_dtype).name, cache_dir)
+    int8 = isinstance(param_dtype, str) and param_dtype == "int8"
+    load_dtype = jnp.float32 if int8 else jnp.dtype(param_dtype)
+    path = resolve_checkpoint(checkpoint, jnp.dtype(load_dtype).name, cache_dir)
     config = read_config(path)
     if mimi is None or isinstance(mimi, (str, bytes)) or hasattr(mimi, "__fspath__"):
         mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=config.num_codebooks)
-    model = load_model(path, dtype=dtype, param_dtype=param_dtype)
+    model = load_model(path, dtype=dtype, param_dtype=load_dtype)
     return Generator(model, text_tokenizer, mimi, load_watermarker(mimi_device) if watermark else None,
-                     cpu_kernels=cpu_kernels, adapter=adapter)
+                     cpu_kernels=cpu_kernels, adapter=adapter, weights_dtype="int8" if int8 else None)

@@ -71,11 +71,15 @@ def sample_frame(model: DecodeCsm, hidden: jax.Array, keys: jax.Array, step: jax
     codes = jnp.zeros((b, n), jnp.int32).at[:, 0].set(c0)
     codes = codes.at[:, 1].set(pick(model.audio_logits(h[:, -1], 1), 1, sampling.depth))
 
+    # step i attends to slots 0..i of the 32-slot cache: one causal table for all steps, a row of it per step
+    causal = jnp.tril(jnp.ones((n, n), bool))
+
     def depth_step(i, carry):
         codes, cache = carry
         previous = jax.lax.dynamic_index_in_dim(codes, i - 1, axis=1, keepdims=False)
         x = model.embed_audio(previous, i - 1)[:, None]
-        h, cache = model.decoder_forward(x, jnp.full((b, 1), i, jnp.int32), cache, i)
+        mask = jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(causal, i, 1), (b, 1, n))
+        h, cache = model.decoder_forward(x, jnp.full((b, 1), i, jnp.int32), cache, i, mask)
         code = pick(model.audio_logits(h[:, 0], i), i, sampling.depth)
         return jax.lax.dynamic_update_index_in_dim(codes, code, i, axis=1), cache
 
@@ -137,12 +141,13 @@ def _round_up(x: int, multiple: int) -> int:
 class FrameGenerator:
     """Generates Mimi frames from prompt frames with a `Csm`.
 
-    Decodes with the model in the decode layout (`decode_model`; `cpu_kernels` is its kernel switch); drop your own
-    reference to a large model after building this to free its stacked arrays.
+    Decodes with the model in the decode layout (`decode_model`; `cpu_kernels` is its kernel switch, and
+    `weights_dtype="int8"` quantizes its weights); drop your own reference to a large model after building this to
+    free its stacked arrays.
     """
 
-    def __init__(self, model: Csm | DecodeCsm, cpu_kernels: bool | None = None):
-        self.model = model if isinstance(model, DecodeCsm) else decode_model(model, cpu_kernels)
+    def __init__(self, model: Csm | DecodeCsm, cpu_kernels: bool | None = None, weights_dtype: str | None = None):
+        self.model = model if isinstance(model, DecodeCsm) else decode_model(model, cpu_kernels, weights_dtype)
         self.graphdef, self.params = nnx.split(self.model)
         self.config = model.config
 

@@ -25,7 +25,8 @@ from csm_jax.io.hub import cache_dir
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cc"))
 TARGETS = {  # FFI name -> C symbol
-    "csm_matvec_bf16": "CsmMatvecBf16", "csm_matvec_f32": "CsmMatvecF32", "csm_sample_f32": "CsmSampleF32"}
+    "csm_matvec_bf16": "CsmMatvecBf16", "csm_matvec_f32": "CsmMatvecF32", "csm_matvec_i8": "CsmMatvecI8",
+    "csm_sample_f32": "CsmSampleF32"}
 MAX_ROWS = 16  # decode steps (batch x 1 or 2 positions); more rows are a prefill
 SMALL_F32_BYTES = 2 << 20  # float32 weights up to this size take the kernel at batch 1 (see use_for)
 _available: bool | None = None
@@ -106,6 +107,23 @@ def _backward(residuals, dy):
 
 
 matvec.defvjp(_forward, _backward)
+
+
+def matvec_int8(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """x (..., K) float32 @ (q (K, N) int8 x per-column scale (N,) float32) -> (..., N) float32, as
+    (x @ q) * scale with float32 sums: the kernel for up to MAX_ROWS rows on CPU, else a float32 matmul."""
+    k, n = q.shape
+    rows = x.reshape(-1, k)
+
+    def cpu(rows, q, scale):
+        if rows.shape[0] > MAX_ROWS:
+            return (rows @ jax.lax.optimization_barrier(q.astype(jnp.float32))) * scale
+        return jax.ffi.ffi_call("csm_matvec_i8", jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, q, scale)
+
+    def other(rows, q, scale):
+        return (rows @ q.astype(jnp.float32)) * scale
+
+    return jax.lax.platform_dependent(rows, q, scale, cpu=cpu, default=other).reshape(*x.shape[:-1], n)
 
 
 def applies(x: jax.Array, w: jax.Array, dtype) -> bool:

@@ -1,4 +1,5 @@
-// y (M, N) f32 = x (M, K) f32 @ w (K, N) bfloat16 or float32, for the few rows (M <= 16) of a decode step.
+// y (M, N) f32 = x (M, K) f32 @ w (K, N) bfloat16 or float32, for the few rows (M <= 16) of a decode step; and
+// the int8 variant y = (x @ q) * scale with per-column scales (N,) f32 (weight-only int8 quantization).
 //
 // Why: XLA's CPU backend runs these matrix-vector products well below memory bandwidth, and bfloat16 ones at
 // ~1.7 GB/s; and it runs small ones on one core, whose L2 cannot hold all of a small depth decoder's layers.
@@ -22,6 +23,7 @@ namespace {
 struct Task {
   const float* x;
   const void* w;
+  const float* scale;  // per-column scales (int8 weights), else nullptr
   float* y;
   int64_t m, k, n, slab, slabs;
   std::atomic<uint64_t> claimed{0};  // bit s: someone runs slab s
@@ -36,6 +38,9 @@ inline __m512 widen16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #endif
 
 inline float widen1(uint16_t v) {
@@ -45,6 +50,7 @@ inline float widen1(uint16_t v) {
   return f;
 }
 inline float widen1(float v) { return v; }
+inline float widen1(int8_t v) { return static_cast<float>(v); }
 
 #if defined(__AVX512F__)
 constexpr int64_t kTile = 256;  // columns per register tile: 16 accumulators of 16 floats
@@ -114,16 +120,20 @@ void run_slab(const Task& t, int64_t s) {
       for (int64_t r = 0; r < t.m; ++r) t.y[r * t.n + j] += t.x[r * t.k + kk] * wv;
     }
   }
+  if (t.scale != nullptr)
+    for (int64_t r = 0; r < t.m; ++r)
+      for (int64_t j = n0; j < n1; ++j) t.y[r * t.n + j] *= t.scale[j];
 }
 
 template <typename W>
-ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                  ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error matvec_scaled(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, const float* scale,
+                         ffi::Result<ffi::Buffer<ffi::F32>> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) return ffi::Error::InvalidArgument("shape mismatch");
   auto task = std::make_shared<Task>();
   task->x = x.typed_data();
   task->w = w.untyped_data();
+  task->scale = scale;
   task->y = y->typed_data();
   task->m = xd[0];
   task->k = xd[1];
@@ -149,6 +159,19 @@ ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   return ffi::Error::Success();
 }
 
+template <typename W>
+ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                  ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  return matvec_scaled<W>(pool, x, w, nullptr, y);
+}
+
+ffi::Error matvec_int8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                       ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  auto wd = w.dimensions(), sd = scale.dimensions();
+  if (wd.size() != 2 || sd.size() != 1 || sd[0] != wd[1]) return ffi::Error::InvalidArgument("scale shape mismatch");
+  return matvec_scaled<int8_t>(pool, x, w, scale.typed_data(), y);
+}
+
 auto matvec_binding() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Ret<
       ffi::Buffer<ffi::F32>>();
@@ -158,3 +181,10 @@ auto matvec_binding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CsmMatvecBf16, matvec<uint16_t>, matvec_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CsmMatvecF32, matvec<float>, matvec_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CsmMatvecI8, matvec_int8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
