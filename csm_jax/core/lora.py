@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from csm_jax.core.quant import symmetric_int8
+
 # target name -> (module, parameter, number of leading input axes of the per-layer weight)
 TARGETS: dict[str, tuple[str, str, int]] = {
     "q": ("attn", "wq", 1),  # (D, H, hd)
@@ -154,10 +156,7 @@ class Int8Weight:
 def quantize_int8(w: jax.Array, target: str) -> Int8Weight:
     """Symmetric per-output-channel int8 of a stacked weight (layers, *in, *out)."""
     n_in = TARGETS[target][2]
-    axes = tuple(range(1, 1 + n_in))
-    scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=True) / 127.0
-    scale = jnp.where(scale == 0, 1.0, scale)
-    return Int8Weight(jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale.astype(jnp.float32))
+    return Int8Weight(*symmetric_int8(w, tuple(range(1, 1 + n_in))))
 
 
 def is_int8(x) -> bool:

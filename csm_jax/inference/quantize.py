@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from csm_jax.core.quant import symmetric_int8
+
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")  # what the weights of a decode layout can be held in
 
 
@@ -46,11 +48,8 @@ class Int8Weight:
 
 def quantize_int8(w: jax.Array) -> Int8Weight:
     """(K, N) float -> per-output-column symmetric int8 (a zero column gets scale 1)."""
-    wf = jnp.asarray(w, jnp.float32)
-    peak = jnp.max(jnp.abs(wf), axis=0)
-    scale = jnp.where(peak > 0, peak / 127.0, 1.0)
-    q = jnp.clip(jnp.round(wf / scale), -127, 127).astype(jnp.int8)
-    return Int8Weight(q=q, scale=scale.astype(jnp.float32))
+    q, scale = symmetric_int8(w, (0,))
+    return Int8Weight(q=q, scale=scale[0])
 
 
 def int8_dense(x: jax.Array, w: Int8Weight, dtype, out_dtype=None) -> jax.Array:
