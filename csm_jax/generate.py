@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from csm_jax import generate_modes
 from csm_jax.core.codec import FRAME_MS, FRAME_SECONDS
 
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
@@ -27,12 +28,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m csm_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--text", required=True, help="what to say")
+    p.add_argument("--text", default=None, help="what to say (or --text-file, --script, --batch-file)")
     p.add_argument("--speaker", default="0", help="speaker id of the utterance (default 0)")
     p.add_argument("--context", nargs="+", action="append", default=[], metavar="WAV TRANSCRIPT [SPEAKER]",
                    help="an earlier utterance: its audio file, its transcript and its speaker (default: --speaker); "
                         "repeat for several, oldest first")
-    p.add_argument("--out", required=True, help="output wav (24 kHz mono, 16-bit)")
+    p.add_argument("--out", default=None, help="output wav (24 kHz mono, 16-bit)")
     p.add_argument("--checkpoint", default="sesame/csm-1b", help="csm-jax checkpoint directory, PyTorch "
                    "checkpoint or hub id (default sesame/csm-1b)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="write audio as it is generated; report time to first "
                    "audio")
     p.add_argument("--no-watermark", action="store_true", help="skip the silentcipher watermark")
+    generate_modes.add_arguments(p)
     return p
 
 
@@ -99,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    generate_modes.check_arguments(args, parser)
     sampling = sampling_from_args(args, parser)
     context = context_from_args(args, parser)
     if args.max_audio_length_ms < FRAME_MS:
         parser.error(f"--max-audio-length-ms {args.max_audio_length_ms} is shorter than one {FRAME_MS} ms frame")
-    if not args.text.strip():
+    if args.text is not None and not args.text.strip():
         parser.error("--text is empty; give the words to say")
 
     import jax.numpy as jnp
@@ -117,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         generator = load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
                                 param_dtype=jnp.dtype(args.weights_dtype or args.dtype), tokenizer=args.tokenizer,
                                 mimi=mimi, watermark=not args.no_watermark)
+        if generate_modes.wanted(args):
+            return generate_modes.run(args, generator, sampling, context)
         prompt = generator.prompt(Request(args.text, args.speaker, context))
         max_frames = max_frames_for(args.max_audio_length_ms)
-        chunks = generator.frames.stream(prompt, max_frames, sampling, args.seed, first_chunk=1 if args.stream else 4,
-                                         chunk=4 if args.stream else 16)
+        chunks = generator.frames.stream(prompt, max_frames, sampling, args.seed,
+                                         generate_modes.end_of_speech_from_args(args).processor(),
+                                         first_chunk=1 if args.stream else 4, chunk=4 if args.stream else 16)
         frames = run_with_progress(generator, chunks, max_frames, args)
     except (ValueError, OSError) as e:  # our user-facing errors are ValueErrors with the fix in the message
         print(f"error: {e}", file=sys.stderr)
@@ -168,8 +174,9 @@ def run_with_progress(generator, chunks, max_frames: int, args) -> int:
         advance(chunk.shape[1])
     bar.close()
     all_codes = np.concatenate(codes, axis=1) if codes else np.zeros((generator.frames.config.num_codebooks, 0), int)
-    audio.write_audio(args.out, generator.mark(generator.decode([all_codes])[0]))
-    return frames
+    all_codes, wave = generate_modes.end_of_speech_from_args(args).finish(all_codes, generator.decode([all_codes])[0])
+    audio.write_audio(args.out, generator.mark(wave))
+    return all_codes.shape[1]
 
 
 if __name__ == "__main__":
