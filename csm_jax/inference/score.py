@@ -2,7 +2,7 @@
 
 Frame j of the codes sits at position P + j after a prompt of P frames. Codebook 0's log-probs come from the
 backbone's logits at position P + j - 1; codebooks 1..n-1 from the depth decoder fed that position's hidden state
-and the frame's own lower codebooks (`Csm.depth_logits`), as in training. Log-probs are over the model's whole
+and the frame's own lower codebooks (as `Csm.depth_logits`, as in training). Log-probs are over the model's whole
 audio vocabulary (as transformers' loss), so scores compare with training losses.
 """
 
@@ -32,10 +32,20 @@ def _score(graphdef, params, tokens, mask, segment_ids, starts, codes):
     before = jnp.clip(starts[:, None] + jnp.arange(f)[None] - 1, 0, tokens.shape[1] - 1)
     h = jnp.take_along_axis(hidden, before[..., None], axis=1)  # (B, F, D)
     c0 = model.codebook0_logits(h)  # (B, F, V)
-    depth = model.depth_logits(h.reshape(b * f, -1), codes.reshape(b * f, n)).reshape(b, f, n - 1, -1)
+    depth = _depth_logits(model, h.reshape(b * f, -1), codes.reshape(b * f, n)).reshape(b, f, n - 1, -1)
     logits = jnp.concatenate([c0[:, :, None], depth], axis=2)  # (B, F, n, V)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, codes[..., None], axis=-1)[..., 0]
+
+
+def _depth_logits(model, hidden, codes):
+    """`Csm.depth_logits` through `decoder_forward` and `audio_logits`, which the decode layout has too:
+    hidden (B, D), codes (B, n) -> logits (B, n-1, V) float32 for codebooks 1..n-1."""
+    n = codes.shape[1]
+    inputs = jnp.concatenate([hidden[:, None].astype(model.dtype),
+                              model.embed_audio(codes[:, : n - 1], jnp.arange(n - 1))], axis=1)
+    h, _ = model.decoder_forward(inputs, jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), codes.shape))
+    return jnp.stack([model.audio_logits(h[:, i], i) for i in range(1, n)], axis=1)
 
 
 def _round_up(x: int, multiple: int) -> int:
