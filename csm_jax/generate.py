@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from csm_jax import generate_modes
 from csm_jax.core.codec import FRAME_SAMPLES, FRAME_SECONDS
 from csm_jax.core.errors import ArgumentParser, UserError, run_main, signals_interrupt
 
@@ -33,12 +34,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m csm_jax.generate", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--text", required=True, help="what to say")
+    p.add_argument("--text", default=None, help="what to say (or --text-file, --script, --batch-file)")
     p.add_argument("--speaker", default="0", help="speaker id of the utterance, an integer >= 0 (default 0)")
     p.add_argument("--context", nargs="+", action="append", default=[], metavar="WAV TRANSCRIPT [SPEAKER]",
                    help="an earlier utterance: its audio file, its transcript and its speaker (default: --speaker); "
                         "repeat for several, oldest first")
-    p.add_argument("--out", required=True, help="output file: .wav or .flac (24 kHz mono, 16-bit) or .ogg (vorbis); "
+    p.add_argument("--out", default=None, help="output file: .wav or .flac (24 kHz mono, 16-bit) or .ogg (vorbis); "
                    "replaced only once complete")
     p.add_argument("--checkpoint", default="sesame/csm-1b", help="csm-jax checkpoint directory, PyTorch "
                    "checkpoint or hub id (default sesame/csm-1b)")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="write audio as it is generated; report time to first "
                    "audio")
     p.add_argument("--no-watermark", action="store_true", help="skip the silentcipher watermark")
+    generate_modes.add_arguments(p)
     return p
 
 
@@ -109,18 +111,21 @@ def main(argv: list[str] | None = None) -> int:
 def generate(argv: list[str] | None = None) -> int:
     """Checks every argument and file (the output path included) before loading the model, and the prompt's
     budget before generating; writes the output through a temporary file (`csm_jax.io.audio.audio_writer`)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    generate_modes.check_arguments(args, parser)
     with signals_interrupt():
         from csm_jax.inference.prompt import check_seeds, check_text, max_frames_for, speaker_id
         from csm_jax.io import audio
 
-        check_text(args.text, "--text")
+        if args.text is not None:
+            check_text(args.text, "--text")
         speaker = speaker_id(args.speaker, "--speaker")
         max_frames = max_frames_for(args.max_audio_length_ms)
         check_seeds([args.seed], 1)
         sampling = sampling_from_args(args)
-        out = audio.check_output_path(args.out)
+        out = audio.check_output_path(args.out) if args.out is not None else None
         context = context_from_args(args, speaker)
 
         import jax.numpy as jnp
@@ -131,10 +136,14 @@ def generate(argv: list[str] | None = None) -> int:
         generator = load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
                                 param_dtype=args.weights_dtype or args.dtype, tokenizer=args.tokenizer,
                                 mimi=mimi, watermark=not args.no_watermark, adapter=args.adapter)
+        if generate_modes.wanted(args):
+            return generate_modes.run(args, generator, sampling, context)
+        end_of_speech = generate_modes.end_of_speech_from_args(args)
         chunks = generator.stream_codes(Request(args.text, speaker, context), args.max_audio_length_ms, sampling,
-                                        args.seed, first_chunk_frames=1 if args.stream else 4,
+                                        args.seed, end_of_speech.processor(),
+                                        first_chunk_frames=1 if args.stream else 4,
                                         chunk_frames=4 if args.stream else 16)
-        frames = run_with_progress(generator, chunks, max_frames, out, args.stream)
+        frames = run_with_progress(generator, chunks, max_frames, out, args.stream, end_of_speech)
     print(f"wrote {args.out}: {frames} frames, {frames * FRAME_SECONDS:.2f} s of 24 kHz audio", file=sys.stderr)
     if frames == 0:
         print("notice: the model ended the utterance at once, so the audio is empty; try another --seed",
@@ -142,9 +151,9 @@ def generate(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_with_progress(generator, chunks, max_frames: int, out: Path, stream: bool) -> int:
-    """Consumes code chunks with a progress bar; writes the audio file (streamed or at the end) through a
-    temporary file. Returns the frame count."""
+def run_with_progress(generator, chunks, max_frames: int, out: Path, stream: bool, end_of_speech) -> int:
+    """Consumes code chunks with a progress bar; writes the audio file (streamed or at the end, after the
+    end-of-speech rules' cut and trim) through a temporary file. Returns the frame count."""
     import numpy as np
     from tqdm import tqdm
 
@@ -180,8 +189,9 @@ def run_with_progress(generator, chunks, max_frames: int, out: Path, stream: boo
     finally:
         bar.close()
     all_codes = np.concatenate(codes, axis=1) if codes else np.zeros((generator.frames.config.num_codebooks, 0), int)
-    audio.write_audio(out, generator.mark(generator.decode([all_codes])[0]))
-    return frames
+    all_codes, wave = end_of_speech.finish(all_codes, generator.decode([all_codes])[0])
+    audio.write_audio(out, generator.mark(wave))
+    return all_codes.shape[1]
 
 
 if __name__ == "__main__":

@@ -141,6 +141,18 @@ class Generator:
 
         return apply_watermark(self.watermarker, wave)
 
+    def score(self, requests: Request | Frames | Sequence[Request | Frames],
+              codes: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        """Teacher-forced log-probabilities (F, n) of given codes (n, F) after a request's (or prompt's) frames; lists
+        of both score all pairs in one batch (see `csm_jax.inference.score`)."""
+        from csm_jax.inference.score import score_codes
+
+        single = isinstance(requests, (Request, Frames))
+        pairs = ([requests], [codes]) if single else (list(requests), list(codes))
+        prompts = [p if isinstance(p, Frames) else self.prompt(p) for p in pairs[0]]
+        scores = score_codes(self.frames.model, prompts, pairs[1])
+        return scores[0] if single else scores
+
     def generate_stream(self, text: str, speaker: int | str = 0, context: Sequence[Segment] = (),
                         max_audio_length_ms: float = 90_000, temperature: float = 0.9, topk: int = 50, *,
                         seed: int = 0, sampling: FrameSampling | None = None,
