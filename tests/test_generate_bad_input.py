@@ -122,7 +122,7 @@ def test_mistakes_are_reported_before_loading_anything(checkpoint, context_wav, 
         code, err = run(base(out, checkpoint, *extra), capsys)  # a later --out/--text wins over base's
         assert_refused(code, err, message, out)
     code, err = run(["--out", out], capsys)
-    assert_refused(code, err, "the following arguments are required: --text", out)
+    assert_refused(code, err, "give exactly one of --text, --text-file, --script, --batch-file", out)
 
 
 def test_bad_model_files_are_reported_by_name(checkpoint, bad_files, out, tmp_path, shared_mimi, capsys):

@@ -167,9 +167,16 @@ class LoraTrainer(Trainer):
         """The merged model as an inference checkpoint at `path`, and the adapter alone beside it
         (`path`/../adapter, PEFT's format)."""
         merged = super().export(state, path, {"lora": dataclasses.asdict(self.spec), **(metadata or {})})
-        adapter = save_adapter(Path(path).parent / "adapter", jax.device_get(state.params), self.spec, self.config,
-                               {"base": self.base_info or {}, "step": int(state.step)})
-        log.info("adapter written to %s (generate with --adapter %s over the base checkpoint)", adapter, adapter)
+        adapters = state.params
+        if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
+            from jax.experimental import multihost_utils
+
+            adapters = multihost_utils.process_allgather(adapters, tiled=True)
+        if jax.process_index() == 0:
+            adapter = save_adapter(Path(path).parent / "adapter", jax.device_get(adapters), self.spec, self.config,
+                                   {"base": self.base_info or {}, "step": int(state.step)},
+                                   overwrite=True)  # a resumed run replaces its own earlier adapter
+            log.info("adapter written to %s (generate with --adapter %s over the base checkpoint)", adapter, adapter)
         return merged
 
 

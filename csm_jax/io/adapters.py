@@ -31,6 +31,7 @@ from csm_jax.core.config import CsmConfig
 from csm_jax.core.errors import UserError
 from csm_jax.core.lora import STACKS, TARGETS, LoraSpec, get_path, merge, set_path, split_shape, weight_path
 from csm_jax.io.checkpoint import abstract_model, atomic_directory
+from csm_jax.io.output_dir import mark_export
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ def peft_config(spec: LoraSpec, base: str | None = None) -> dict[str, Any]:
 
 
 def save_adapter(path: str | os.PathLike, weights: dict, spec: LoraSpec, config: CsmConfig,
-                 metadata: dict[str, Any] | None = None) -> Path:
-    """Writes `weights` ({stack: {target: {"a", "b"}}}, stacked) as a PEFT adapter directory, atomically."""
+                 metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Writes `weights` ({stack: {target: {"a", "b"}}}, stacked) as a PEFT adapter directory, atomically; an earlier
+    adapter of ours at `path` is replaced only with `overwrite`."""
     from safetensors.numpy import save_file
 
     tensors = {}
@@ -90,8 +92,9 @@ def save_adapter(path: str | os.PathLike, weights: dict, spec: LoraSpec, config:
             tensors[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[layer].reshape(spec.rank, -1).T)
     header = {"format": "csm-jax-lora", "csm_config": json.dumps(config.to_dict()),
               **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=header)
+        mark_export(tmp, kind="adapter")
         base = (metadata or {}).get("base", {}).get("path")
         base = base if base and Path(base).is_dir() else None
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(spec, base), indent=2) + "\n")

@@ -31,21 +31,25 @@ FORMAT = "csm-jax"
 EXPORT_FORMAT = "csm-jax-export"
 EXPORT_MARKER = "csm_jax_export.json"
 OUR_ENTRIES = {"checkpoint": {"params", "config.json", "metadata.json", "codec"},
-               "export": {"model.safetensors", "config.json", EXPORT_MARKER}}
+               "export": {"model.safetensors", "config.json", EXPORT_MARKER},
+               "adapter": {"adapter_model.safetensors", "adapter_config.json", EXPORT_MARKER}}
 
 
 def output_kind(path: Path) -> str | None:
     """"checkpoint" or "export" when the directory `path` carries one of our markers, else None."""
     if _json_object(path / "metadata.json").get("format") == FORMAT:
         return "checkpoint"
-    if _json_object(path / EXPORT_MARKER).get("format") == EXPORT_FORMAT:
-        return "export"
+    marker = _json_object(path / EXPORT_MARKER)
+    if marker.get("format") == EXPORT_FORMAT:
+        return marker.get("kind") if marker.get("kind") in OUR_ENTRIES else "export"
     return None
 
 
-def mark_export(directory: Path, **fields: str) -> None:
-    """Marks `directory` as an export written by csm-jax, so that a later export may replace it."""
-    (directory / EXPORT_MARKER).write_text(json.dumps({"format": EXPORT_FORMAT, **fields}, indent=2) + "\n")
+def mark_export(directory: Path, kind: str = "export", **fields: str) -> None:
+    """Marks `directory` as an export (or, with kind="adapter", a LoRA adapter) written by csm-jax, so that a later
+    one may replace it."""
+    (directory / EXPORT_MARKER).write_text(json.dumps({"format": EXPORT_FORMAT, "kind": kind, **fields}, indent=2)
+                                           + "\n")
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool = False, sources: Iterable[str | os.PathLike] = (),
