@@ -1,0 +1,169 @@
+"""Fine-tuning on the user's own data: a folder of clips, a manifest, a `datasets` dataset; bad items counted;
+packing; the held-out split; a CPU smoke run on a folder."""
+
+import json
+import shutil
+from pathlib import Path
+
+import grain
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import espeak_wav
+from tests.emilia import ENGLISH
+from train.data import SKIPPED, DataConfig, DataError, Featurizer, dataset, in_split, padding_fraction
+from train.sources import detect_format
+
+LONG = "This sentence is spoken slowly and goes on for quite a while, much longer than every other clip here."
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Four espeak clips with transcripts (one in a subfolder), one long clip, and five bad items."""
+    d = tmp_path_factory.mktemp("voice")
+    for i, text in enumerate(ENGLISH):
+        clip = d / ("more" if i == 3 else "") / f"clip{i}.wav"
+        clip.parent.mkdir(exist_ok=True)
+        espeak_wav(clip, text)
+        clip.with_suffix(".txt").write_text(text + "\n")
+    espeak_wav(d / "long.wav", LONG)
+    (d / "long.txt").write_text(LONG)
+    espeak_wav(d / "untranscribed.wav", "No transcript here.")
+    espeak_wav(d / "empty.wav", "Empty text.")
+    (d / "empty.txt").write_text("  \n")
+    sf.write(d / "silent.wav", np.zeros(24000, np.float32), 24000)
+    (d / "silent.txt").write_text("Nothing is said.")
+    sf.write(d / "nan.wav", np.full(4800, np.nan, np.float32), 24000, subtype="FLOAT")
+    (d / "nan.txt").write_text("Not a number.")
+    (d / "broken.wav").write_bytes(b"RIFF this is not a wav file" * 10)
+    (d / "broken.txt").write_text("Broken audio.")
+    return d
+
+
+@pytest.fixture(scope="module")
+def manifest(folder, tmp_path_factory) -> Path:
+    rows = [{"id": f"u{i}", "audio": f"{folder.name}/{p.relative_to(folder)}", "text": p.with_suffix(".txt")
+             .read_text().strip(), "speaker": "bob" if i % 2 else "alice"}
+            for i, p in enumerate(sorted(folder.rglob("clip*.wav")))]
+    rows += [{"id": "u0", "audio": rows[1]["audio"], "text": "duplicate id"},
+             {"id": "outside", "audio": f"{folder.name}/../../outside.wav", "text": "outside the root"},
+             {"id": "span", "audio": rows[0]["audio"], "text": "Hello there", "start": 0.0, "end": 0.8}]
+    path = folder.parent / "train.jsonl"  # the dataset root: paths are relative to it and may not leave it
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def featurizer():
+    from csm_jax.io import audio, text
+    return Featurizer(text.load_tokenizer(), audio.random_mimi(0), DataConfig(max_frames=128))
+
+
+def _frames(source, featurizer, **cfg_fields):
+    import dataclasses
+    cfg = DataConfig(**{"max_frames": 128, "batch_size": 1, "max_duration": 3.5, **cfg_fields})
+    f = dataclasses.replace(featurizer, cfg=cfg)
+    return list(dataset(str(source), cfg, f, repeat=False))
+
+
+def test_folder_yields_every_good_clip_and_counts_the_bad_ones(folder, featurizer):
+    assert detect_format(str(folder)) == "folder"
+    SKIPPED.clear()
+    batches = _frames(folder, featurizer)
+    assert len(batches) == len(ENGLISH)
+    assert dict(SKIPPED) == {"missing transcript": 1, "empty text": 1, "silent audio": 1, "non-finite audio": 1,
+                             "bad audio": 1, "duration filter": 1}
+    SKIPPED.clear()
+    wide = _frames(folder, featurizer, max_duration=30.0)
+    assert len(wide) == len(ENGLISH) + 1 and "duration filter" not in SKIPPED
+
+
+def test_manifest_rows_resolve_relative_paths_and_skip_bad_rows(manifest, folder, featurizer):
+    assert detect_format(str(manifest)) == "manifest"
+    SKIPPED.clear()
+    batches = _frames(manifest, featurizer)
+    assert dict(SKIPPED) == {"duplicate id": 1, "outside dataset root": 1}
+    assert len(batches) == len(ENGLISH) + 1  # and the 0.8 s span of the first clip
+    lengths = sorted(int(b["segment_ids"].sum()) for b in batches)
+    assert lengths[0] < lengths[1]  # the span is shorter than any whole clip
+
+
+def test_a_dataset_where_nothing_survives_is_a_data_error(folder, featurizer, tmp_path):
+    for name in ("silent", "nan", "empty"):
+        shutil.copy(folder / f"{name}.wav", tmp_path / f"{name}.wav")
+        shutil.copy(folder / f"{name}.txt", tmp_path / f"{name}.txt")
+    with pytest.raises(DataError, match="silent audio 1.*non-finite audio 1|non-finite audio 1.*silent audio 1"):
+        next(iter(dataset(str(tmp_path), DataConfig(max_frames=128, batch_size=1), featurizer)))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "../x.wav", "text": "hi"}) + "\n")
+    with pytest.raises(DataError, match="outside dataset root 1"):
+        dataset(str(tmp_path / "m.jsonl"), DataConfig(), featurizer)
+
+
+def test_a_saved_datasets_dataset_reads_like_the_folder(folder, featurizer, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    clips = sorted(folder.rglob("clip*.wav"))
+    ds = datasets.Dataset.from_dict({"speech": [{"bytes": c.read_bytes(), "path": c.name} for c in clips],
+                                     "sentence": [c.with_suffix(".txt").read_text() for c in clips]})
+    ds.cast_column("speech", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "hf"))
+    assert detect_format(str(tmp_path / "hf")) == "hf"
+    batches = _frames(tmp_path / "hf", featurizer, audio_column="speech", text_column="sentence")
+    from_folder = _frames(folder, featurizer)
+    assert sorted(int(b["segment_ids"].sum()) for b in batches) == sorted(
+        int(b["segment_ids"].sum()) for b in from_folder)
+
+
+def test_packing_keeps_every_utterance_and_lowers_padding(folder, featurizer):
+    padded = _frames(folder, featurizer, max_duration=30.0)
+    packed = _frames(folder, featurizer, max_duration=30.0, packing=True)
+
+    def utterances(batches):
+        out = []
+        for b in batches:
+            tokens, seg = b["tokens"][0, 0], b["segment_ids"][0, 0]
+            out += [tokens[seg == s].tobytes() for s in np.unique(seg[seg > 0])]
+        return sorted(out)
+
+    assert utterances(packed) == utterances(padded)
+    assert len(packed) < len(padded)
+    before = np.mean([padding_fraction(b) for b in padded])
+    after = np.mean([padding_fraction(b) for b in packed])
+    print(f"data/padding_fraction on the espeak folder, max_frames=128: {before:.3f} padded, {after:.3f} packed")
+    assert after < before
+
+
+def test_packed_iterator_resumes_on_the_next_row(folder, featurizer):
+    import dataclasses
+    cfg = DataConfig(max_frames=128, batch_size=1, max_duration=30.0, packing=True)
+    ds = dataset(str(folder), cfg, dataclasses.replace(featurizer, cfg=cfg))
+    it = iter(ds)
+    next(it)
+    state = it.get_state()
+    expected = [next(it)["tokens"] for _ in range(3)]
+    resumed = iter(ds)
+    resumed.set_state(state)
+    assert all(np.array_equal(next(resumed)["tokens"], e) for e in expected)
+
+
+def test_held_out_split_is_deterministic_disjoint_and_sized():
+    keys = [f"speaker/clip{i:05d}" for i in range(4000)]
+    evals = {k for k in keys if in_split(k, "eval", 0.05)}
+    trains = {k for k in keys if in_split(k, "train", 0.05)}
+    assert evals.isdisjoint(trains) and evals | trains == set(keys)
+    assert evals == {k for k in keys if in_split(k, "eval", 0.05)}
+    assert 0.03 < len(evals) / len(keys) < 0.07
+
+
+def test_a_smoke_run_on_a_folder_lowers_the_loss(folder, tmp_path):
+    from train.__main__ import main
+
+    work = tmp_path / "run"
+    argv = ["--config", "train/configs/smoke.py", f"data.source={folder}", f"workdir={work}", "steps=12",
+            "log_every=4", "save_every=100", "data.packing=true", "eval_every=12", "data.eval_fraction=0.3",
+            "data.max_duration=30"]
+    assert main(argv) == 0
+    metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0]
+    assert all(0 <= m["data/padding_fraction"] < 1 for m in metrics if "loss" in m)
+    assert any("eval/loss" in m for m in metrics)
