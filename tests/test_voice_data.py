@@ -67,16 +67,24 @@ def _frames(source, featurizer, **cfg_fields):
     return list(dataset(str(source), cfg, f, repeat=False))
 
 
-def test_folder_yields_every_good_clip_and_counts_the_bad_ones(folder, featurizer):
+@pytest.fixture(scope="module")
+def padded(folder, featurizer):
+    """Every good clip of the folder (the long one too), one per row."""
+    return _frames(folder, featurizer, max_duration=30.0)
+
+
+def _lengths(batches):
+    return sorted(int(b["segment_ids"].sum()) for b in batches)
+
+
+def test_folder_yields_every_good_clip_and_counts_the_bad_ones(folder, featurizer, padded):
     assert detect_format(str(folder)) == "folder"
     SKIPPED.clear()
     batches = _frames(folder, featurizer)
     assert len(batches) == len(ENGLISH)
     assert dict(SKIPPED) == {"missing transcript": 1, "empty text": 1, "silent audio": 1, "non-finite audio": 1,
                              "bad audio": 1, "duration filter": 1}
-    SKIPPED.clear()
-    wide = _frames(folder, featurizer, max_duration=30.0)
-    assert len(wide) == len(ENGLISH) + 1 and "duration filter" not in SKIPPED
+    assert len(padded) == len(ENGLISH) + 1  # the long clip is skipped, never truncated
 
 
 def test_manifest_rows_resolve_relative_paths_and_skip_bad_rows(manifest, folder, featurizer):
@@ -100,7 +108,7 @@ def test_a_dataset_where_nothing_survives_is_a_data_error(folder, featurizer, tm
         dataset(str(tmp_path / "m.jsonl"), DataConfig(), featurizer)
 
 
-def test_a_saved_datasets_dataset_reads_like_the_folder(folder, featurizer, tmp_path):
+def test_a_saved_datasets_dataset_reads_like_the_folder(folder, featurizer, padded, tmp_path):
     datasets = pytest.importorskip("datasets")
     clips = sorted(folder.rglob("clip*.wav"))
     ds = datasets.Dataset.from_dict({"speech": [{"bytes": c.read_bytes(), "path": c.name} for c in clips],
@@ -108,13 +116,20 @@ def test_a_saved_datasets_dataset_reads_like_the_folder(folder, featurizer, tmp_
     ds.cast_column("speech", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "hf"))
     assert detect_format(str(tmp_path / "hf")) == "hf"
     batches = _frames(tmp_path / "hf", featurizer, audio_column="speech", text_column="sentence")
-    from_folder = _frames(folder, featurizer)
-    assert sorted(int(b["segment_ids"].sum()) for b in batches) == sorted(
-        int(b["segment_ids"].sum()) for b in from_folder)
+    assert _lengths(batches) == _lengths(padded)[:-1]  # all but the long clip
 
 
-def test_packing_keeps_every_utterance_and_lowers_padding(folder, featurizer):
-    padded = _frames(folder, featurizer, max_duration=30.0)
+def test_prepare_writes_a_folder_once_and_training_reads_it(folder, featurizer, padded, tmp_path, capsys):
+    from train.prepare import main
+
+    assert main([str(folder), str(tmp_path / "out"), "--mimi", "random"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert report["records"] == len(ENGLISH) + 1 and report["skipped"]["missing transcript"] == 1
+    assert _lengths(_frames(tmp_path / "out", featurizer, max_duration=30.0)) == _lengths(padded)
+    assert len(_frames(tmp_path / "out", featurizer)) == len(ENGLISH)  # durations were stored: the filter applies
+
+
+def test_packing_keeps_every_utterance_and_lowers_padding(folder, featurizer, padded):
     packed = _frames(folder, featurizer, max_duration=30.0, packing=True)
 
     def utterances(batches):
