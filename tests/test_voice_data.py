@@ -119,14 +119,20 @@ def test_a_saved_datasets_dataset_reads_like_the_folder(folder, featurizer, padd
     assert _lengths(batches) == _lengths(padded)[:-1]  # all but the long clip
 
 
-def test_prepare_writes_a_folder_once_and_training_reads_it(folder, featurizer, padded, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def prepared(folder, tmp_path_factory) -> Path:
     from train.prepare import main
 
-    assert main([str(folder), str(tmp_path / "out"), "--mimi", "random"]) == 0
-    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    out = tmp_path_factory.mktemp("prepared")
+    assert main([str(folder), str(out), "--mimi", "random"]) == 0
+    return out
+
+
+def test_prepare_writes_a_folder_once_and_training_reads_it(prepared, featurizer, padded):
+    report = json.loads((prepared / "part-00000-of-00001.json").read_text())
     assert report["records"] == len(ENGLISH) + 1 and report["skipped"]["missing transcript"] == 1
-    assert _lengths(_frames(tmp_path / "out", featurizer, max_duration=30.0)) == _lengths(padded)
-    assert len(_frames(tmp_path / "out", featurizer)) == len(ENGLISH)  # durations were stored: the filter applies
+    assert _lengths(_frames(prepared, featurizer, max_duration=30.0)) == _lengths(padded)
+    assert len(_frames(prepared, featurizer)) == len(ENGLISH)  # durations were stored: the filter applies
 
 
 def test_packing_keeps_every_utterance_and_lowers_padding(folder, featurizer, padded):
@@ -169,11 +175,11 @@ def test_held_out_split_is_deterministic_disjoint_and_sized():
     assert 0.03 < len(evals) / len(keys) < 0.07
 
 
-def test_a_smoke_run_on_a_folder_lowers_the_loss(folder, tmp_path):
+def test_a_smoke_run_on_a_prepared_folder_lowers_the_loss(prepared, tmp_path):
     from train.__main__ import main
 
-    work = tmp_path / "run"
-    argv = ["--config", "train/configs/smoke.py", f"data.source={folder}", f"workdir={work}", "steps=12",
+    work = tmp_path / "run"  # Mimi codes of the folder prepared once: no encoding per pass
+    argv = ["--config", "train/configs/smoke.py", f"data.source={prepared}", f"workdir={work}", "steps=12",
             "log_every=4", "save_every=100", "data.packing=true", "eval_every=12", "data.eval_fraction=0.3",
             "data.max_duration=30"]
     assert main(argv) == 0
