@@ -30,21 +30,16 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
-from csm_jax.core.errors import UserError
 from csm_jax.io.frames import Segment, segment_frames
 from csm_jax.io.hub import looks_like_hub_id
+from train import sources
 from train.records import SUFFIX, deserialize
+from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
-SKIPPED: collections.Counter = collections.Counter()  # reason -> count, for this process
 SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # what a broken tar raises while read
 _reported_shards: set[str] = set()
-
-
-class DataError(UserError):
-    """A data source that cannot feed training: no shards, too few for the processes, or no usable example."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +62,6 @@ class DataConfig:
     packing: bool = False  # several utterances per row (segment ids), first-fit within `packing_bins` rows
     packing_bins: int = 8
     eval_fraction: float = 0.02  # share of example ids held out for eval when eval_every is set without eval_source
-
-
-def skip(reason: str, key: str, warn: bool = True) -> None:
-    """Counts one skipped member (and logs it unless it is an ordinary filter rejection); returns None."""
-    SKIPPED[reason] += 1
-    if warn:
-        log.warning("skipping %s: %s", key, reason)
 
 
 def skip_shard(reason: str, path: str, error: BaseException) -> None:
@@ -513,8 +501,6 @@ def examples_dataset(examples: Sequence, cfg: DataConfig, featurizer: Featurizer
 def dataset(source: str, cfg: DataConfig, featurizer: Featurizer, **kwargs) -> grain.IterDataset:
     """By `cfg.format` (detected when "auto"): `examples_dataset` over a folder, manifest or `datasets` dataset,
     `prepared_dataset` when `source` holds ArrayRecord shards, else `tar_dataset`."""
-    from train import sources
-
     fmt = sources.detect_format(source, cfg.format)
     if fmt != "emilia":
         return examples_dataset(sources.examples(source, fmt, cfg), cfg, featurizer, **kwargs)

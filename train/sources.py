@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from train.data import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
+from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
 
 FORMATS = ("auto", "emilia", "folder", "manifest", "hf")
 
