@@ -162,7 +162,11 @@ class HfExamples:
     """Rows of a `datasets` dataset as raw examples; the audio column is read undecoded (bytes or a path)."""
 
     def __init__(self, source: str, cfg):
-        import datasets
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"data.source={source} is read with Hugging Face datasets, which is not installed: "
+                            f"pip install 'csm-jax[hf]' (or datasets)") from None
 
         path = Path(source)
         try:
