@@ -188,3 +188,21 @@ def test_a_smoke_run_on_a_prepared_folder_lowers_the_loss(prepared, tmp_path):
     assert losses[-1] < losses[0]
     assert all(0 <= m["data/padding_fraction"] < 1 for m in metrics if "loss" in m)
     assert any("eval/loss" in m for m in metrics)
+
+
+def test_a_csv_manifest_lists_the_same_items_as_jsonl(manifest, tmp_path):
+    import csv
+
+    from train.sources import manifest_items
+
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    path = manifest.with_suffix(".csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "audio", "text", "speaker", "start", "end"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert detect_format(str(path)) == "manifest"
+    from_csv, from_jsonl = manifest_items(path), manifest_items(manifest)
+    assert [(i["key"], i["audio"], i["text"], i.get("speaker_id")) for i in from_csv] == [
+        (i["key"], i["audio"], i["text"], i.get("speaker_id")) for i in from_jsonl]
+    assert {i.get("speaker_id") for i in from_csv} == {0, 1}  # names numbered in sorted order

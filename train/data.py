@@ -6,8 +6,9 @@ Emilia shards (`{LANG}/{LANG}-B000000.tar`) hold utterances as member pairs with
 its share of the shards (every process_count-th, in a seeded order) -> shards interleaved -> metadata filters
 (language, duration, dnsmos) -> window shuffle -> featurize (decode, resample to 24 kHz, Mimi codes, Llama-3
 text) -> frames as the reference builds a segment (text frames, audio frames, the all-zero end frame) ->
-padded to `max_frames` and batched, in endless passes over the share. Every stage is checkpointable (pass, shard
-and position), so training resumes on the next example. Corrupt members and shards (unreadable, truncated) are
+padded to `max_frames` (or packed several to a row with `packing`) and batched, in endless passes over the
+share. Folders of clips, manifests and `datasets` datasets (train/sources.py) enter the same pipeline as map
+sources. Every stage is checkpointable (pass, shard and position), so training resumes on the next example. Corrupt members and shards (unreadable, truncated) are
 skipped and counted in `SKIPPED` with what the filters rejected, never fatal; a pass that yields no example at
 all stops with a `DataError` naming the filters and those counts (it would otherwise repeat forever).
 """
