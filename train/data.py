@@ -10,7 +10,8 @@ padded to `max_frames` (or packed several to a row with `packing`) and batched, 
 share. Folders of clips, manifests and `datasets` datasets (train/sources.py) enter the same pipeline as map
 sources. Every stage is checkpointable (pass, shard and position), so training resumes on the next example.
 Corrupt members and shards (unreadable, truncated) are skipped and counted in `SKIPPED` with what the filters
-rejected, never fatal; a pass that yields no example at all stops with a `DataError` naming the filters and those counts (it would otherwise repeat forever).
+rejected, never fatal; a pass that yields no example at all stops with a `DataError` naming the filters and
+those counts (it would otherwise repeat forever).
 """
 
 from __future__ import annotations
