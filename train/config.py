@@ -220,8 +220,7 @@ def _type_name(hint: Any) -> str:
 
 POSITIVE = ("steps", "log_every", "save_every", "keep_checkpoints", "eval_batches", "data.max_frames",
             "data.batch_size", "data.shuffle_window", "data.interleave", "data.packing_bins", "optim.learning_rate",
-            "optim.clip_norm",
-            "optim.accumulation")
+            "optim.clip_norm", "optim.accumulation")
 NON_NEGATIVE = ("eval_every", "seed", "data.min_duration", "data.max_duration", "data.min_dnsmos", "data.speaker",
                 "data.seed", "optim.warmup_steps", "optim.weight_decay", "optim.depth_weight")
 
