@@ -19,7 +19,6 @@ A record holds the utterance key, text, Emilia metadata and codes (num_codebooks
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import logging
 import os
@@ -37,18 +36,18 @@ from train.sources import FORMATS, detect_format
 
 def prepare_shard(tar: Path, output: Path, mimi, num_codebooks: int = 32, batch_size: int = 16) -> dict:
     """One tar shard -> one ArrayRecord shard (atomically); returns the report written next to it."""
+    SKIPPED.clear()  # before the shard is opened: an unreadable one is counted then
     return write_records((parse_metadata(raw) for raw in TarShard(tar)), str(tar), output, mimi, num_codebooks,
                          batch_size)
 
 
 def write_records(examples, source: str, output: Path, mimi, num_codebooks: int = 32, batch_size: int = 16) -> dict:
     """Parsed examples (None where skipped) -> one ArrayRecord shard (atomically); returns the report written next
-    to it. The decoded duration is stored in the metadata so the duration filters apply at training time."""
+    to it, with the `SKIPPED` counts (cleared by the caller). The decoded duration is stored in the metadata so the duration filters apply at training time."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from csm_jax.io.audio import SAMPLE_RATE, encode_batch
 
-    SKIPPED.clear()
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     writer = ArrayRecordWriter(str(partial), "group_size:1")
@@ -87,13 +86,10 @@ def prepare_examples(source: str, fmt: str, out: Path, mimi, worker: int, worker
     if output.exists():
         return None
     SKIPPED.clear()
-    found = examples(source, fmt, cfg)
-    before = SKIPPED.copy()
+    found = examples(source, fmt, cfg)  # what listing skipped is counted in the report too
     mine = (found[i] for i in range(worker, len(found), workers))
     report = write_records((check_metadata(x) if x is not None else None for x in mine), source, output, mimi,
                            num_codebooks, batch_size)
-    report["skipped"] = dict(before + collections.Counter(report["skipped"]))  # listing skips too
-    output.with_suffix(".json").write_text(json.dumps(report))
     return {"output": str(output), **report}
 
 
