@@ -206,3 +206,11 @@ def test_a_csv_manifest_lists_the_same_items_as_jsonl(manifest, tmp_path):
     assert [(i["key"], i["audio"], i["text"], i.get("speaker_id")) for i in from_csv] == [
         (i["key"], i["audio"], i["text"], i.get("speaker_id")) for i in from_jsonl]
     assert {i.get("speaker_id") for i in from_csv} == {0, 1, None}  # names numbered in sorted order, or none
+
+
+def test_the_full_voice_preset_validates_on_a_folder(folder, tmp_path):
+    from train.config import load_config, validate
+
+    cfg = load_config("train/configs/full_voice.py", [f"data.source={folder}", f"workdir={tmp_path / 'run'}"])
+    validate(cfg)
+    assert cfg.data.packing and cfg.optim.learning_rate == 2e-5 and not cfg.eval_source and cfg.data.eval_fraction
