@@ -32,7 +32,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_pipeline(cfg: TrainConfig, model_config, source: str, repeat: bool = True):
+def held_out(cfg: TrainConfig) -> bool:
+    """Eval on a hashed share of the training data itself: eval is on and no eval_source is given."""
+    return bool(cfg.eval_every) and not cfg.eval_source.strip()
+
+
+def eval_pipeline(cfg: TrainConfig, model_config):
+    if held_out(cfg):
+        return build_pipeline(cfg, model_config, cfg.data.source, repeat=False, split="eval")
+    return build_pipeline(cfg, model_config, cfg.eval_source, repeat=False)
+
+
+def build_pipeline(cfg: TrainConfig, model_config, source: str, repeat: bool = True, split: str | None = None):
+    """The batches of `source`; `split` = "train" / "eval" keeps one side of the held-out split by example id."""
     from csm_jax.io import audio, text
     from train.data import Featurizer, dataset
 
@@ -41,7 +53,7 @@ def build_pipeline(cfg: TrainConfig, model_config, source: str, repeat: bool = T
             else audio.load_mimi(cfg.mimi, num_codebooks=model_config.num_codebooks))
     featurizer = Featurizer(text.load_tokenizer(cfg.tokenizer), mimi, data, model_config.num_codebooks)
     return dataset(source, data, featurizer, accumulation=cfg.optim.accumulation, repeat=repeat,
-                   process_index=jax.process_index(), process_count=jax.process_count())
+                   process_index=jax.process_index(), process_count=jax.process_count(), split=split)
 
 
 class MetricsLog:
@@ -77,7 +89,7 @@ def train(cfg: TrainConfig) -> Path:
 
     from csm_jax.core.config import preset
     from csm_jax.core.sharding import make_mesh
-    from train.data import SKIPPED
+    from train.data import SKIPPED, padding_fraction
     from train.lora import make_trainer
     from train.trainer import checkpoint_manager, checkpoint_meta, save_checkpoint
 
@@ -88,7 +100,7 @@ def train(cfg: TrainConfig) -> Path:
         mesh = make_mesh(*cfg.mesh)
     except ValueError as e:
         raise TrainConfigError(f"mesh={cfg.mesh}: {e}") from None
-    iterator = iter(build_pipeline(cfg, model_config, cfg.data.source))
+    iterator = iter(build_pipeline(cfg, model_config, cfg.data.source, split="train" if held_out(cfg) else None))
     if cfg.eval_every:
         check_eval_data(cfg, model_config)
     trainer = make_trainer(model_config, cfg.optim, mesh, cfg.lora, steps=cfg.steps,
@@ -118,11 +130,13 @@ def train(cfg: TrainConfig) -> Path:
     for step, batch in zip(bar, batches):
         state, metrics = trainer.step(state, batch)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            padding = padding_fraction(batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the only host sync
             now = time.perf_counter()
             step_time = (now - last) / cfg.log_every
             last = now
             metrics |= {"step_time": step_time, "frames_per_s": rows * cfg.data.max_frames / step_time,
+                        "data/padding_fraction": padding,
                         **{f"skipped/{k}": v for k, v in SKIPPED.items()}}
             log.write(step + 1, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", c0=f"{metrics['c0_loss']:.3f}",
@@ -155,13 +169,15 @@ def check_eval_data(cfg: TrainConfig, model_config) -> None:
     """The held-out data gives at least one batch (a DataError when it gives no example at all)."""
     from train.data import DataError
 
-    if next(iter(build_pipeline(cfg, model_config, cfg.eval_source, repeat=False)), None) is None:
-        raise DataError(f"eval_source={cfg.eval_source} gives fewer usable examples than one batch "
-                        f"(data.batch_size x optim.accumulation); add held-out shards or set eval_every=0")
+    if next(iter(eval_pipeline(cfg, model_config)), None) is None:
+        what = (f"the held-out data.eval_fraction={cfg.data.eval_fraction} of data.source" if held_out(cfg)
+                else f"eval_source={cfg.eval_source}")
+        raise DataError(f"{what} gives fewer usable examples than one batch (data.batch_size x optim.accumulation); "
+                        f"raise data.eval_fraction, give eval_source=DIR, or set eval_every=0")
 
 
 def evaluate(cfg: TrainConfig, trainer, state, model_config) -> dict[str, float]:
-    iterator = iter(build_pipeline(cfg, model_config, cfg.eval_source, repeat=False))
+    iterator = iter(eval_pipeline(cfg, model_config))
     losses = [jax.device_get(trainer.eval_loss(state, batch)) for _, batch in zip(range(cfg.eval_batches), iterator)]
     return {f"eval/{k}": float(np.mean([m[k] for m in losses])) for k in losses[0]} if losses else {}
 

@@ -46,7 +46,7 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0 = no eval
-    eval_source: str = ""  # held-out shards
+    eval_source: str = ""  # held-out data; empty = data.eval_fraction of data.source, split by example id
     eval_batches: int = 4
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -221,8 +221,8 @@ def _type_name(hint: Any) -> str:
 
 
 POSITIVE = ("steps", "log_every", "save_every", "keep_checkpoints", "eval_batches", "data.max_frames",
-            "data.batch_size", "data.shuffle_window", "data.interleave", "optim.learning_rate", "optim.clip_norm",
-            "optim.accumulation")
+            "data.batch_size", "data.shuffle_window", "data.interleave", "data.packing_bins", "optim.learning_rate",
+            "optim.clip_norm", "optim.accumulation")
 NON_NEGATIVE = ("eval_every", "seed", "data.min_duration", "data.max_duration", "data.min_dnsmos", "data.speaker",
                 "data.seed", "optim.warmup_steps", "optim.weight_decay", "optim.depth_weight")
 
@@ -257,6 +257,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.min_duration > cfg.data.max_duration:
         raise TrainConfigError(f"data.min_duration={cfg.data.min_duration} is above data.max_duration="
                                f"{cfg.data.max_duration}; no utterance could pass, swap or widen them")
+    from train.sources import FORMATS
+
+    if cfg.data.format not in FORMATS:
+        raise TrainConfigError(f"data.format={cfg.data.format!r} is not one of {', '.join(FORMATS)}")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise TrainConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1) (e.g. 0.02)")
     preset(cfg.model)  # ConfigError listing the presets
     workdir = Path(cfg.workdir).absolute()
     existing = next(p for p in (workdir, *workdir.parents) if p.exists())
@@ -268,9 +274,9 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"workdir={cfg.workdir} cannot be written ({existing} is read-only for you); give a "
                                f"directory you can write")
     _check_source("data.source", cfg.data.source, "no training data")
-    if cfg.eval_every:
+    if cfg.eval_every and (cfg.eval_source.strip() or not cfg.data.eval_fraction):
         _check_source("eval_source", cfg.eval_source, f"eval_every={cfg.eval_every} needs held-out data",
-                      " (or eval_every=0 for no eval)")
+                      " (or data.eval_fraction above 0, or eval_every=0 for no eval)")
     if cfg.init is not None and not is_checkpoint(cfg.init):
         raise TrainConfigError(f"init={cfg.init} is not a csm-jax checkpoint directory (params/ and metadata.json); "
                                f"convert PyTorch weights first (python -m convert SRC OUT, then init=OUT) or give an "

@@ -6,10 +6,12 @@ Emilia shards (`{LANG}/{LANG}-B000000.tar`) hold utterances as member pairs with
 its share of the shards (every process_count-th, in a seeded order) -> shards interleaved -> metadata filters
 (language, duration, dnsmos) -> window shuffle -> featurize (decode, resample to 24 kHz, Mimi codes, Llama-3
 text) -> frames as the reference builds a segment (text frames, audio frames, the all-zero end frame) ->
-padded to `max_frames` and batched, in endless passes over the share. Every stage is checkpointable (pass, shard
-and position), so training resumes on the next example. Corrupt members and shards (unreadable, truncated) are
-skipped and counted in `SKIPPED` with what the filters rejected, never fatal; a pass that yields no example at
-all stops with a `DataError` naming the filters and those counts (it would otherwise repeat forever).
+padded to `max_frames` (or packed several to a row with `packing`) and batched, in endless passes over the
+share. Folders of clips, manifests and `datasets` datasets (train/sources.py) enter the same pipeline as map
+sources. Every stage is checkpointable (pass, shard and position), so training resumes on the next example.
+Corrupt members and shards (unreadable, truncated) are skipped and counted in `SKIPPED` with what the filters
+rejected, never fatal; a pass that yields no example at all stops with a `DataError` naming the filters and
+those counts (it would otherwise repeat forever).
 """
 
 from __future__ import annotations
@@ -30,21 +32,16 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
-from csm_jax.core.errors import UserError
 from csm_jax.io.frames import Segment, segment_frames
 from csm_jax.io.hub import looks_like_hub_id
+from train import sources
 from train.records import SUFFIX, deserialize
+from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
-SKIPPED: collections.Counter = collections.Counter()  # reason -> count, for this process
 SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # what a broken tar raises while read
 _reported_shards: set[str] = set()
-
-
-class DataError(UserError):
-    """A data source that cannot feed training: no shards, too few for the processes, or no usable example."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +57,13 @@ class DataConfig:
     shuffle_window: int = 64
     interleave: int = 4  # shards read at once
     seed: int = 0
-
-
-def skip(reason: str, key: str, warn: bool = True) -> None:
-    """Counts one skipped member (and logs it unless it is an ordinary filter rejection); returns None."""
-    SKIPPED[reason] += 1
-    if warn:
-        log.warning("skipping %s: %s", key, reason)
+    format: str = "auto"  # emilia, folder, manifest or hf (see train/sources.py); auto = detected from the source
+    audio_column: str = "audio"  # hf: the columns holding the audio, the transcript and (optionally) a speaker id
+    text_column: str = "text"
+    speaker_column: str = ""
+    packing: bool = False  # several utterances per row (segment ids), first-fit within `packing_bins` rows
+    packing_bins: int = 8
+    eval_fraction: float = 0.02  # share of example ids held out for eval when eval_every is set without eval_source
 
 
 def skip_shard(reason: str, path: str, error: BaseException) -> None:
@@ -231,9 +228,19 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) and number >= 0 else None
 
 
-def keep(example: dict[str, Any] | None, cfg: DataConfig) -> bool:
-    """Metadata filters (language, duration, dnsmos), counted per filter; fields that are absent pass."""
-    if example is None:
+def in_split(key: str, split: str | None, eval_fraction: float) -> bool:
+    """Deterministic held-out split by a hash of the example id: "eval" takes `eval_fraction` of the ids, "train" the
+    rest, None everything."""
+    if split is None:
+        return True
+    held_out = zlib.crc32(key.encode()) / 2**32 < eval_fraction
+    return held_out if split == "eval" else not held_out
+
+
+def keep(example: dict[str, Any] | None, cfg: DataConfig, split: str | None = None) -> bool:
+    """Metadata filters (language, duration, dnsmos), counted per filter; fields that are absent pass. With `split`,
+    only the examples of that side of the held-out split (uncounted)."""
+    if example is None or not in_split(example["key"], split, cfg.eval_fraction):
         return False
     meta = example["meta"]
     if cfg.languages and str(meta.get("language") or "").upper() not in {x.upper() for x in cfg.languages}:
@@ -267,9 +274,28 @@ def decode_audio(example: dict[str, Any]) -> np.ndarray | None:
     if audio.size == 0:
         return skip("bad audio", example["key"])
     mono = audio.mean(axis=0)
+    meta = example.get("meta") or {}
+    if "start" in meta or "end" in meta:  # a manifest row's span of a longer file
+        start, end = _number(meta.get("start", 0)), _number(meta.get("end", len(mono) / rate))
+        if start is None or end is None or not start < end <= len(mono) / rate + 0.01:
+            return skip("bad start/end", example["key"])
+        mono = mono[int(start * rate):int(end * rate)]
     if not np.isfinite(mono).all():
         return skip("non-finite audio", example["key"])
+    if not np.abs(mono).max() > 1e-4:
+        return skip("silent audio", example["key"])
     return resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono.astype(np.float32)
+
+
+def keep_duration(example: dict[str, Any], audio: np.ndarray, cfg: DataConfig) -> bool:
+    """The decoded length against min/max_duration (for sources whose metadata has no duration): counted, never
+    truncated."""
+    from csm_jax.io.audio import SAMPLE_RATE
+
+    if "duration" in example["meta"] or cfg.min_duration <= len(audio) / SAMPLE_RATE <= cfg.max_duration:
+        return True
+    skip("duration filter", example["key"], warn=False)
+    return False
 
 
 @dataclasses.dataclass
@@ -286,15 +312,17 @@ class Featurizer:
         from csm_jax.io.audio import encode
 
         audio = decode_audio(example)
-        if audio is None:
+        if audio is None or not keep_duration(example, audio, self.cfg):
             return None
         codes = encode(self.mimi, audio)[: self.num_codebooks]
-        return {"key": example["key"], "text": str(example["meta"]["text"]).strip(), "codes": codes}
+        return {"key": example["key"], "text": str(example["meta"]["text"]).strip(), "codes": codes,
+                "meta": example["meta"]}
 
     def frames(self, encoded: dict[str, Any] | None) -> dict[str, np.ndarray] | None:
         if encoded is None:
             return None
-        frames = segment_frames(self.tokenizer, Segment(self.cfg.speaker, encoded["text"]), encoded["codes"],
+        speaker = encoded.get("meta", {}).get("speaker_id", self.cfg.speaker)
+        frames = segment_frames(self.tokenizer, Segment(speaker, encoded["text"]), encoded["codes"],
                                 self.num_codebooks)
         if len(frames) > self.cfg.max_frames:
             return skip(f"longer than max_frames={self.cfg.max_frames}", encoded["key"])
@@ -309,10 +337,27 @@ def pad_frames(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndar
             "segment_ids": np.pad(np.ones(n, np.int32), (0, length - n))}
 
 
+def pack(frames: grain.IterDataset, cfg: DataConfig) -> grain.IterDataset:
+    """Several utterances per row: Grain's first-fit packing into `packing_bins` rows at a time (deterministic and
+    checkpointable); segment_ids number the utterances of a row 1, 2, ... and padding 0."""
+    packed = grain.experimental.FirstFitPackIterDataset(
+        frames, length_struct={"tokens": cfg.max_frames, "mask": cfg.max_frames}, num_packing_bins=cfg.packing_bins,
+        shuffle_bins=False)
+    return packed.map(lambda x: {"tokens": x["tokens"], "mask": x["mask"],
+                                 "segment_ids": x["tokens_segment_ids"].astype(np.int32)})
+
+
+def padding_fraction(batch: dict[str, np.ndarray]) -> float:
+    """The share of a batch's frames that are padding (segment id 0)."""
+    return float(np.mean(batch["segment_ids"] == 0))
+
+
 def batches(frames: grain.IterDataset, cfg: DataConfig, accumulation: int) -> grain.IterDataset:
-    """Frames -> padded batches shaped (accumulation, batch_size, max_frames, ...): one shape, no recompiles."""
+    """Frames -> padded (or packed) batches shaped (accumulation, batch_size, max_frames, ...): one shape, no
+    recompiles."""
     rows = cfg.batch_size * accumulation
-    return (frames.map(lambda x: pad_frames(x, cfg.max_frames))
+    padded = pack(frames, cfg) if cfg.packing else frames.map(lambda x: pad_frames(x, cfg.max_frames))
+    return (padded
             .batch(rows, drop_remainder=True)
             .map(lambda b: {k: v.reshape(accumulation, cfg.batch_size, *v.shape[1:]) for k, v in b.items()}))
 
@@ -386,12 +431,13 @@ def _shuffled(examples: grain.IterDataset, cfg: DataConfig, epoch: int) -> grain
 
 
 def tar_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
-                repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                repeat: bool = True, process_index: int = 0, process_count: int = 1,
+                split: str | None = None) -> grain.IterDataset:
     """The training pipeline over tar shards (Mimi encoding on the fly)."""
     share = process_share(shards, process_index, process_count, cfg.seed)
 
     def one_pass(epoch: int) -> grain.IterDataset:
-        examples = _interleaved(share, cfg, TarShard).map(parse_metadata).filter(lambda x: keep(x, cfg))
+        examples = _interleaved(share, cfg, TarShard).map(parse_metadata).filter(lambda x: keep(x, cfg, split))
         return _shuffled(examples, cfg, epoch).map(featurizer.encode).map(featurizer.frames)
 
     return batches(Passes(one_pass, _nothing_usable(share, cfg), repeat), cfg, accumulation)
@@ -416,19 +462,50 @@ def _read_record(record: bytes) -> dict[str, Any] | None:
 
 
 def prepared_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
-                     repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                     repeat: bool = True, process_index: int = 0, process_count: int = 1,
+                     split: str | None = None) -> grain.IterDataset:
     """The same pipeline over `python -m train.prepare` ArrayRecord shards (Mimi codes stored, no audio work)."""
     share = process_share(shards, process_index, process_count, cfg.seed)
 
     def one_pass(epoch: int) -> grain.IterDataset:
-        examples = _interleaved(share, cfg, _record_shard).map(_read_record).filter(lambda x: keep(x, cfg))
+        examples = (_interleaved(share, cfg, _record_shard).map(_read_record)
+                    .filter(lambda x: keep(x, cfg, split)))
         return _shuffled(examples, cfg, epoch).map(featurizer.frames)
 
     return batches(Passes(one_pass, _nothing_usable(share, cfg), repeat), cfg, accumulation)
 
 
+def examples_dataset(examples: Sequence, cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
+                     repeat: bool = True, process_index: int = 0, process_count: int = 1,
+                     split: str | None = None) -> grain.IterDataset:
+    """The pipeline over a random-access source of raw examples (a folder, manifest or `datasets` dataset, see
+    train/sources.py): every process_count-th example, shuffled anew each pass."""
+    if len(examples) < process_count:
+        raise DataError(f"{len(examples)} examples cannot feed {process_count} processes: every process needs at "
+                        f"least one example")
+    share = grain.MapDataset.source(examples)[process_index::process_count]
+
+    def one_pass(epoch: int) -> grain.IterDataset:
+        return (share.shuffle(seed=cfg.seed + epoch).to_iter_dataset()
+                .map(lambda x: check_metadata(x) if x is not None else None)
+                .filter(lambda x: keep(x, cfg, split)).map(featurizer.encode).map(featurizer.frames))
+
+    def error(skipped: collections.Counter) -> DataError:
+        counts = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "nothing"
+        return DataError(f"no usable example in a full pass over this process's {len(share)} example(s): skipped "
+                         f"{counts}; the filters were data.min_duration={cfg.min_duration}, data.max_duration="
+                         f"{cfg.max_duration}, data.max_frames={cfg.max_frames}; widen the filters that rejected "
+                         f"everything or fix the data")
+
+    return batches(Passes(one_pass, error, repeat), cfg, accumulation)
+
+
 def dataset(source: str, cfg: DataConfig, featurizer: Featurizer, **kwargs) -> grain.IterDataset:
-    """`prepared_dataset` when `source` holds ArrayRecord shards, else `tar_dataset`."""
+    """By `cfg.format` (detected when "auto"): `examples_dataset` over a folder, manifest or `datasets` dataset,
+    `prepared_dataset` when `source` holds ArrayRecord shards, else `tar_dataset`."""
+    fmt = sources.detect_format(source, cfg.format)
+    if fmt != "emilia":
+        return examples_dataset(sources.examples(source, fmt, cfg), cfg, featurizer, **kwargs)
     path = Path(source)
     if path.is_dir() and next(path.rglob(f"*{SUFFIX}"), None) is not None:
         return prepared_dataset(list_shards(source, SUFFIX), cfg, featurizer, **kwargs)

@@ -1,4 +1,8 @@
-"""python -m train.prepare SRC OUT --worker I --workers N: Mimi-encode Emilia tar shards once into ArrayRecord.
+"""python -m train.prepare SRC OUT --worker I --workers N: Mimi-encode training data once into ArrayRecord.
+
+SRC is any data source training reads (`--format`, detected by default): Emilia tar shards, a folder of clips with
+transcripts, a JSONL/CSV manifest or a `datasets` dataset (see train/sources.py). Emilia shards are prepared one
+output shard per tar; the other formats one shard per worker, `part-I-of-N.array_record`.
 
 Mimi encoding is the expensive step of the tar pipeline; `prepare` does it once per utterance and training then
 reads the ArrayRecord shards (`data.source=OUT`). Worker I of N takes every N-th shard of the sorted list, so the
@@ -23,17 +27,26 @@ from pathlib import Path
 
 
 from csm_jax.core.errors import UserError, run_main
-from train.data import SKIPPED, TarShard, decode_audio, list_shards, parse_metadata
+from train.data import (SKIPPED, DataConfig, TarShard, check_metadata, decode_audio, list_shards,
+                        parse_metadata)
 from train.records import SUFFIX, serialize
+from train.sources import FORMATS, detect_format
 
 
 def prepare_shard(tar: Path, output: Path, mimi, num_codebooks: int = 32, batch_size: int = 16) -> dict:
     """One tar shard -> one ArrayRecord shard (atomically); returns the report written next to it."""
+    SKIPPED.clear()  # before the shard is opened: an unreadable one is counted then
+    return write_records((parse_metadata(raw) for raw in TarShard(tar)), str(tar), output, mimi, num_codebooks,
+                         batch_size)
+
+
+def write_records(examples, source: str, output: Path, mimi, num_codebooks: int = 32, batch_size: int = 16) -> dict:
+    """Parsed examples (None where skipped) -> one ArrayRecord shard (atomically); returns the report written next
+    to it, with the `SKIPPED` counts (cleared by the caller). The decoded duration is stored in the metadata so the duration filters apply at training time."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from csm_jax.io.audio import encode_batch
+    from csm_jax.io.audio import SAMPLE_RATE, encode_batch
 
-    SKIPPED.clear()
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     writer = ArrayRecordWriter(str(partial), "group_size:1")
@@ -48,27 +61,47 @@ def prepare_shard(tar: Path, output: Path, mimi, num_codebooks: int = 32, batch_
                 written += 1
             pending.clear()
 
-    for raw in TarShard(tar):
-        example = parse_metadata(raw)
+    for example in examples:
         audio = decode_audio(example) if example is not None else None
         if audio is not None:
-            pending.append((example, audio))
+            pending.append(({**example, "meta": {"duration": len(audio) / SAMPLE_RATE, **example["meta"]}}, audio))
         if len(pending) == batch_size:
             flush()
     flush()
     writer.close()
-    report = {"source": str(tar), "records": written, "skipped": dict(SKIPPED)}
+    report = {"source": source, "records": written, "skipped": dict(SKIPPED)}
     output.with_suffix(".json").write_text(json.dumps(report))
     os.replace(partial, output)  # the shard appears only when complete
     return report
 
 
-def my_shards(source: str, out: Path, worker: int, workers: int) -> list[tuple[Path, Path]]:
-    """(tar, output) pairs of this worker's share that are not done yet."""
+def prepare_examples(source: str, fmt: str, out: Path, mimi, worker: int, workers: int, num_codebooks: int = 32,
+                     batch_size: int = 16, cfg: DataConfig = DataConfig()) -> dict | None:
+    """This worker's every workers-th example of a folder, manifest or `datasets` source -> one ArrayRecord shard;
+    None when that shard exists already."""
+    from train.sources import examples
+
+    output = out / f"part-{worker:05d}-of-{workers:05d}{SUFFIX}"
+    if output.exists():
+        return None
+    SKIPPED.clear()
+    found = examples(source, fmt, cfg)  # what listing skipped is counted in the report too
+    mine = (found[i] for i in range(worker, len(found), workers))
+    report = write_records((check_metadata(x) if x is not None else None for x in mine), source, output, mimi,
+                           num_codebooks, batch_size)
+    return {"output": str(output), **report}
+
+
+def _check_worker(worker: int, workers: int) -> None:
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1 (the number of workers sharing the shards)")
     if not 0 <= worker < workers:
         raise UserError(f"--worker {worker} is outside 0..{workers - 1}; pass --workers N and --worker in [0, N)")
+
+
+def my_shards(source: str, out: Path, worker: int, workers: int) -> list[tuple[Path, Path]]:
+    """(tar, output) pairs of this worker's share that are not done yet."""
+    _check_worker(worker, workers)
     root = Path(source)
     shards = list_shards(source)
     pairs = [(s, out / (s.relative_to(root) if root.is_dir() else Path(s.name)).with_suffix(SUFFIX))
@@ -84,7 +117,12 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="a directory of Emilia .tar shards (or a hub dataset id)")
+    p.add_argument("source", help="a directory of Emilia .tar shards (or a hub dataset id), a folder of clips with "
+                                  "transcripts, a .jsonl/.csv manifest or a datasets dataset")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="the source's format (default: detected)")
+    p.add_argument("--audio-column", default="audio", help="hf: the audio column")
+    p.add_argument("--text-column", default="text", help="hf: the transcript column")
+    p.add_argument("--speaker-column", default="", help="hf: a column of CSM speaker ids")
     p.add_argument("out", help="output directory; mirrors the source's layout with .array_record shards")
     p.add_argument("--worker", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
     p.add_argument("--workers", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
@@ -101,10 +139,19 @@ def _main(argv) -> int:
     if args.batch_size < 1 or not 1 <= args.num_codebooks <= 32:
         raise UserError(f"--batch-size {args.batch_size} and --num-codebooks {args.num_codebooks}: give a batch size "
                         f"of 1 or more and 1 to 32 codebooks (CSM uses 32)")
-    todo = my_shards(args.source, Path(args.out), args.worker, args.workers)
+    fmt = detect_format(args.source, args.format)
+    todo = my_shards(args.source, Path(args.out), args.worker, args.workers) if fmt == "emilia" else []
+    _check_worker(args.worker, args.workers)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mimi = (audio.random_mimi(0, device, args.num_codebooks) if args.mimi == "random"
             else audio.load_mimi(args.mimi, device, args.num_codebooks))
+    if fmt != "emilia":
+        cfg = DataConfig(audio_column=args.audio_column, text_column=args.text_column,
+                         speaker_column=args.speaker_column)
+        report = prepare_examples(args.source, fmt, Path(args.out), mimi, args.worker, args.workers,
+                                  args.num_codebooks, args.batch_size, cfg)
+        print(json.dumps(report) if report else f"worker {args.worker}/{args.workers}: already prepared", flush=True)
+        return 0
     broken = 0
     for tar, output in todo:
         report = prepare_shard(tar, output, mimi, args.num_codebooks, args.batch_size)

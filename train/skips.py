@@ -1,0 +1,24 @@
+"""What every data source shares: the per-process count of skipped items by reason, and the data error."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from csm_jax.core.errors import UserError
+
+log = logging.getLogger("train.data")
+
+AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
+SKIPPED: collections.Counter = collections.Counter()  # reason -> count, for this process
+
+
+class DataError(UserError):
+    """A data source that cannot feed training: no shards, too few for the processes, or no usable example."""
+
+
+def skip(reason: str, key: str, warn: bool = True) -> None:
+    """Counts one skipped item (and logs it unless it is an ordinary filter rejection); returns None."""
+    SKIPPED[reason] += 1
+    if warn:
+        log.warning("skipping %s: %s", key, reason)

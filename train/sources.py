@@ -1,0 +1,236 @@
+"""The user's own speech data as lists of utterances: a folder of clips with transcripts, a JSONL/CSV manifest, or a
+Hugging Face `datasets` dataset. Each becomes a Grain map source of raw examples shaped like the Emilia tar
+pipeline's (`{"key", ".wav": bytes, "meta": {"text", ...}}`), so filters, Mimi encoding, shuffling, resume and
+per-process sharding are shared.
+
+- `folder`: `clip.wav` (or .flac/.mp3/.ogg) beside `clip.txt`, anywhere under the root. The CSM speaker id is 0,
+  or from `speakers.json` at the root (`{"name": id}`, name = a subfolder or a clip's path without extension), or
+  else each subfolder is a speaker numbered in sorted order when there are several.
+- `manifest`: a `.jsonl` or `.csv` file with columns `audio` (a path relative to the manifest), `text`, optional
+  `speaker` (an id, or names numbered in sorted order), `start`/`end` (seconds), `id`.
+- `hf`: a dataset saved with `save_to_disk`, a directory of parquet files, or a hub id (`datasets.load_dataset`),
+  with `data.audio_column`, `data.text_column` and optional `data.speaker_column`.
+
+Items that cannot be used (no transcript, empty text, missing audio, duplicate ids, paths outside the root) are
+skipped and counted in `SKIPPED` when listed; unreadable, silent or non-finite audio is counted when decoded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
+
+FORMATS = ("auto", "emilia", "folder", "manifest", "hf")
+
+
+def detect_format(source: str, fmt: str = "auto") -> str:
+    """`fmt` unless it is "auto": a manifest file, a saved `datasets` dataset or parquet files, a folder of audio
+    clips without tar shards; else "emilia" (tar or prepared shards, or a hub dataset id)."""
+    if fmt != "auto":
+        return fmt
+    path = Path(source)
+    if path.is_file():
+        return {".jsonl": "manifest", ".csv": "manifest", ".parquet": "hf"}.get(path.suffix, "emilia")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return "hf"
+        suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
+        if not suffixes & {".tar", ".array_record"}:
+            if ".parquet" in suffixes:
+                return "hf"
+            if suffixes & set(AUDIO_EXTENSIONS):
+                return "folder"
+    return "emilia"
+
+
+class Examples:
+    """A random-access source of raw examples over listed items (audio read lazily)."""
+
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.items[index]
+        path = Path(item["audio"])
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return skip("unreadable audio", item["key"])
+        meta = {k: v for k, v in item.items() if k not in ("key", "audio")}
+        return {"key": item["key"], path.suffix.lower(): data, "meta": meta}
+
+
+def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen, out = set(), []
+    for item in items:
+        if item["key"] in seen:
+            skip("duplicate id", item["key"])
+            continue
+        seen.add(item["key"])
+        out.append(item)
+    return out
+
+
+def folder_items(root: Path) -> list[dict[str, Any]]:
+    clips = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+    mapping = _speakers_json(root)
+    folders = sorted({c.parent.relative_to(root).as_posix() for c in clips})
+    by_folder = {name: i for i, name in enumerate(folders)} if len(folders) > 1 else {}
+    items = []
+    for clip in clips:
+        key = clip.relative_to(root).with_suffix("").as_posix()
+        transcript = clip.with_suffix(".txt")
+        if not transcript.is_file():
+            skip("missing transcript", key)
+            continue
+        try:
+            text = transcript.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            skip("unreadable transcript", key)
+            continue
+        folder = clip.parent.relative_to(root).as_posix()
+        speaker = mapping.get(key, mapping.get(folder, by_folder.get(folder))) if mapping else by_folder.get(folder)
+        items.append({"key": key, "audio": str(clip), "text": text, **({} if speaker is None else
+                                                                        {"speaker_id": speaker})})
+    return _unique(items)
+
+
+def _speakers_json(root: Path) -> dict[str, int]:
+    path = root / "speakers.json"
+    if not path.is_file():
+        return {}
+    try:
+        mapping = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} cannot be read ({e}); write it as {{\"subfolder or clip\": speaker id}}") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, int) and v >= 0 for v in mapping.values()):
+        raise DataError(f"{path} must map subfolder or clip names to speaker ids (whole numbers >= 0), e.g. "
+                        f"{{\"alice\": 0, \"bob\": 1}}")
+    return mapping
+
+
+def manifest_items(path: Path) -> list[dict[str, Any]]:
+    rows = _read_manifest(path)
+    root = path.parent.resolve()
+    names = sorted({str(r["speaker"]) for r in rows if r.get("speaker") not in (None, "") and
+                    not str(r["speaker"]).isdigit()})
+    items = []
+    for line, row in enumerate(rows, 1):
+        key = str(row.get("id") or "").strip() or f"{path.name}:{line}"
+        audio = str(row.get("audio") or "").strip()
+        if not audio:
+            skip("missing audio", key)
+            continue
+        clip = (root / audio).resolve()
+        if not clip.is_relative_to(root):
+            skip("outside dataset root", key)
+            continue
+        item: dict[str, Any] = {"key": key, "audio": str(clip), "text": str(row.get("text") or "").strip()}
+        speaker = row.get("speaker")
+        if speaker not in (None, ""):
+            item["speaker_id"] = int(speaker) if str(speaker).isdigit() else names.index(str(speaker))
+        for field in ("start", "end"):
+            if row.get(field) not in (None, ""):
+                item[field] = row[field]
+        items.append(item)
+    return _unique(items)
+
+
+def _read_manifest(path: Path) -> list[dict[str, Any]]:
+    try:
+        if path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError, csv.Error) as e:
+        raise DataError(f"manifest {path} cannot be read ({e}); write one JSON object per line (or a CSV with a "
+                        f"header) with the columns audio, text and optionally speaker, start, end, id") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"manifest {path}: every line must be a JSON object such as "
+                        f"{{\"audio\": \"clips/a.wav\", \"text\": \"Hello.\"}}")
+    return rows
+
+
+class HfExamples:
+    """Rows of a `datasets` dataset as raw examples; the audio column is read undecoded (bytes or a path)."""
+
+    def __init__(self, source: str, cfg):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"data.source={source} is read with Hugging Face datasets, which is not installed: "
+                            f"pip install 'csm-jax[hf]' (or datasets)") from None
+
+        path = Path(source)
+        try:
+            if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+                ds = datasets.load_from_disk(str(path))
+            elif path.exists():
+                files = [str(p) for p in ([path] if path.is_file() else sorted(path.rglob("*.parquet")))]
+                ds = datasets.load_dataset("parquet", data_files=files)
+            else:
+                ds = datasets.load_dataset(source)
+        except (OSError, ValueError, FileNotFoundError) as e:
+            raise DataError(f"data.source={source} cannot be loaded as a datasets dataset ({e}); give a directory "
+                            f"written by save_to_disk, parquet files, or a hub dataset id") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        for column in (cfg.audio_column, cfg.text_column, *([cfg.speaker_column] if cfg.speaker_column else [])):
+            if column not in ds.column_names:
+                raise DataError(f"data.source={source} has no column {column!r} (columns: "
+                                f"{', '.join(ds.column_names)}); set data.audio_column, data.text_column or "
+                                f"data.speaker_column")
+        if isinstance(ds.features[cfg.audio_column], datasets.Audio):
+            ds = ds.cast_column(cfg.audio_column, datasets.Audio(decode=False))
+        self.ds, self.cfg, self.name = ds, cfg, path.name or source
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        row = self.ds[int(index)]
+        key = f"{self.name}:{index}"
+        audio = row[self.cfg.audio_column]
+        data, ext = None, ".wav"
+        if isinstance(audio, dict):
+            data = audio.get("bytes")
+            if audio.get("path"):
+                ext = Path(audio["path"]).suffix.lower() or ext
+                if data is None:
+                    try:
+                        data = Path(audio["path"]).read_bytes()
+                    except OSError:
+                        return skip("unreadable audio", key)
+        elif isinstance(audio, (bytes, str)):
+            data = audio if isinstance(audio, bytes) else None
+        if data is None:
+            return skip("missing audio", key)
+        meta: dict[str, Any] = {"text": str(row[self.cfg.text_column] or "").strip()}
+        if self.cfg.speaker_column and isinstance(row[self.cfg.speaker_column], int):
+            meta["speaker_id"] = row[self.cfg.speaker_column]
+        return {"key": key, ext: data, "meta": meta}
+
+
+def examples(source: str, fmt: str, cfg) -> Examples | HfExamples:
+    """The raw examples of a folder, manifest or hf source (a DataError when none could be listed)."""
+    before = SKIPPED.copy()
+    if fmt == "hf":
+        found: Examples | HfExamples = HfExamples(source, cfg)
+    elif fmt == "folder":
+        found = Examples(folder_items(Path(source)))
+    elif fmt == "manifest":
+        found = Examples(manifest_items(Path(source)))
+    else:
+        raise AssertionError(fmt)
+    if not len(found):
+        counts = ", ".join(f"{r} {n}" for r, n in (SKIPPED - before).most_common()) or "no items found"
+        raise DataError(f"no usable example in data.source={source} (data.format={fmt}): {counts}; see the README "
+                        f"(Fine-tuning, Data) for the layout of each format")
+    return found
