@@ -210,7 +210,7 @@ def test_cli_on_two_processes_exports_the_weights_of_one_process(tmp_path):
     codes = [p.wait(timeout=600) for p in procs]
     assert codes == [0, 0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     for a, b in zip(exported_params(tmp_path / "one" / "export"), exported_params(tmp_path / "two" / "export")):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # float32 sums in another order
 
 
 def test_an_incomplete_cluster_description_is_a_clear_error(tmp_path, capsys):
