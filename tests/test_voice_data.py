@@ -206,9 +206,13 @@ def test_a_csv_manifest_lists_the_same_items_as_jsonl(manifest, tmp_path):
     assert {i.get("speaker_id") for i in from_csv} == {0, 1, None}  # names numbered in sorted order, or none
 
 
-def test_the_full_voice_preset_validates_on_a_folder(folder, tmp_path):
+def test_the_voice_presets_validate_on_a_folder(folder, tmp_path):
     from train.config import load_config, validate
 
     cfg = load_config("train/configs/full_voice.py", [f"data.source={folder}", f"workdir={tmp_path / 'run'}"])
     validate(cfg)
     assert cfg.data.packing and cfg.optim.learning_rate == 2e-5 and not cfg.eval_source and cfg.data.eval_fraction
+    assert cfg.lora.rank == 0
+    cfg = load_config("train/configs/lora_voice.py", [f"data.source={folder}", f"workdir={tmp_path / 'run'}"])
+    validate(cfg)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.learning_rate) == (32, 32.0, 2e-4) and cfg.data.packing
