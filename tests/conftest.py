@@ -72,3 +72,13 @@ def context_wav(tmp_path_factory):
     from tests.helpers import espeak_wav
 
     return espeak_wav(tmp_path_factory.mktemp("ctx") / "ctx.wav", "this is what came before", rate=16000)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A speech server on loopback over the random `tiny_full_vocab` model (`tests.helpers.start_server`)."""
+    from tests.helpers import start_server, stop_server
+
+    s = start_server(tmp_path_factory)
+    yield s
+    stop_server(s)

@@ -19,13 +19,7 @@ from csm_jax.io import audio
 from csm_jax.io.frames import Segment
 from csm_jax.serve import main as serve_main
 from csm_jax.serving.voices import VoiceStore
-from tests.helpers import KEY, NARRATOR, espeak_wav, start_server, stop_server
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = start_server(tmp_path_factory)
-    yield s
-    stop_server(s)
+from tests.helpers import KEY, NARRATOR, espeak_wav
 
 
 @pytest.fixture(scope="module")

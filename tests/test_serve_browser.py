@@ -6,18 +6,11 @@ import time
 
 import pytest
 
-from tests.helpers import KEY, espeak_wav, start_server, stop_server
+from tests.helpers import KEY, espeak_wav
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # the page's progress record without its AudioContext (which does not serialise)
 STATE = "(({chunks, bytes, started, done, error}) => ({chunks, bytes, started, done, error}))(window.playground)"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = start_server(tmp_path_factory)
-    yield s
-    stop_server(s)
 
 
 @pytest.fixture(scope="module")
