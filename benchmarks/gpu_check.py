@@ -457,13 +457,16 @@ def step_decode(rec: Recorder, size: dict, work: Path, weights_dtype: str) -> No
 def step_transformers(rec: Recorder, size: dict, work: Path) -> None:
     import torch
 
-    from benchmarks.bench_generate import csm_embeds, per_frame, prompt
+    from benchmarks.bench_generate import per_frame, prompt
     from csm_jax.core.config import preset
+    from tests.references import transformers_embeds
 
     config = preset(size["full"])
     dev = torch_device()
     hf = full_size_transformers(config, "bfloat16")
-    embed = csm_embeds(hf, config)
+
+    def embed(p):
+        return transformers_embeds(hf, p.tokens[None], p.mask[None]).float()
     kwargs = dict(do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
                   depth_decoder_temperature=0.9, depth_decoder_top_k=50)
 
@@ -650,7 +653,8 @@ def table(results: dict, size: dict) -> str:
     t = r.get("train", {})
     rows.append((f"{full} train step, batch {size['train_batch']} x {size['train_frames']}", t.get("error") or
                  f"{_fmt(t.get('step_s'), '.3f')} s, {_fmt(t.get('frames_per_s'), '.0f')} frames/s, MFU "
-                 f"{_fmt(t.get('mfu_vs_790'), '.1%')} of 790 TFLOP/s, peak {_fmt(t.get('peak_memory_gb'))} GB"))
+                 f"{_fmt(t.get('mfu_vs_790'), '.1%')} of 790 TFLOP/s"
+                 + ("" if t.get("peak_memory_gb") is None else f", peak {t['peak_memory_gb']:.1f} GB")))  # no CPU peak
     for name, _ in STEPS:
         status = r.get(name, {}).get("_status")
         if status and status != "ok":

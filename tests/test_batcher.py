@@ -85,7 +85,7 @@ def test_release_stops_a_slot_and_leaves_the_others_running(frames):
 def test_prompts_over_the_budget_are_refused_with_the_fix(frames):
     batcher = SlotBatcher(frames, slots=1)
     with pytest.raises(PromptTooLongError, match="lower max_audio_length_ms"):
-        batcher.insert(0, random_prompt(1, text_len=200), 100, 0, FrameSampling())
+        batcher.insert(0, random_prompt(CONFIG, 1, context_text=200), 100, 0, FrameSampling())
 
 
 @pytest.mark.parametrize("config", [SamplerConfig(0.9, 50), SamplerConfig(1.3, 0, top_p=0.8),
