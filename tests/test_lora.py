@@ -19,7 +19,8 @@ from flax import nnx
 from convert import convert_to_orbax
 from csm_jax.core.config import preset
 from csm_jax.core.errors import UserError
-from csm_jax.core.lora import TARGETS, LoraSpec, delta, init_adapters, merge, quantize_int8
+from csm_jax.core.lora import TARGETS, LoraSpec, delta, init_adapters, input_axes, merge
+from csm_jax.core.quant import quantize_int8
 from csm_jax.io.adapters import AdapterError, load_adapter, merged_params, save_adapter
 from csm_jax.io.checkpoint import abstract_model, load_model, save_model
 from tests.helpers import logits_inputs, our_logits
@@ -95,7 +96,7 @@ def test_merge_is_w_plus_scaled_product_and_int8_is_per_channel():
         params["decoder"]["blocks"]["attn"]["wq"].shape
 
     w = params["backbone"]["blocks"]["attn"]["wo"]  # (L, H, hd, D): input axes H, hd
-    q = quantize_int8(jnp.asarray(w), "o")
+    q = quantize_int8(jnp.asarray(w), input_axes("o"))
     assert q.values.dtype == jnp.int8 and q.scale.shape == (w.shape[0], 1, 1, w.shape[-1])
     err = np.abs(np.asarray(q.dequantize()) - w).max(axis=(1, 2), keepdims=True)
     assert (err <= np.asarray(q.scale) / 2 + 1e-6).all()  # rounding error at most half a step per channel
@@ -160,6 +161,9 @@ def test_adapter_for_another_model_is_a_user_error(tmp_path):
     cfg = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(UserError, match="use_dora"):
+        load_adapter(path, config)
+    (path / "adapter_config.json").write_text('{"peft_type": "LORA", ')
+    with pytest.raises(AdapterError, match="adapter_config.json .JSONDecodeError.*export or download the adapter"):
         load_adapter(path, config)
 
 

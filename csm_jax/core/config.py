@@ -10,11 +10,11 @@ Two families describe the same architecture differently:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
 from csm_jax.core.errors import UserError
+from csm_jax.core.json_files import read_json_object
 
 
 class ConfigError(UserError):
@@ -143,15 +143,7 @@ class CsmConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> CsmConfig:
         """Reads any of the three config.json families (ours, transformers', original), telling them apart."""
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
-            raise ConfigError(f"cannot read {path} as a config.json ({type(e).__name__}: {e}); give a CSM config.json "
-                              f"or a preset name such as csm_1b") from e
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not a CSM config object; give a CSM "
-                              f"config.json or a preset name such as csm_1b")
+        d = read_json_object(path, ConfigError, "give a CSM config.json or a preset name such as csm_1b")
         if "backbone" in d and "decoder" in d:
             return cls.from_dict(d)
         if "backbone_flavor" in d:

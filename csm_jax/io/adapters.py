@@ -29,6 +29,7 @@ from flax import nnx
 
 from csm_jax.core.config import CsmConfig
 from csm_jax.core.errors import UserError
+from csm_jax.core.json_files import read_json_object
 from csm_jax.core.lora import STACKS, TARGETS, LoraSpec, get_path, merge, set_path, split_shape, weight_path
 from csm_jax.io.checkpoint import abstract_model, atomic_directory
 from csm_jax.io.output_dir import mark_export
@@ -105,7 +106,7 @@ def _read_peft_config(path: Path) -> dict:
     if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
         raise AdapterError(f"{path} is not a LoRA adapter directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
                            f"(what training writes to WORKDIR/adapter, or PEFT's save_pretrained)")
-    cfg = json.loads((path / CONFIG_FILE).read_text())
+    cfg = read_json_object(path / CONFIG_FILE, AdapterError, "export or download the adapter again")
     unsupported = [name for name, bad in [
         (f"peft_type {cfg.get('peft_type')!r}", cfg.get("peft_type") != "LORA"),
         ("use_dora", cfg.get("use_dora")), (f"bias {cfg.get('bias')!r}", cfg.get("bias", "none") != "none"),

@@ -24,6 +24,7 @@ from flax import nnx
 
 from csm_jax.core.config import CsmConfig
 from csm_jax.core.errors import CheckpointError
+from csm_jax.core.json_files import read_json_object
 from csm_jax.core.model import Csm
 from csm_jax.io.output_dir import FORMAT, atomic_directory, signals_deferred
 
@@ -85,15 +86,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(file.read_text())
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
-        raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {e}); the checkpoint is damaged: convert or "
-                              f"save it again.") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, not an object; the checkpoint is damaged: "
-                              f"convert or save it again.")
-    return value
+    return read_json_object(file, CheckpointError, "the checkpoint is damaged: convert or save it again.")
 
 
 def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
