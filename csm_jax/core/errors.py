@@ -40,22 +40,32 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-@contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """Inside the block SIGINT and SIGTERM raise `Interrupted` (SIGTERM would otherwise kill the process on the
-    spot, leaving half-written files); the previous handlers come back after it."""
-    def interrupt(signum, frame):
-        raise Interrupted(signum)
+def raise_interrupted(signum: int, frame=None) -> NoReturn:
+    """A signal handler: raises `Interrupted` where the main thread was."""
+    raise Interrupted(signum)
 
-    if threading.current_thread() is not threading.main_thread():  # Python takes signals in the main thread only
+
+@contextlib.contextmanager
+def signals_handled(handler: Callable, replaceable: set | None = None) -> Iterator[None]:
+    """Inside the block SIGINT and SIGTERM go to `handler` (only those whose current handler is in `replaceable`,
+    when given, so that handlers an application installed are kept); the previous handlers come back after it.
+    Python takes signals in the main thread only, so elsewhere this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    replaced = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+                if replaceable is None or signal.getsignal(s) in replaceable}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, previous in replaced.items():
+            signal.signal(s, previous)
+
+
+def signals_interrupt():
+    """Inside the block SIGINT and SIGTERM raise `Interrupted` (SIGTERM would otherwise kill the process on the
+    spot, leaving half-written files)."""
+    return signals_handled(raise_interrupted)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

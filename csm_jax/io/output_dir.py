@@ -19,13 +19,12 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from csm_jax.core.errors import CheckpointError
+from csm_jax.core.errors import CheckpointError, raise_interrupted, signals_handled
 
 FORMAT = "csm-jax"
 EXPORT_FORMAT = "csm-jax-export"
@@ -229,12 +228,10 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """While writing, SIGTERM (and SIGINT, where Python does not already raise KeyboardInterrupt) raise an exception
+def _signals_raise():
+    """While writing, SIGTERM (and SIGINT, where Python does not already raise KeyboardInterrupt) raise `Interrupted`
     in the main thread, so that the cleanup above runs. Handlers that the application installed are kept."""
-    with _handling({signal.SIG_DFL}, _raise_for):
-        yield
+    return signals_handled(raise_interrupted, {signal.SIG_DFL})
 
 
 @contextlib.contextmanager
@@ -245,35 +242,14 @@ def signals_deferred() -> Iterator[None]:
 
     def hold(signum: int, frame) -> None:
         if held:
-            _raise_for(signum)
+            raise_interrupted(signum)
         held.append(signum)
         os.write(2, b"stopping once the current write ends (send the signal again to stop at once)\n")
 
-    with _handling({signal.SIG_DFL, signal.default_int_handler, _raise_for}, hold):
+    with signals_handled(hold, {signal.SIG_DFL, signal.default_int_handler, raise_interrupted}):
         yield
     if held:
-        _raise_for(held[0])
-
-
-@contextlib.contextmanager
-def _handling(replaceable: set, handler) -> Iterator[None]:
-    """Handles SIGINT and SIGTERM with `handler` where their handlers are in `replaceable` (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    replaced = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(sig) in replaceable}
-    try:
-        yield
-    finally:
-        for sig, previous in replaced.items():
-            signal.signal(sig, previous)
-
-
-def _raise_for(signum: int, frame=None) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
+        raise_interrupted(held[0])
 
 
 def _out_of_space(error: BaseException | None) -> bool:
