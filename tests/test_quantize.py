@@ -10,7 +10,7 @@ from csm_jax.core.config import preset
 from csm_jax.inference import kernels
 from csm_jax.inference.decode_model import decode_model
 from csm_jax.inference.loop import FrameGenerator
-from csm_jax.inference.quantize import Int8Weight, quantize_int8
+from csm_jax.core.quant import Int8Weight, quantize_int8
 from csm_jax.inference.sampling import GREEDY, FrameSampling
 from tests.helpers import random_frames, random_prompt
 from tests.references import csm_from_transformers, transformers_model
@@ -21,9 +21,9 @@ def test_quantize_int8_is_per_output_column_and_round_trips_within_half_a_step()
     w = rng.standard_normal((64, 48)).astype(np.float32) * np.linspace(0.01, 3, 48, dtype=np.float32)
     w[:, 5] = 0.0
     q = quantize_int8(jnp.asarray(w))
-    assert q.q.dtype == jnp.int8 and q.scale.shape == (48,)
-    np.testing.assert_allclose(np.asarray(q.scale)[6:], np.abs(w).max(axis=0)[6:] / 127, rtol=1e-6)
-    assert np.abs(np.asarray(q.q)).max() == 127
+    assert q.values.dtype == jnp.int8 and q.scale.shape == (1, 48)
+    np.testing.assert_allclose(np.asarray(q.scale)[0, 6:], np.abs(w).max(axis=0)[6:] / 127, rtol=1e-6)
+    assert np.abs(np.asarray(q.values)).max() == 127
     step = np.asarray(q.scale)
     assert (np.abs(np.asarray(q.dequantize()) - w) <= step / 2 + 1e-7).all()
     assert q.reshape(8, 8, 48).shape == (8, 8, 48)

@@ -21,8 +21,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from csm_jax.core.errors import UserError
-from csm_jax.core.lora import (STACKS, TARGETS, Int8Weight, LoraSpec, adapter_axes, adapter_shapes, frozen_base,
-                               get_path, init_adapters, is_int8, merge, weight_path)
+from csm_jax.core.lora import (STACKS, TARGETS, LoraSpec, adapter_axes, adapter_shapes, frozen_base, get_path,
+                               init_adapters, merge, weight_path)
+from csm_jax.core.quant import Int8Weight, is_int8
 from csm_jax.core.sharding import logical_to_spec
 from csm_jax.io.adapters import save_adapter
 from train.trainer import TrainState, Trainer

@@ -15,9 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from csm_jax.core.quant import symmetric_int8
+from csm_jax.core.quant import is_int8, quantize_int8
 
 # target name -> (module, parameter, number of leading input axes of the per-layer weight)
 TARGETS: dict[str, tuple[str, str, int]] = {
@@ -141,26 +140,9 @@ def merge(params: dict, adapters: dict, spec: LoraSpec, dropout_key: jax.Array |
 
 # ---- int8 base weights (QLoRA) --------------------------------------------------------------------------------
 
-@struct.dataclass
-class Int8Weight:
-    """A frozen weight as int8 values and float32 scales per output channel (the scale has size 1 on the input
-    axes, so it broadcasts and shards like the weight)."""
-
-    values: jax.Array
-    scale: jax.Array
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
-
-
-def quantize_int8(w: jax.Array, target: str) -> Int8Weight:
-    """Symmetric per-output-channel int8 of a stacked weight (layers, *in, *out)."""
-    n_in = TARGETS[target][2]
-    return Int8Weight(*symmetric_int8(w, tuple(range(1, 1 + n_in))))
-
-
-def is_int8(x) -> bool:
-    return isinstance(x, Int8Weight)
+def input_axes(target: str) -> tuple[int, ...]:
+    """The input axes of a target's stacked weight (layers, *in, *out)."""
+    return tuple(range(1, 1 + TARGETS[target][2]))
 
 
 def dequantize_tree(params: dict, dtype=jnp.float32) -> dict:
@@ -180,5 +162,5 @@ def frozen_base(params: dict, base_dtype: str) -> dict:
         for stack in STACKS:
             for target in TARGETS:
                 path = weight_path(stack, target)
-                base = set_path(base, path, quantize_int8(get_path(params, path), target))
+                base = set_path(base, path, quantize_int8(get_path(params, path), input_axes(target)))
     return base

@@ -26,7 +26,8 @@ from csm_jax.core.layers import (Attention, Block, DType, KVCache, MLP, Matmul, 
                                  param)
 from csm_jax.core.model import Csm
 from csm_jax.inference import kernels
-from csm_jax.inference.quantize import Int8Weight, int8_dense, quantize_decode_params
+from csm_jax.core.quant import Int8Weight
+from csm_jax.inference.quantize import int8_dense, quantize_decode_params
 
 KERNELS_ENV = "CSM_JAX_CPU_KERNELS"
 
@@ -121,7 +122,7 @@ def kernel_matmul(x: jax.Array, w: jax.Array | Int8Weight, dtype: DType, out_dty
     activations and compute are float32)."""
     if isinstance(w, Int8Weight):
         if jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32:
-            return kernels.matvec_int8(x, w.q, w.scale)
+            return kernels.matvec_int8(x, w.values, w.scale.reshape(-1))
         return int8_dense(x, w, dtype, out_dtype)
     if kernels.applies(x, w, dtype):
         return kernels.matvec(x, w)
