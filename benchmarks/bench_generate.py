@@ -31,7 +31,7 @@ import torch
 from flax import nnx
 
 from convert.from_torch import fill_params, plan
-from convert.io import torch_to_numpy
+from convert.io import StateDictReader
 from convert.layouts import detect_layout
 from csm_jax.io.checkpoint import abstract_model
 from csm_jax.core.config import CsmConfig, preset
@@ -43,25 +43,6 @@ from tests.references import transformers_embeds, transformers_model
 FRAME_SECONDS = 0.08
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-
-
-class StateDictReader:
-    """The converter's TensorReader over an in-memory torch state dict."""
-
-    def __init__(self, state_dict):
-        self.sd = state_dict
-
-    def keys(self):
-        return list(self.sd)
-
-    def shape(self, key):
-        return tuple(self.sd[key].shape)
-
-    def dtype(self, key):
-        return self.read(key).dtype
-
-    def read(self, key):
-        return torch_to_numpy(self.sd[key].detach())
 
 
 def weight_bytes_per_frame(config: CsmConfig, itemsize: int) -> int:

@@ -2,12 +2,10 @@
 (2) optimizer state and peak memory of LoRA / QLoRA against full fine-tuning at CSM-1B size, from the compiled
 step's memory analysis (abstract inputs: nothing of 1B size is allocated).
 
-    flock /tmp/csm-heavy.lock env PYTHONPATH=. python benchmarks/bench_lora.py --config small --batch 4 --frames 128
+    flock /tmp/csm-heavy.lock python -m benchmarks.bench_lora --config small --batch 4 --frames 128
 
 Step times are medians; the ratio is transformers / ours (> 1 means ours is faster).
 """
-
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from benchmarks.bench_train import bench_batch, median_time, our_step, transformers_step
+from benchmarks.bench_train import bench_batch, median_time, our_step, step_arguments, transformers_step
 from csm_jax.core.config import preset
 from csm_jax.core.sharding import make_mesh
 from tests.references import csm_from_transformers, transformers_model
@@ -56,14 +54,9 @@ def step_memory(config, lora: LoraConfig, batch: int, frames: int, dtype) -> dic
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="small")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--frames", type=int, default=128)
-    p.add_argument("--depth-fraction", type=float, default=1 / 16)
+    p = step_arguments(__doc__)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-config", default="csm_1b", help="the model size of the memory comparison")
     p.add_argument("--memory-batch", type=int, default=2)
     p.add_argument("--memory-frames", type=int, default=256)

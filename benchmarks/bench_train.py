@@ -87,14 +87,20 @@ def train_flops(config: CsmConfig, frames: int, depth_frames: int) -> float:
                 + depth_frames * (config.num_codebooks - 1) * (d.num_params() + d.dim * v))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every step benchmark shares: model, batch shape, depth-decoder fraction, repeats."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--frames", type=int, default=128)
     p.add_argument("--depth-fraction", type=float, default=1 / 16)
-    p.add_argument("--dtype", default="float32", help="our compute dtype (transformers runs float32)")
     p.add_argument("--repeats", type=int, default=5)
+    return p
+
+
+def main():
+    p = step_arguments(__doc__)
+    p.add_argument("--dtype", default="float32", help="our compute dtype (transformers runs float32)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM bf16 dense)")
     args = p.parse_args()
 

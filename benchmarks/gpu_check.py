@@ -349,30 +349,15 @@ def full_size_ours(config, weights_dtype: str):
 
     from benchmarks.bench_generate import NP_DTYPES
     from convert.from_torch import fill_params, plan
-    from convert.io import torch_to_numpy
+    from convert.io import StateDictReader
     from convert.layouts import detect_layout
     from csm_jax.inference.loop import FrameGenerator
     from csm_jax.io.checkpoint import abstract_model
 
     hf = full_size_transformers(config, "bfloat16")
-    state_dict = hf.state_dict()
-
-    class Reader:  # the converter's TensorReader over a state dict on any device
-        def keys(self):
-            return list(state_dict)
-
-        def shape(self, key):
-            return tuple(state_dict[key].shape)
-
-        def dtype(self, key):
-            return self.read(key).dtype
-
-        def read(self, key):
-            return torch_to_numpy(state_dict[key].detach().cpu())
-
-    reader = Reader()
+    reader = StateDictReader(hf.state_dict())
     params = fill_params(reader, plan(reader, detect_layout(reader.keys()), config), config, NP_DTYPES["bfloat16"])
-    del hf, state_dict
+    del hf, reader
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -161,7 +161,26 @@ class SafetensorsReader:
             raise _unreadable(path, e) from e
 
 
-class TorchPickleReader:
+class StateDictReader:
+    """A TensorReader over a torch state dict in memory, on any device."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def dtype(self, key: str) -> np.dtype:
+        return torch_to_numpy(self._state[key].reshape(-1)[:0].detach().cpu()).dtype
+
+    def read(self, key: str) -> np.ndarray:
+        return torch_to_numpy(self._state[key].detach().cpu())
+
+
+class TorchPickleReader(StateDictReader):
     """A flat state dict saved with `torch.save` (Sesame's first release, `ckpt.pt`), memory-mapped."""
 
     def __init__(self, path: Path):
@@ -188,19 +207,7 @@ class TorchPickleReader:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConversionError(f"{path} is not a flat state dict of tensors (got {type(state).__name__}); save "
                                   f"`model.state_dict()` itself with torch.save.")
-        self._state = state
-
-    def keys(self) -> list[str]:
-        return list(self._state)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._state[key].shape)
-
-    def dtype(self, key: str) -> np.dtype:
-        return torch_to_numpy(self._state[key].reshape(-1)[:0]).dtype
-
-    def read(self, key: str) -> np.ndarray:
-        return torch_to_numpy(self._state[key])
+        super().__init__(state)
 
 
 # ---- writing safetensors -------------------------------------------------------------------------------------
