@@ -188,7 +188,7 @@ class Generator:
 
 
 def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_dtype=None,
-                tokenizer: str | None = None, mimi=None, mimi_device: str = "cpu", watermark: bool = True,
+                tokenizer: str | None = None, mimi=None, mimi_device: str | None = None, watermark: bool = True,
                 cache_dir: str | None = None, cpu_kernels: bool | None = None,
                 adapter: str | os.PathLike | None = None) -> Generator:
     """A ready `Generator`, like the original's `load_csm_1b`.
@@ -200,8 +200,9 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     quantized from the float32 weights; `csm_jax.inference.quantize`). On CPU the fastest choices are float32
     compute over bfloat16 or int8 weights.
     tokenizer: a path or hub id (default: the offline Llama-3 tokenizer). mimi: a moshi Mimi model, a weights
-    path or hub id (default: kyutai's Mimi from the hub). cpu_kernels: the decode layout's kernel switch (see
-    `csm_jax.inference.decode_model`). adapter: a LoRA adapter directory (ours or PEFT's) merged into the weights;
+    path or hub id (default: kyutai's Mimi from the hub). mimi_device: torch's device for Mimi and the watermarker
+    (default: the GPU JAX computes on, if torch sees it, else the CPU). cpu_kernels: the decode layout's kernel
+    switch (see `csm_jax.inference.decode_model`). adapter: a LoRA adapter directory (ours or PEFT's) merged into the weights;
     the Generator then keeps the base to switch adapters with `use_adapter`.
     """
     from csm_jax.io import audio
@@ -217,6 +218,7 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     load_dtype = jnp.float32 if int8 else jnp.dtype(param_dtype)
     path = resolve_checkpoint(checkpoint, jnp.dtype(load_dtype).name, cache_dir)
     config = read_config(path)
+    mimi_device = mimi_device or audio.torch_device_beside_jax()
     if mimi is None or isinstance(mimi, (str, bytes)) or hasattr(mimi, "__fspath__"):
         mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=config.num_codebooks)
     model = load_model(path, dtype=dtype, param_dtype=load_dtype)

@@ -217,6 +217,15 @@ def _device_of(mimi):
 # ---- JAX <-> torch -------------------------------------------------------------------------------------------
 
 
+def torch_device_beside_jax() -> str:
+    """"cuda" when JAX computes on a GPU and torch sees one, else "cpu": Mimi then runs on the model's card and
+    codes cross between them by DLPack without a host copy."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
+
+
 def to_torch(x, device="cpu"):
     """A JAX/numpy/torch array as a torch tensor on `device`, zero-copy via DLPack when it is already there."""
     import torch
