@@ -102,6 +102,41 @@ def test_merge_is_w_plus_scaled_product_and_int8_is_per_channel():
     assert (err <= np.asarray(q.scale) / 2 + 1e-6).all()  # rounding error at most half a step per channel
 
 
+@pytest.mark.parametrize("base_dtype", ["float32", "int8"])
+def test_training_form_equals_the_merged_weights_and_skips_the_full_weight_gradient(base_dtype):
+    """The step's `LoraWeight` form (x @ W + scale * (x @ a) @ b) gives the loss and adapter gradients of the merged
+    W + scale * a @ b, and its compiled gradient does fewer FLOPs, because no full-size dW = x^T dy is formed."""
+    from csm_jax.core.sharding import make_mesh
+    from tests.helpers import utterance_batch
+    from train.lora import LoraConfig, LoraTrainer
+    from train.trainer import OptimConfig
+
+    config = preset("tiny")
+    trainer = LoraTrainer(config, OptimConfig(), make_mesh(-1, 1, 1), LoraConfig(rank=2, alpha=4.0,
+                          base_dtype=base_dtype), compute_dtype=jnp.float32)
+    trainer.init_state(0)
+    adapters = random_adapter(params_of(abstract_model(config)), trainer.spec)
+    tokens, mask = utterance_batch(np.random.default_rng(0), config, 2, 4, 12)
+    micro = {"tokens": jnp.asarray(tokens, jnp.int32), "mask": jnp.asarray(mask),
+             "segment_ids": jnp.ones((2, 16), jnp.int32)}
+    key = jax.random.key(0)
+
+    def loss(form):
+        def f(adapters):  # the form is chosen when traced
+            trainer.model_params = lambda p, frozen, k: form(frozen, p, trainer.spec)
+            return trainer._loss(adapters, micro, key, trainer.frozen)[0]
+        return jax.jit(jax.value_and_grad(f))
+
+    from csm_jax.core.lora import adapted
+    by_form = {form: loss(form) for form in (adapted, merge)}
+    (l_adapted, g_adapted), (l_merged, g_merged) = (f(adapters) for f in by_form.values())
+    assert float(l_adapted) == pytest.approx(float(l_merged), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g_adapted), jax.tree.leaves(g_merged)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * np.abs(b).max())
+    flops = {form: f.lower(adapters).compile().cost_analysis()["flops"] for form, f in by_form.items()}
+    assert flops[adapted] < flops[merge], flops
+
+
 def test_exported_adapter_loads_in_peft_and_matches_our_merged_model(reference, peft_without_torchao, tmp_path):
     hf, ours, config, (tokens, mask, codes) = reference
     spec = LoraSpec(rank=4, alpha=8.0, targets=tuple(TARGETS))  # both stacks, every projection

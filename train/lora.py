@@ -1,8 +1,9 @@
 """LoRA / QLoRA fine-tuning: a `Trainer` whose state holds only the adapters (and their optimizer moments).
 
 The base parameters are frozen, kept apart from the state (in float32, bfloat16, or int8 with per-channel scales
-for the blocks' projections) and passed to the jitted step as an argument; the loss merges W + scale * a @ b
-(`csm_jax.core.lora.merge`) before running the unchanged model, so the gradient reaches only a and b.
+for the blocks' projections) and passed to the jitted step as an argument; the loss runs the model with each
+adapted weight as a `LoraWeight` (x @ W + scale * (x @ a) @ b, `csm_jax.core.lora.adapted`), so the gradient
+reaches only a and b and no full-size weight gradient is computed. Export and evaluation use the merged weights.
 Adapters are sharded by the same rules as their weights (a: (in axes, None), b: (None, out axes)).
 """
 
@@ -21,8 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from csm_jax.core.errors import UserError
-from csm_jax.core.lora import (STACKS, TARGETS, LoraSpec, adapter_axes, adapter_shapes, frozen_base, get_path,
-                               init_adapters, merge, weight_path)
+from csm_jax.core.lora import (STACKS, TARGETS, LoraSpec, adapted, adapter_axes, adapter_shapes, frozen_base,
+                               get_path, init_adapters, merge, weight_path)
 from csm_jax.core.quant import Int8Weight, is_int8
 from csm_jax.core.sharding import logical_to_spec
 from csm_jax.io.adapters import save_adapter
@@ -113,7 +114,7 @@ class LoraTrainer(Trainer):
     def model_params(self, params: dict, frozen: Any, key: jax.Array | None) -> dict:
         if key is None:  # export and eval: merged in float32
             return merge(frozen, params, self.spec)
-        return merge(frozen, params, self.spec, dropout_key=key, dtype=self.compute_dtype)
+        return adapted(frozen, params, self.spec, dropout_key=key)
 
     # ---- state --------------------------------------------------------------------------------------------
 

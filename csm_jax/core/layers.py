@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx, struct
 
 from csm_jax.core.config import RopeScaling, TransformerConfig
+from csm_jax.core.lora import LoraWeight
 
 DType = Any
 # How a layer multiplies activations (..., K) by a weight (K, N): (x, w, dtype, out_dtype) -> (..., N). `dense` by
@@ -150,8 +151,10 @@ def attention_implementation(dtype: DType, head_dim: int) -> str:
     return "cudnn" if cudnn_fits and jax.default_backend() == "gpu" else "xla"
 
 
-def dense(x: jax.Array, w: jax.Array, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array | LoraWeight, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
     """x (..., K) @ w (K, N) in the compute dtype (accumulated to `out_dtype` if given)."""
+    if isinstance(w, LoraWeight):
+        return w.dense(x, dtype, out_dtype)
     return jnp.dot(x, w.astype(dtype), preferred_element_type=out_dtype)
 
 

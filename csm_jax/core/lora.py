@@ -2,9 +2,14 @@
 
 An adapter is its own pytree beside the model's parameters, stacked over layers like the weight it adapts:
 `{stack: {target: {"a": (L, *in, r), "b": (L, r, *out)}}}`, e.g. for the backbone's q projection (D, H, hd):
-a (L, D, r) and b (L, r, H, hd). The effective weight is W + scale * a @ b (contracted over r), formed by
-`merge` on a pure parameter dict, so the model code never changes: training merges inside the jitted loss,
-generation merges once when an adapter is chosen. scale = alpha / r (alpha / sqrt(r) with rsLoRA), as in PEFT.
+a (L, D, r) and b (L, r, H, hd). The effective weight is W + scale * a @ b (contracted over r), scale = alpha / r
+(alpha / sqrt(r) with rsLoRA), as in PEFT. Two forms of the same product:
+- `merge` forms W + scale * a @ b in a pure parameter dict: generation merges once when an adapter is chosen, and
+  export writes the merged weights.
+- `adapted` puts a `LoraWeight` in the weight's place, which the layers' `dense` computes as
+  x @ W + scale * (x @ a) @ b: training uses it, so the frozen W gets no gradient (the merged form would compute
+  a full-size weight gradient, x^T dy, only to project it onto a and b) and dropout acts on each token's input,
+  as PEFT's does.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from csm_jax.core.quant import is_int8, quantize_int8
 
@@ -116,25 +122,70 @@ def delta(a: jax.Array, b: jax.Array) -> jax.Array:
     return flat.reshape(*a.shape[:-1], *b.shape[2:])
 
 
-def merge(params: dict, adapters: dict, spec: LoraSpec, dropout_key: jax.Array | None = None,
-          dtype: Any = None) -> dict:
+def merge(params: dict, adapters: dict, spec: LoraSpec, dtype: Any = None) -> dict:
     """params with every adapted weight replaced by W + scale * a @ b (in float32, or `dtype`).
 
     Weights may be `Int8Weight`s (dequantised here, to `dtype` or float32). Training passes its compute dtype: the
     merged weights and their gradients then take half the memory in bfloat16, as the layers cast to it anyway.
-    `dropout_key` (training only) drops input features of each adapter with probability `spec.dropout`: one mask per layer and step, shared by all tokens (PEFT drops the
-    adapter's input per token, which a merged weight cannot express).
     """
     params = dequantize_tree(params, dtype)
-    for i, (stack, target) in enumerate(spec.pairs()):
+    for stack, target in spec.pairs():
         path = weight_path(stack, target)
         a, b = adapters[stack][target]["a"], adapters[stack][target]["b"]
-        if dropout_key is not None and spec.dropout > 0:
-            keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, i), 1 - spec.dropout, a.shape[:-1] + (1,))
-            a = jnp.where(keep, a / (1 - spec.dropout), 0.0)
         w = get_path(params, path)
         merged = w.astype(jnp.float32) + spec.scale * delta(a, b)
         params = set_path(params, path, merged.astype(dtype or jnp.float32))
+    return params
+
+
+@struct.dataclass
+class LoraWeight:
+    """A frozen weight `base` (an array or `Int8Weight`) with its adapter `a` (*in, r), `b` (r, *out): the layers'
+    `dense` computes x @ base + scale * (dropout(x) @ a) @ b without forming the merged weight. Stacked over layers
+    (a leading axis on every array, `dropout_key` a key per layer), it is sliced per layer by the blocks' scan
+    like any parameter."""
+
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    dropout_key: jax.Array | None = None
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+
+    def __getitem__(self, key):
+        if key is not Ellipsis:
+            raise TypeError("a LoraWeight is read whole, with [...]")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    def reshape(self, k: int, n: int) -> LoraWeight:
+        """As a (K, N) matrix: input axes folded into K, output axes into N (how the layers fold heads)."""
+        return self.replace(base=self.base.reshape(k, n), a=self.a.reshape(k, -1), b=self.b.reshape(-1, n))
+
+    def dense(self, x: jax.Array, dtype, out_dtype=None) -> jax.Array:
+        base = self.base.dequantize(dtype) if is_int8(self.base) else self.base.astype(dtype)
+        y = jnp.dot(x, base, preferred_element_type=out_dtype)
+        if self.dropout_key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype)
+        low = jnp.dot(jnp.dot(x, self.a.astype(dtype)), self.b.astype(dtype), preferred_element_type=out_dtype)
+        return y + (self.scale * low).astype(y.dtype)
+
+
+def adapted(params: dict, adapters: dict, spec: LoraSpec, dropout_key: jax.Array | None = None) -> dict:
+    """params with every adapted (stacked) weight replaced by a `LoraWeight` over it; `dropout_key` (training
+    only) draws `spec.dropout` masks, independent per weight, layer and token."""
+    for i, (stack, target) in enumerate(spec.pairs()):
+        path = weight_path(stack, target)
+        w = get_path(params, path)
+        keys = None
+        if dropout_key is not None and spec.dropout > 0:
+            keys = jax.random.split(jax.random.fold_in(dropout_key, i), w.shape[0])
+        params = set_path(params, path, LoraWeight(w, adapters[stack][target]["a"], adapters[stack][target]["b"],
+                                                   keys, spec.scale, spec.dropout))
     return params
 
 

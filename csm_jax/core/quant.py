@@ -35,9 +35,10 @@ class Int8Weight:
         return self.values.shape
 
     def reshape(self, *shape) -> Int8Weight:
-        """Reshapes that keep the output (last) axis, as layers do to fold heads into rows."""
+        """Reshapes whose last axis holds every output channel, as layers do to fold heads (the input axes into
+        rows, the output axes into columns)."""
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
-        if shape[-1] != self.values.shape[-1] or self.scale.size != shape[-1]:
+        if self.scale.size != shape[-1]:
             raise ValueError(f"an Int8Weight keeps its output axis: cannot reshape {self.values.shape} to {shape}")
         return Int8Weight(self.values.reshape(shape), self.scale.reshape((1,) * (len(shape) - 1) + shape[-1:]))
 
