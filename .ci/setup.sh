@@ -6,10 +6,11 @@
 #   bash .ci/setup.sh --dev      # plus the test and reference dependencies (transformers, torchtune, espeak-ng, sox,
 #                                # chromium for the playground test)
 #   CSM_CUDA=1 bash .ci/setup.sh # JAX with CUDA wheels
-#   PYTHON=python3.11 bash .ci/setup.sh   # build the environment from this interpreter
+#   PYTHON=python3.11 bash .ci/setup.sh   # build the environment from this interpreter (3.11: jax 0.10)
 #   PYTHON=$(pyenv root)/versions/3.12.1/bin/python3 bash .ci/setup.sh --dev   # e.g. a pyenv-installed 3.12
-# Without PYTHON the environment is built from python3, or python3.12 where python3 is older; Python 3.12+ gets
-# jax 0.11/0.12, Python 3.11 jax 0.10. An existing .venv is kept whatever it was built from: delete it to rebuild.
+# Without PYTHON the environment is built from the first Python >= 3.12 among python3, python3.12 and pyenv's 3.12
+# (CI tests this one: jax 0.11/0.12), else from python3 (3.11 is supported too: jax 0.10). An existing .venv is kept
+# whatever it was built from: delete it to rebuild.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
@@ -23,8 +24,10 @@ apt_install() {
 
 pick_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
-  local c
-  for c in python3 python3.12; do
+  local c pyenv_312=""
+  # pyenv's shims run only the versions it has selected, so a pyenv-installed 3.12 is looked up by its path
+  command -v pyenv >/dev/null 2>&1 && pyenv_312=$(ls -d "$(pyenv root)"/versions/3.12*/bin/python3 2>/dev/null | sort -V | tail -n 1)
+  for c in python3 python3.12 $pyenv_312; do
     if "$c" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 12))' >/dev/null 2>&1; then echo "$c"; return; fi
   done
   echo python3
