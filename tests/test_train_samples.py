@@ -47,13 +47,14 @@ def test_lora_run_speaks_samples_survives_a_failed_one_and_its_adapter_generates
     out = subprocess.run(
         [sys.executable, "-m", "train", "--config", "train/configs/smoke.py", f"data.source={clips}", f"init={base}",
          f"workdir={work}", "mesh=(1,2,1)", "steps=6", "log_every=3", "save_every=100", "lora.rank=4",
-         "lora.alpha=8", "eval_every=6", "data.eval_fraction=0.25", "sample_every=3", "sample_max_frames=4"],
+         "lora.alpha=8", "lora.targets=q,v,down", "eval_every=6", "data.eval_fraction=0.25", "sample_every=3",
+         "sample_max_frames=4"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
     metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     evals = {m["step"]: m["eval/loss"] for m in metrics if "eval/loss" in m}
-    assert sorted(evals) == [0, 6] and evals[6] < evals[0], evals  # measured: 15.31 -> 14.83 (8 steps)
+    assert sorted(evals) == [0, 6] and evals[6] < evals[0], evals  # measured: 15.33 -> 15.18
 
     assert "the sample of step 3 failed; training goes on" in out.stderr
     written = sorted(p.name for p in (work / "samples").iterdir() if p.is_file())
