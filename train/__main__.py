@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from csm_jax.core.errors import run_main
+from csm_jax.core.errors import UserError, run_main
 from train.config import TrainConfig, TrainConfigError, load_config, validate
 
 
@@ -45,15 +48,28 @@ def eval_pipeline(cfg: TrainConfig, model_config):
 
 def build_pipeline(cfg: TrainConfig, model_config, source: str, repeat: bool = True, split: str | None = None):
     """The batches of `source`; `split` = "train" / "eval" keeps one side of the held-out split by example id."""
-    from csm_jax.io import audio, text
+    from csm_jax.io import text
     from train.data import Featurizer, dataset
 
     data = dataclasses.replace(cfg.data, source=source)
-    mimi = (audio.random_mimi(cfg.seed, num_codebooks=model_config.num_codebooks) if cfg.mimi == "random"
-            else audio.load_mimi(cfg.mimi, num_codebooks=model_config.num_codebooks))
-    featurizer = Featurizer(text.load_tokenizer(cfg.tokenizer), mimi, data, model_config.num_codebooks)
+    featurizer = Featurizer(text.load_tokenizer(cfg.tokenizer), load_mimi(cfg, model_config), data,
+                            model_config.num_codebooks)
     return dataset(source, data, featurizer, accumulation=cfg.optim.accumulation, repeat=repeat,
                    process_index=jax.process_index(), process_count=jax.process_count(), split=split)
+
+
+def load_mimi(cfg: TrainConfig, model_config):
+    """The run's Mimi, loaded once and shared by the data pipelines and the samples."""
+    return _mimi(cfg.mimi, cfg.seed, model_config.num_codebooks)
+
+
+@functools.cache
+def _mimi(weights: str | None, seed: int, num_codebooks: int):
+    from csm_jax.io import audio
+
+    if weights == "random":
+        return audio.random_mimi(seed, num_codebooks=num_codebooks)
+    return audio.load_mimi(weights, num_codebooks=num_codebooks)
 
 
 class MetricsLog:
@@ -80,11 +96,97 @@ class MetricsLog:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
 
+    def audio(self, tag: str, wave: np.ndarray, step: int, sample_rate: int) -> None:
+        """Audio (samples,) in [-1, 1] to TensorBoard, when tensorboardX is installed."""
+        if self.enabled and self.tb is not None and len(wave):
+            self.tb.add_audio(tag, np.clip(wave, -1.0, 1.0), step, sample_rate=sample_rate)
+            self.tb.flush()
 
-def train(cfg: TrainConfig) -> Path:
+
+SampleHook = Callable[[int, dict, MetricsLog], None]
+
+
+class VoiceSampler:
+    """What the model says now: `sample_text` (after the optional context clip), generated from the current weights
+    with a fixed seed and the reference's sampling (temperature 0.9, top-k 50), Mimi-decoded into
+    WORKDIR/samples/step_XXXXXX.wav and logged to TensorBoard.
+
+    The generation (prefill and on-device frame loop, `csm_jax.inference.loop`) is one function of the weights,
+    compiled at the first sample; later samples pass new weights to the same executable. The prompt, context audio
+    included, is built once here, so a prompt that does not fit is reported before training starts."""
+
+    def __init__(self, cfg: TrainConfig, model_config, mimi):
+        from csm_jax.inference.prompt import RequestError, prompt_frames
+        from csm_jax.io.audio import read_audio
+        from csm_jax.io.checkpoint import abstract_model
+        from csm_jax.io.frames import Segment
+        from csm_jax.io.text import load_tokenizer
+
+        context = ([Segment(cfg.sample_speaker, cfg.sample_context_text, read_audio(cfg.sample_context.strip()))]
+                   if cfg.sample_context.strip() else [])
+        try:
+            self.prompt = prompt_frames(load_tokenizer(cfg.tokenizer), mimi, cfg.sample_text, cfg.sample_speaker,
+                                        context, model_config.num_codebooks)
+        except RequestError as e:
+            raise TrainConfigError(f"the sample prompt (sample_text, sample_context): {e}") from None
+        room = model_config.backbone.max_seq_len - 1 - len(self.prompt)  # frames that fit after the prompt
+        if cfg.sample_max_frames > room:
+            raise TrainConfigError(
+                f"the sample prompt is {len(self.prompt)} frames (sample_context and sample_text) and leaves room for "
+                f"{max(room, 0)} of the sample_max_frames={cfg.sample_max_frames} frames in the model's "
+                f"{model_config.backbone.max_seq_len}; lower sample_max_frames, or shorten sample_context")
+        self.mimi, self.directory = mimi, Path(cfg.workdir) / "samples"
+        self.max_frames, self.seed = cfg.sample_max_frames, cfg.sample_seed
+        self.dtype = jnp.dtype(cfg.compute_dtype)  # the samples compute (and hold the weights) in this dtype
+        self.graphdef = nnx.graphdef(abstract_model(model_config, dtype=self.dtype, param_dtype=self.dtype))
+        self.sample_codes = jax.jit(self._sample_codes)
+
+    def _sample_codes(self, params: dict) -> tuple[jax.Array, jax.Array]:
+        """(frames (F, n), frames kept) of the prompt's continuation under `params`."""
+        from csm_jax.inference.loop import FrameGenerator
+        from csm_jax.inference.sampling import FrameSampling
+
+        frames = FrameGenerator(nnx.merge(self.graphdef, params))
+        state = frames.run(frames.start([self.prompt], self.max_frames, [self.seed]), self.max_frames,
+                           FrameSampling())
+        return state.frames[0], state.num_frames[0]
+
+    def __call__(self, step: int, params: dict, log: MetricsLog) -> Path:
+        """Generates from `params` (the model's pure parameter dict), writes and logs the sample of `step`."""
+        from csm_jax.core.codec import SAMPLE_RATE
+        from csm_jax.io import audio
+
+        weights = jax.tree.map(lambda x: np.asarray(x, self.dtype), params)  # cast on the host: nothing to compile
+        frames, count = jax.device_get(self.sample_codes(weights))
+        wave = audio.decode(self.mimi, frames[:count].T[None])[0] if count else np.zeros(0, np.float32)
+        path = audio.write_audio(self.directory / f"step_{step:06d}.wav", wave)
+        log.write(step, {"sample/seconds": len(wave) / SAMPLE_RATE})
+        log.audio("sample", wave, step, SAMPLE_RATE)
+        logging.info("step %d: sample written to %s", step, path)
+        return path
+
+
+def take_sample(trainer, state, step: int, hook: SampleHook | None, log: MetricsLog) -> None:
+    """Gathers the current weights (every process takes part; `hook` is None except on process 0) and passes them to
+    `hook`. A failure is a warning: the train state is not touched, and training goes on."""
+    try:
+        params = trainer.host_params(state)
+        if hook is not None:
+            hook(step, params, log)
+    except Exception as e:  # noqa: BLE001 - a sample is never worth the run
+        mistake = isinstance(e, UserError)  # e.g. a full disk: the message says it all
+        logging.warning("the sample of step %d failed; training goes on: %s", step, e if mistake else
+                        type(e).__name__, exc_info=not mistake)
+
+
+def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
     """Runs (or resumes) the training run `cfg` and returns its export. Mistakes in `cfg` or its data raise a
     `UserError` before anything is compiled or written: the config is validated, and the first batch (a full pass
-    over the shards when nothing is usable) is read before the first compile."""
+    over the shards when nothing is usable) is read before the first compile.
+
+    With `cfg.sample_every`, `sample_hook(step, params, log)` runs on process 0 at step 0 of a fresh run and every
+    `sample_every` steps, with the model's current parameters (default: a `VoiceSampler`); a fresh run with eval
+    also logs the eval loss of step 0."""
     from tqdm import tqdm
 
     from csm_jax.core.config import preset
@@ -103,6 +205,10 @@ def train(cfg: TrainConfig) -> Path:
     iterator = iter(build_pipeline(cfg, model_config, cfg.data.source, split="train" if held_out(cfg) else None))
     if cfg.eval_every:
         check_eval_data(cfg, model_config)
+    if jax.process_index() != 0:
+        sample_hook = None  # the other processes only take part in gathering the weights
+    elif cfg.sample_every and sample_hook is None:
+        sample_hook = VoiceSampler(cfg, model_config, load_mimi(cfg, model_config))
     trainer = make_trainer(model_config, cfg.optim, mesh, cfg.lora, steps=cfg.steps,
                            compute_dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat)
     if cfg.lora.rank:  # the frozen base
@@ -126,6 +232,10 @@ def train(cfg: TrainConfig) -> Path:
     log = MetricsLog(workdir)
     rows = cfg.optim.accumulation * cfg.data.batch_size * jax.process_count()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=jax.process_index() != 0)
+    if start == 0 and cfg.eval_every:
+        log.write(0, evaluate(cfg, trainer, state, model_config))
+    if start == 0 and cfg.sample_every:
+        take_sample(trainer, state, 0, sample_hook, log)
     last = time.perf_counter()
     for step, batch in zip(bar, batches):
         state, metrics = trainer.step(state, batch)
@@ -144,6 +254,8 @@ def train(cfg: TrainConfig) -> Path:
         save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             log.write(step + 1, evaluate(cfg, trainer, state, model_config))
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            take_sample(trainer, state, step + 1, sample_hook, log)
     save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
     manager.wait_until_finished()
     if SKIPPED:

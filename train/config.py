@@ -48,6 +48,13 @@ class TrainConfig:
     eval_every: int = 0  # 0 = no eval
     eval_source: str = ""  # held-out data; empty = data.eval_fraction of data.source, split by example id
     eval_batches: int = 4
+    sample_every: int = 0  # speak sample_text with the current weights every N steps (and at step 0); 0 = off
+    sample_text: str = "Hello! This is how my voice sounds after fine-tuning."
+    sample_speaker: int = 0
+    sample_context: str = ""  # optional: a clip (wav, flac, ...) of the voice, said before sample_text
+    sample_context_text: str = ""  # what is said in sample_context
+    sample_max_frames: int = 125  # 80 ms frames: 10 s
+    sample_seed: int = 0
     seed: int = 0
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -220,11 +227,12 @@ def _type_name(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-POSITIVE = ("steps", "log_every", "save_every", "keep_checkpoints", "eval_batches", "data.max_frames",
-            "data.batch_size", "data.shuffle_window", "data.interleave", "data.packing_bins", "optim.learning_rate",
-            "optim.clip_norm", "optim.accumulation")
-NON_NEGATIVE = ("eval_every", "seed", "data.min_duration", "data.max_duration", "data.min_dnsmos", "data.speaker",
-                "data.seed", "optim.warmup_steps", "optim.weight_decay", "optim.depth_weight")
+POSITIVE = ("steps", "log_every", "save_every", "keep_checkpoints", "eval_batches", "sample_max_frames",
+            "data.max_frames", "data.batch_size", "data.shuffle_window", "data.interleave", "data.packing_bins",
+            "optim.learning_rate", "optim.clip_norm", "optim.accumulation")
+NON_NEGATIVE = ("eval_every", "sample_every", "sample_speaker", "sample_seed", "seed", "data.min_duration",
+                "data.max_duration", "data.min_dnsmos", "data.speaker", "data.seed", "optim.warmup_steps",
+                "optim.weight_decay", "optim.depth_weight")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -277,10 +285,30 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.eval_every and (cfg.eval_source.strip() or not cfg.data.eval_fraction):
         _check_source("eval_source", cfg.eval_source, f"eval_every={cfg.eval_every} needs held-out data",
                       " (or data.eval_fraction above 0, or eval_every=0 for no eval)")
+    if cfg.sample_every:
+        _check_samples(cfg)
     if cfg.init is not None and not is_checkpoint(cfg.init):
         raise TrainConfigError(f"init={cfg.init} is not a csm-jax checkpoint directory (params/ and metadata.json); "
                                f"convert PyTorch weights first (python -m convert SRC OUT, then init=OUT) or give an "
                                f"earlier run's workdir/export")
+
+
+def _check_samples(cfg: TrainConfig) -> None:
+    """The sample prompt's settings (its length against the model is checked when the prompt is built)."""
+    if not cfg.sample_text.strip():
+        raise TrainConfigError("sample_text is empty; give the sentence the samples say, or sample_every=0 for none")
+    if cfg.sample_seed >= 2**32:
+        raise TrainConfigError(f"sample_seed={cfg.sample_seed} is not below 2**32; give a seed such as 0")
+    context = cfg.sample_context.strip()
+    if context and not Path(context).is_file():
+        raise TrainConfigError(f"sample_context={cfg.sample_context} is not a file; give an audio clip of the voice "
+                               f"(with sample_context_text, what it says), or leave sample_context empty")
+    if context and not cfg.sample_context_text.strip():
+        raise TrainConfigError(f"sample_context={cfg.sample_context} needs sample_context_text=\"...\", what is said "
+                               f"in it")
+    if cfg.sample_context_text.strip() and not context:
+        raise TrainConfigError("sample_context_text is set without sample_context; give the clip it transcribes as "
+                               "sample_context=PATH, or leave both empty")
 
 
 def _check_source(key: str, source: str, missing: str, alternative: str = "") -> None:

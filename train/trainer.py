@@ -104,6 +104,7 @@ class Trainer:
         self._step = jax.jit(self._train_step, donate_argnums=0,
                              out_shardings=(self.state_shardings, replicated))
         self._eval = jax.jit(self._eval_metrics)
+        self._model_params = jax.jit(self.model_params)
 
     # ---- state --------------------------------------------------------------------------------------------
 
@@ -206,24 +207,32 @@ class Trainer:
 
     # ---- export -------------------------------------------------------------------------------------------
 
-    def export(self, state: TrainState, path: str | Path, metadata: dict | None = None) -> Path:
-        """Writes the trained weights as an inference checkpoint (`csm_jax.load_model`, `python -m convert`).
-
-        In a multi-process run every process takes part (the sharded parameters are gathered from all of them) and
-        process 0 writes."""
-        params = jax.jit(self.model_params)(state.params, self.frozen, None)  # merged with any adapters
+    def host_params(self, state: TrainState) -> dict:
+        """The current model's parameters (merged with any adapters) as a pure dict of float32 numpy arrays, e.g. to
+        export or to generate with. In a multi-process run every process must call this (the sharded parameters are
+        gathered from all of them); each gets the whole model."""
+        params = self._model_params(state.params, self.frozen, None)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             params = multihost_utils.process_allgather(params, tiled=True)
         else:
             params = jax.device_get(params)
-        params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+        return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+    def export(self, state: TrainState, path: str | Path, metadata: dict | None = None) -> Path:
+        """Writes the trained weights as an inference checkpoint (`csm_jax.load_model`, `python -m convert`).
+
+        In a multi-process run every process takes part (the sharded parameters are gathered from all of them) and
+        process 0 writes."""
+        params = self.host_params(state)
         if jax.process_index() == 0:
             model = nnx.merge(nnx.graphdef(abstract_model(self.config)), params)
             save_model(model, path, {"source": "train", "step": int(state.step), **(metadata or {})},
                        overwrite=True)  # a resumed run replaces its own earlier export
         if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices("csm_jax export written")
         return Path(path)
 

@@ -7,7 +7,9 @@ decay over 300 steps; 4 rows of 512 frames (41 s) per step, several clips packed
 step sees about 160 s of speech and 300 steps about 13 h: 6-7 passes over 2 h of recordings. Scale `steps` with
 your data (about 22 steps per hour per pass). Clips up to 20 s (longer ones are skipped and counted, never cut),
 every clip speaker 0. Eval every 50 steps on 5% of the clips, held out by a hash of their id
-(`data.eval_fraction`): stop where `eval/loss` turns up. Mimi codes once first for speed:
+(`data.eval_fraction`): stop where `eval/loss` turns up, and listen to WORKDIR/samples/step_XXXXXX.wav, written
+every 50 steps (and at step 0) from the current weights (`sample_text`, optional `sample_context` clip of the
+voice with its `sample_context_text`). Mimi codes once first for speed:
     python -m train.prepare my_voice/ my_voice-mimi/   ... then data.source=my_voice-mimi/
 """
 
@@ -19,6 +21,7 @@ from train.trainer import OptimConfig
 def get_config() -> TrainConfig:
     return TrainConfig(
         model="csm_1b", steps=300, mesh=(-1, 1, 1), mimi=None, save_every=50, eval_every=50, eval_batches=4,
+        sample_every=50,
         data=DataConfig(max_duration=20.0, max_frames=512, batch_size=4, packing=True, shuffle_window=256,
                         eval_fraction=0.05, speaker=0),
         optim=OptimConfig(learning_rate=2e-5, warmup_steps=30, schedule="cosine"))

@@ -9,7 +9,9 @@ warm-up steps then cosine over 200 steps (the widely used recipe runs 60-500); 4
 several clips packed per row. `lora.base_dtype=int8` holds the frozen base in int8 (QLoRA) and
 `lora.base_dtype=bfloat16` in bfloat16 for less memory. Clips up to 20 s (longer ones are skipped and counted),
 every clip speaker 0; eval every 25 steps on 5% of the clips held out by a hash of their id: stop where
-`eval/loss` turns up. The adapter goes to WORKDIR/adapter (PEFT's format), the merged weights to WORKDIR/export.
+`eval/loss` turns up. Every 50 steps (and at step 0) the current weights say `sample_text` into
+WORKDIR/samples/step_XXXXXX.wav (and TensorBoard); give sample_context=CLIP sample_context_text="..." to say it in
+your voice. The adapter goes to WORKDIR/adapter (PEFT's format), the merged weights to WORKDIR/export.
 """
 
 from train.config import TrainConfig
@@ -21,6 +23,7 @@ from train.trainer import OptimConfig
 def get_config() -> TrainConfig:
     return TrainConfig(
         model="csm_1b", steps=200, mesh=(-1, 1, 1), mimi=None, save_every=25, eval_every=25, eval_batches=4,
+        sample_every=50,
         data=DataConfig(max_duration=20.0, max_frames=512, batch_size=4, packing=True, shuffle_window=256,
                         eval_fraction=0.05, speaker=0),
         optim=OptimConfig(learning_rate=2e-4, warmup_steps=10, schedule="cosine", weight_decay=0.0),
