@@ -93,6 +93,24 @@ def test_a_sample_with_context_is_laid_out_as_generation_lays_out_its_prompt(con
     assert all(b["loss_mask"][0, 0].sum() == b["segment_ids"].sum() for b in everything)
 
 
+def test_a_datasets_dataset_with_a_conversation_column_gives_the_same_samples(conversation, featurizer, tmp_path):
+    import datasets
+
+    from train.sources import examples
+
+    clips = [conversation.parent / f"t{i}.wav" for i in reversed(range(4))]  # rows in reverse turn order
+    ds = datasets.Dataset.from_dict({"audio": [{"bytes": c.read_bytes(), "path": c.name} for c in clips],
+                                     "text": ENGLISH[::-1], "spk": [1, 0, 1, 0], "session": ["s"] * 4,
+                                     "turn": [3, 2, 1, 0]})
+    ds.cast_column("audio", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "hf"))
+    fields = {"conversation_column": "session", "speaker_column": "spk", "context_turns": 2}
+    found = examples(str(tmp_path / "hf"), "hf", DataConfig(**fields))
+    assert [found[i]["meta"].get("context") for i in range(4)] == [["hf:2", "hf:1"], ["hf:3", "hf:2"], ["hf:3"],
+                                                                   None]
+    from_hf = _rows(_samples(tmp_path / "hf", featurizer, **fields))
+    assert len(from_hf) == 4 and set(from_hf) <= set(_rows(_samples(conversation, featurizer, context_turns=2)))
+
+
 def _turn(featurizer, text: str, frames: int, speaker: int, seed: int) -> dict:
     codes = np.random.default_rng(seed).integers(1, 2048, (32, frames))
     return {"key": text, "text": text, "codes": codes, "meta": {"speaker_id": speaker}}
