@@ -146,7 +146,8 @@ def link_context(items: list[dict[str, Any]], turns: int) -> list[dict[str, Any]
         earlier.update({key: ordered[max(0, i - turns):i] for i, key in enumerate(ordered)} if turns else {})
     for item in items:
         listed = item.pop("context_ids", None)
-        item.pop("conversation", None), item.pop("order", None)
+        item.pop("conversation", None)
+        item.pop("order", None)
         if not turns:
             continue
         if listed is not None:
@@ -273,7 +274,7 @@ class HfExamples:
             order = ds[cfg.order_column] if cfg.order_column in ds.column_names else None
             turns = [{"key": f"{self.name}:{i}", "conversation": c,
                       **({} if order is None else {"order": _order({"turn": order[i]}, "turn", i)})}
-                     for i, c in enumerate(ds[cfg.conversation_column])]
+                     for i, c in enumerate(ds[cfg.conversation_column])]  # rows without a turn keep row order
             self.context = {t["key"]: t["context"] for t in link_context(turns, cfg.context_turns) if "context" in t}
 
     def __len__(self) -> int:
