@@ -200,7 +200,7 @@ def test_a_csv_manifest_lists_the_same_items_as_jsonl(manifest, tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     assert detect_format(str(path)) == "manifest"
-    from_csv, from_jsonl = manifest_items(path), manifest_items(manifest)
+    from_csv, from_jsonl = manifest_items(path, DataConfig()), manifest_items(manifest, DataConfig())
     assert [(i["key"], i["audio"], i["text"], i.get("speaker_id")) for i in from_csv] == [
         (i["key"], i["audio"], i["text"], i.get("speaker_id")) for i in from_jsonl]
     assert {i.get("speaker_id") for i in from_csv} == {0, 1, None}  # names numbered in sorted order, or none

@@ -25,6 +25,7 @@ from train.trainer import OptimConfig
 EXAMPLE_CONFIG = "train/configs/smoke.py"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine")
+LOSS_ON = ("target", "all")
 
 
 class TrainConfigError(UserError):
@@ -231,8 +232,8 @@ POSITIVE = ("steps", "log_every", "save_every", "keep_checkpoints", "eval_batche
             "data.max_frames", "data.batch_size", "data.shuffle_window", "data.interleave", "data.packing_bins",
             "optim.learning_rate", "optim.clip_norm", "optim.accumulation")
 NON_NEGATIVE = ("eval_every", "sample_every", "sample_speaker", "sample_seed", "seed", "data.min_duration",
-                "data.max_duration", "data.min_dnsmos", "data.speaker", "data.seed", "optim.warmup_steps",
-                "optim.weight_decay", "optim.depth_weight")
+                "data.max_duration", "data.min_dnsmos", "data.speaker", "data.seed", "data.context_turns",
+                "optim.warmup_steps", "optim.weight_decay", "optim.depth_weight")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -269,6 +270,13 @@ def validate(cfg: TrainConfig) -> None:
 
     if cfg.data.format not in FORMATS:
         raise TrainConfigError(f"data.format={cfg.data.format!r} is not one of {', '.join(FORMATS)}")
+    if cfg.data.loss_on not in LOSS_ON:
+        raise TrainConfigError(f"data.loss_on={cfg.data.loss_on!r} is not one of {', '.join(LOSS_ON)} (the target "
+                               f"turn's audio, or every turn's)")
+    shortest, longest = cfg.data.clip_seconds
+    if not 0 < shortest < longest:
+        raise TrainConfigError(f"data.clip_seconds={cfg.data.clip_seconds} must be (shortest, longest) seconds with "
+                               f"0 < shortest < longest, e.g. data.clip_seconds=\"(3,15)\"")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise TrainConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1) (e.g. 0.02)")
     preset(cfg.model)  # ConfigError listing the presets

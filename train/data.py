@@ -8,7 +8,9 @@ its share of the shards (every process_count-th, in a seeded order) -> shards in
 text) -> frames as the reference builds a segment (text frames, audio frames, the all-zero end frame) ->
 padded to `max_frames` (or packed several to a row with `packing`) and batched, in endless passes over the
 share. Folders of clips, manifests and `datasets` datasets (train/sources.py) enter the same pipeline as map
-sources. Every stage is checkpointable (pass, shard and position), so training resumes on the next example.
+sources; where they give conversation order, each target comes after its earlier turns (`with_context`), with a
+`loss_mask` that keeps those turns out of the loss by default. Every stage is checkpointable (pass, shard and
+position), so training resumes on the next example.
 Corrupt members and shards (unreadable, truncated) are skipped and counted in `SKIPPED` with what the filters
 rejected, never fatal; a pass that yields no example at all stops with a `DataError` naming the filters and
 those counts (it would otherwise repeat forever).
@@ -32,10 +34,10 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
-from csm_jax.io.frames import Segment, segment_frames
+from csm_jax.io.frames import Frames, Segment, segment_frames
 from csm_jax.io.hub import looks_like_hub_id
 from train import sources
-from train.records import SUFFIX, deserialize
+from train.records import SUFFIX, deserialize, key_of
 from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,12 @@ class DataConfig:
     packing: bool = False  # several utterances per row (segment ids), first-fit within `packing_bins` rows
     packing_bins: int = 8
     eval_fraction: float = 0.02  # share of example ids held out for eval when eval_every is set without eval_source
+    context_turns: int = 3  # earlier turns of the conversation before each target (sources with conversation order)
+    loss_on: str = "target"  # "target": loss on the target turn's audio frames only; "all": on every turn's audio
+    context_column: str = "context"  # manifest: ids of earlier turns
+    conversation_column: str = "conversation"  # manifest/hf: the conversation (or session) a turn belongs to
+    order_column: str = "turn"  # manifest/hf: the turn's place in its conversation (else `start`, else row order)
+    clip_seconds: tuple[float, float] = (3.0, 15.0)  # long recordings with segment/word times: clip lengths
 
 
 def skip_shard(reason: str, path: str, error: BaseException) -> None:
@@ -307,43 +315,77 @@ class Featurizer:
     cfg: DataConfig
     num_codebooks: int = 32
 
-    def encode(self, example: dict[str, Any]) -> dict[str, Any] | None:
-        """Tar example -> {"key", "text", "codes" (n, T)}: the expensive part, which `prepare` does once."""
+    def encode(self, example: dict[str, Any] | None, filter_duration: bool = True) -> dict[str, Any] | None:
+        """Raw example -> {"key", "text", "codes" (n, T), "meta"}: the expensive part, which `prepare` does once.
+        Context turns are encoded with `filter_duration=False`: max_frames alone decides whether they fit."""
         from csm_jax.io.audio import encode
 
-        audio = decode_audio(example)
-        if audio is None or not keep_duration(example, audio, self.cfg):
+        audio = decode_audio(example) if example is not None else None
+        if audio is None or (filter_duration and not keep_duration(example, audio, self.cfg)):
             return None
         codes = encode(self.mimi, audio)[: self.num_codebooks]
         return {"key": example["key"], "text": str(example["meta"]["text"]).strip(), "codes": codes,
                 "meta": example["meta"]}
 
+    def segment(self, encoded: dict[str, Any]) -> Frames:
+        """One turn's frames, as generation lays out a segment: `[speaker]text`, its audio, the end frame."""
+        speaker = encoded.get("meta", {}).get("speaker_id", self.cfg.speaker)
+        return segment_frames(self.tokenizer, Segment(speaker, encoded["text"]), encoded["codes"],
+                              self.num_codebooks)
+
     def frames(self, encoded: dict[str, Any] | None) -> dict[str, np.ndarray] | None:
+        """The encoded target after its encoded `context` turns (oldest dropped first until the sample fits
+        max_frames; a target that does not fit alone is skipped). `loss_mask` marks the frames whose prediction
+        counts: the target's, or every turn's with `loss_on="all"`."""
         if encoded is None:
             return None
-        speaker = encoded.get("meta", {}).get("speaker_id", self.cfg.speaker)
-        frames = segment_frames(self.tokenizer, Segment(speaker, encoded["text"]), encoded["codes"],
-                                self.num_codebooks)
-        if len(frames) > self.cfg.max_frames:
+        target = self.segment(encoded)
+        if len(target) > self.cfg.max_frames:
             return skip(f"longer than max_frames={self.cfg.max_frames}", encoded["key"])
-        return {"tokens": frames.tokens, "mask": frames.mask}
+        turns = [self.segment(turn) for turn in encoded.get("context", ())]
+        while turns and len(target) + sum(map(len, turns)) > self.cfg.max_frames:
+            turns.pop(0)
+        frames = Frames.concat([*turns, target])
+        loss_mask = np.ones(len(frames), bool)
+        if self.cfg.loss_on == "target":
+            loss_mask[:len(frames) - len(target)] = False
+        return {"tokens": frames.tokens, "mask": frames.mask, "loss_mask": loss_mask}
+
+
+def with_context(encoded: dict[str, Any] | None, lookup: Callable[[str], dict[str, Any] | None],
+                 cfg: DataConfig) -> dict[str, Any] | None:
+    """Adds `context`: the encoded turns named by the meta's `context` keys (the last `cfg.context_turns`), each
+    from `lookup(key)`; a key it cannot find is counted and left out."""
+    if encoded is None or not cfg.context_turns:
+        return encoded
+    keys = list(encoded.get("meta", {}).get("context") or ())[-cfg.context_turns:]
+    turns = []
+    for key in keys:
+        turn = lookup(key)
+        if turn is None:
+            skip("missing context turn", f"{encoded['key']} -> {key}")
+        else:
+            turns.append(turn)
+    return {**encoded, "context": turns}
 
 
 def pad_frames(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-    """Pads one utterance's frames to `length`; segment_ids mark real frames 1 and padding 0."""
+    """Pads one sample's frames to `length`; segment_ids mark real frames 1 and padding 0 (padding has no loss)."""
     n = len(example["tokens"])
     pad = ((0, length - n), (0, 0))
     return {"tokens": np.pad(example["tokens"], pad), "mask": np.pad(example["mask"], pad),
+            "loss_mask": np.pad(example["loss_mask"], (0, length - n)),
             "segment_ids": np.pad(np.ones(n, np.int32), (0, length - n))}
 
 
 def pack(frames: grain.IterDataset, cfg: DataConfig) -> grain.IterDataset:
-    """Several utterances per row: Grain's first-fit packing into `packing_bins` rows at a time (deterministic and
-    checkpointable); segment_ids number the utterances of a row 1, 2, ... and padding 0."""
+    """Several samples per row: Grain's first-fit packing into `packing_bins` rows at a time (deterministic and
+    checkpointable); segment_ids number the samples (a target with its context turns) of a row 1, 2, ... and
+    padding 0."""
     packed = grain.experimental.FirstFitPackIterDataset(
-        frames, length_struct={"tokens": cfg.max_frames, "mask": cfg.max_frames}, num_packing_bins=cfg.packing_bins,
-        shuffle_bins=False)
-    return packed.map(lambda x: {"tokens": x["tokens"], "mask": x["mask"],
+        frames, length_struct={k: cfg.max_frames for k in ("tokens", "mask", "loss_mask")},
+        num_packing_bins=cfg.packing_bins, shuffle_bins=False)
+    return packed.map(lambda x: {"tokens": x["tokens"], "mask": x["mask"], "loss_mask": x["loss_mask"],
                                  "segment_ids": x["tokens_segment_ids"].astype(np.int32)})
 
 
@@ -461,16 +503,48 @@ def _read_record(record: bytes) -> dict[str, Any] | None:
     return check_metadata(example)
 
 
+class RecordIndex:
+    """Prepared records by key, for context turns (which may lie in any shard, also other processes'): every
+    shard's keys are read once, at the first lookup, so data without context never pays for it."""
+
+    def __init__(self, shards: Sequence[Path]):
+        self.shards = [str(s) for s in shards]
+        self.where: dict[str, tuple[int, int]] | None = None
+        self.records: list = []
+
+    def _build(self) -> None:
+        self.where = {}
+        for path in self.shards:
+            try:
+                records = grain.sources.ArrayRecordDataSource([path])
+            except (RuntimeError, OSError):  # counted where the shard is read for training
+                records = []
+            for i in range(len(records)):
+                try:
+                    self.where[key_of(records[i])] = (len(self.records), i)
+                except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile):
+                    continue
+            self.records.append(records)
+
+    def __call__(self, key: str) -> dict[str, Any] | None:
+        if self.where is None:
+            self._build()
+        found = self.where.get(key)
+        return None if found is None else _read_record(self.records[found[0]][found[1]])
+
+
 def prepared_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featurizer, accumulation: int = 1,
                      repeat: bool = True, process_index: int = 0, process_count: int = 1,
                      split: str | None = None) -> grain.IterDataset:
-    """The same pipeline over `python -m train.prepare` ArrayRecord shards (Mimi codes stored, no audio work)."""
+    """The same pipeline over `python -m train.prepare` ArrayRecord shards (Mimi codes stored, no audio work);
+    context turns are read from the stored codes by key."""
     share = process_share(shards, process_index, process_count, cfg.seed)
+    index = RecordIndex(shards)
 
     def one_pass(epoch: int) -> grain.IterDataset:
         examples = (_interleaved(share, cfg, _record_shard).map(_read_record)
                     .filter(lambda x: keep(x, cfg, split)))
-        return _shuffled(examples, cfg, epoch).map(featurizer.frames)
+        return _shuffled(examples, cfg, epoch).map(lambda x: featurizer.frames(with_context(x, index, cfg)))
 
     return batches(Passes(one_pass, _nothing_usable(share, cfg), repeat), cfg, accumulation)
 
@@ -485,10 +559,14 @@ def examples_dataset(examples: Sequence, cfg: DataConfig, featurizer: Featurizer
                         f"least one example")
     share = grain.MapDataset.source(examples)[process_index::process_count]
 
+    def context_turn(key: str) -> dict[str, Any] | None:
+        return featurizer.encode(examples.get(key), filter_duration=False)
+
     def one_pass(epoch: int) -> grain.IterDataset:
         return (share.shuffle(seed=cfg.seed + epoch).to_iter_dataset()
                 .map(lambda x: check_metadata(x) if x is not None else None)
-                .filter(lambda x: keep(x, cfg, split)).map(featurizer.encode).map(featurizer.frames))
+                .filter(lambda x: keep(x, cfg, split)).map(featurizer.encode)
+                .map(lambda x: featurizer.frames(with_context(x, context_turn, cfg))))
 
     def error(skipped: collections.Counter) -> DataError:
         counts = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "nothing"

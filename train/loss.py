@@ -2,9 +2,11 @@
 codebooks 1..n-1 for a random subset of the audio frames ("compute amortization").
 
 The backbone hidden state at position t-1 predicts frame t, so a frame is a target only when it is an audio
-frame and position t-1 belongs to the same utterance (segment). To keep shapes fixed under `jit`, the depth
-decoder runs on exactly `depth_frames` frames per batch, drawn uniformly without replacement from the targets;
-draws that land on no target (a batch with fewer targets than that) get weight zero.
+frame, position t-1 belongs to the same sample (segment), and the sample's `loss_mask` marks it: a sample with
+conversation context conditions on the earlier turns but, by default, learns only the target turn's audio. To
+keep shapes fixed under `jit`, the depth decoder runs on exactly `depth_frames` frames per batch, drawn uniformly
+without replacement from the targets; draws that land on no target (a batch with fewer targets than that) get
+weight zero.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import optax
 from csm_jax.core.model import Csm
 
 
-def target_frames(mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """(B, S) bool: frame t is an audio frame predictable from position t-1 (same, non-padding segment)."""
-    is_audio = mask[..., 0]
+def target_frames(mask: jax.Array, segment_ids: jax.Array, loss_mask: jax.Array | None = None) -> jax.Array:
+    """(B, S) bool: frame t is an audio frame predictable from position t-1 (same, non-padding segment) and, with
+    `loss_mask` (B, S), one whose prediction counts."""
+    is_audio = mask[..., 0] if loss_mask is None else mask[..., 0] & loss_mask.astype(bool)
     same_segment = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
     return jnp.pad(is_audio[:, 1:] & same_segment, ((0, 0), (1, 0)))
 
@@ -43,12 +46,13 @@ def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def csm_loss(model: Csm, tokens: jax.Array, mask: jax.Array, segment_ids: jax.Array, depth_indices: jax.Array,
-             depth_weights: jax.Array, depth_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """tokens (B, S, n+1), mask (B, S, n+1), segment_ids (B, S); depth_indices/weights (K,) from
-    `choose_depth_frames`. Returns (c0_loss + depth_weight * depth_loss, metrics)."""
+             depth_weights: jax.Array, depth_weight: float = 1.0, loss_mask: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """tokens (B, S, n+1), mask (B, S, n+1), segment_ids (B, S), optional loss_mask (B, S); depth_indices/weights
+    (K,) from `choose_depth_frames` over the same targets. Returns (c0_loss + depth_weight * depth_loss, metrics)."""
     n = model.config.num_codebooks
     logits, hidden = model(tokens, mask, segment_ids)
-    targets = target_frames(mask, segment_ids)
+    targets = target_frames(mask, segment_ids, loss_mask)
     c0_ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:, 0])
     c0_loss = masked_mean(c0_ce, targets[:, 1:].astype(jnp.float32))
 

@@ -13,7 +13,10 @@ Corrupt input never stops a worker: a shard that is not a tar ("unreadable shard
 shard") is prepared from what could be read, and its report says so.
 
 A record holds the utterance key, text, Emilia metadata and codes (num_codebooks, T) int16; the metadata filters
-(language, duration, dnsmos) apply at training time, so one prepared copy serves every filter setting.
+(language, duration, dnsmos) apply at training time, so one prepared copy serves every filter setting. Every clip
+is encoded once, as its own record; a turn's record names its context turns by key (up to `--context-turns`), and
+training reads their codes from whichever shard holds them. Long recordings with segment or word times are cut
+into clips (`--clip-seconds`) before encoding.
 """
 
 from __future__ import annotations
@@ -123,6 +126,14 @@ def _main(argv) -> int:
     p.add_argument("--audio-column", default="audio", help="hf: the audio column")
     p.add_argument("--text-column", default="text", help="hf: the transcript column")
     p.add_argument("--speaker-column", default="", help="hf: a column of CSM speaker ids")
+    defaults = DataConfig()
+    p.add_argument("--context-turns", type=int, default=defaults.context_turns,
+                   help="earlier turns of a conversation recorded as each turn's context (training may use fewer)")
+    p.add_argument("--conversation-column", default=defaults.conversation_column,
+                   help="manifest/hf: the conversation a turn belongs to")
+    p.add_argument("--order-column", default=defaults.order_column, help="manifest/hf: a turn's place in it")
+    p.add_argument("--clip-seconds", type=float, nargs=2, default=defaults.clip_seconds, metavar=("MIN", "MAX"),
+                   help="clip lengths for long recordings with segment or word times")
     p.add_argument("out", help="output directory; mirrors the source's layout with .array_record shards")
     p.add_argument("--worker", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
     p.add_argument("--workers", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
@@ -136,6 +147,10 @@ def _main(argv) -> int:
 
     from csm_jax.io import audio
 
+    if args.context_turns < 0 or not 0 < args.clip_seconds[0] < args.clip_seconds[1]:
+        clips = " ".join(map(str, args.clip_seconds))
+        raise UserError(f"--context-turns {args.context_turns} and --clip-seconds {clips}: give 0 or more context "
+                        f"turns and clip lengths MIN MAX with 0 < MIN < MAX (e.g. 3 15)")
     if args.batch_size < 1 or not 1 <= args.num_codebooks <= 32:
         raise UserError(f"--batch-size {args.batch_size} and --num-codebooks {args.num_codebooks}: give a batch size "
                         f"of 1 or more and 1 to 32 codebooks (CSM uses 32)")
@@ -147,7 +162,9 @@ def _main(argv) -> int:
             else audio.load_mimi(args.mimi, device, args.num_codebooks))
     if fmt != "emilia":
         cfg = DataConfig(audio_column=args.audio_column, text_column=args.text_column,
-                         speaker_column=args.speaker_column)
+                         speaker_column=args.speaker_column, context_turns=args.context_turns,
+                         conversation_column=args.conversation_column, order_column=args.order_column,
+                         clip_seconds=tuple(args.clip_seconds))
         report = prepare_examples(args.source, fmt, Path(args.out), mimi, args.worker, args.workers,
                                   args.num_codebooks, args.batch_size, cfg)
         print(json.dumps(report) if report else f"worker {args.worker}/{args.workers}: already prepared", flush=True)

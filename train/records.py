@@ -23,3 +23,9 @@ def deserialize(record: bytes) -> dict:
     with np.load(io.BytesIO(record)) as z:
         return {"key": str(z["key"]), "text": str(z["text"]), "meta": json.loads(str(z["meta"])),
                 "codes": z["codes"].astype(np.int32)}
+
+
+def key_of(record: bytes) -> str:
+    """A prepared record's key alone (the codes are not read)."""
+    with np.load(io.BytesIO(record)) as z:
+        return str(z["key"])

@@ -7,21 +7,31 @@ per-process sharding are shared.
   or from `speakers.json` at the root (`{"name": id}`, name = a subfolder or a clip's path without extension), or
   else each subfolder is a speaker numbered in sorted order when there are several.
 - `manifest`: a `.jsonl` or `.csv` file with columns `audio` (a path relative to the manifest), `text`, optional
-  `speaker` (an id, or names numbered in sorted order), `start`/`end` (seconds), `id`.
+  `speaker` (an id, or names numbered in sorted order), `start`/`end` (seconds), `id`; for conversations
+  `context` (ids of earlier turns, a list or one string joined with `|`, `,`, `;` or spaces) or a conversation
+  column (`data.conversation_column`) ordered by `data.order_column`, else `start`, else row order; for long
+  recordings `segments` or `words` (lists of {start, end, text}), cut into clips by train/clips.py.
 - `hf`: a dataset saved with `save_to_disk`, a directory of parquet files, or a hub id (`datasets.load_dataset`),
-  with `data.audio_column`, `data.text_column` and optional `data.speaker_column`.
+  with `data.audio_column`, `data.text_column` and optional `data.speaker_column` and conversation columns.
 
-Items that cannot be used (no transcript, empty text, missing audio, duplicate ids, paths outside the root) are
-skipped and counted in `SKIPPED` when listed; unreadable, silent or non-finite audio is counted when decoded.
+Context: each item's meta carries `context`, the keys of up to `data.context_turns` earlier turns (oldest first);
+`get(key)` reads any item by key, so training encodes those turns and `prepare` stores the keys only.
+
+Items that cannot be used (no transcript, empty text, missing audio, duplicate ids, paths outside the root, context
+ids that name no item) are skipped and counted in `SKIPPED` when listed; unreadable, silent or non-finite audio is
+counted when decoded.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from train.clips import spans, split_recording
 from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
 
 FORMATS = ("auto", "emilia", "folder", "manifest", "hf")
@@ -52,9 +62,14 @@ class Examples:
 
     def __init__(self, items: list[dict[str, Any]]):
         self.items = items
+        self.index = {item["key"]: i for i, item in enumerate(items)}
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The raw example with this key (a context turn); None when there is none."""
+        return self[self.index[key]] if key in self.index else None
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.items[index]
@@ -116,7 +131,60 @@ def _speakers_json(root: Path) -> dict[str, int]:
     return mapping
 
 
-def manifest_items(path: Path) -> list[dict[str, Any]]:
+def link_context(items: list[dict[str, Any]], turns: int) -> list[dict[str, Any]]:
+    """Sets each item's `context` to the keys of up to `turns` earlier turns, oldest first: its own `context_ids`
+    (ids that name no item are skipped and counted), else the turns before it in its `conversation` by `order`
+    (a sortable value; items without one keep their listing order). Consumes both fields."""
+    keys = {item["key"] for item in items}
+    conversations: dict[Any, list[tuple[Any, int, dict]]] = collections.defaultdict(list)
+    for position, item in enumerate(items):
+        if item.get("conversation") not in (None, ""):
+            conversations[item["conversation"]].append((item.get("order", (position, 0.0)), position, item))
+    earlier: dict[str, list[str]] = {}
+    for turns_of in conversations.values():
+        ordered = [item["key"] for _, _, item in sorted(turns_of, key=lambda t: t[:2])]
+        earlier.update({key: ordered[max(0, i - turns):i] for i, key in enumerate(ordered)} if turns else {})
+    for item in items:
+        listed = item.pop("context_ids", None)
+        item.pop("conversation", None)
+        item.pop("order", None)
+        if not turns:
+            continue
+        if listed is not None:
+            for missing in (c for c in listed if c not in keys):
+                skip("missing context id", f"{item['key']} -> {missing}")
+            context = [c for c in listed if c in keys and c != item["key"]][-turns:]
+        else:
+            context = earlier.get(item["key"], [])
+        if context:
+            item["context"] = context
+    return items
+
+
+def context_ids(value: Any) -> list[str]:
+    """A `context` cell as ids: a list, its JSON text, or one string joined with |, comma, ; or spaces."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [part for part in re.split(r"[|,;\s]+", str(value or "")) if part]
+
+
+def _order(row: dict[str, Any], column: str, position: int) -> tuple[float, float]:
+    for field in (column, "start"):
+        try:
+            return (float(row[field]), 0.0)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return (float(position), 0.0)
+
+
+def manifest_items(path: Path, cfg) -> list[dict[str, Any]]:
+    """The rows of a manifest as items; `cfg` (a DataConfig) names the conversation columns, the number of context
+    turns and the clip lengths of long recordings."""
     rows = _read_manifest(path)
     root = path.parent.resolve()
     names = sorted({str(r["speaker"]) for r in rows if r.get("speaker") not in (None, "") and
@@ -139,8 +207,19 @@ def manifest_items(path: Path) -> list[dict[str, Any]]:
         for field in ("start", "end"):
             if row.get(field) not in (None, ""):
                 item[field] = row[field]
-        items.append(item)
-    return _unique(items)
+        if row.get(cfg.conversation_column) not in (None, ""):
+            item["conversation"] = str(row[cfg.conversation_column])
+            item["order"] = _order(row, cfg.order_column, line)
+        if row.get(cfg.context_column) not in (None, "", []):
+            item["context_ids"] = context_ids(row[cfg.context_column])
+        timed = next((row[c] for c in ("segments", "words") if row.get(c) not in (None, "", [])), None)
+        if timed is None:
+            items.append(item)
+        elif (parts := spans(timed)) is None:
+            skip("bad segments", key)
+        else:
+            items += split_recording(item, parts, cfg.clip_seconds)
+    return link_context(_unique(items), cfg.context_turns)
 
 
 def _read_manifest(path: Path) -> list[dict[str, Any]]:
@@ -190,6 +269,13 @@ class HfExamples:
         if isinstance(ds.features[cfg.audio_column], datasets.Audio):
             ds = ds.cast_column(cfg.audio_column, datasets.Audio(decode=False))
         self.ds, self.cfg, self.name = ds, cfg, path.name or source
+        self.context: dict[str, list[str]] = {}
+        if cfg.context_turns and cfg.conversation_column in ds.column_names:
+            order = ds[cfg.order_column] if cfg.order_column in ds.column_names else None
+            turns = [{"key": f"{self.name}:{i}", "conversation": c,
+                      **({} if order is None else {"order": _order({"turn": order[i]}, "turn", i)})}
+                     for i, c in enumerate(ds[cfg.conversation_column])]  # rows without a turn keep row order
+            self.context = {t["key"]: t["context"] for t in link_context(turns, cfg.context_turns) if "context" in t}
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -215,7 +301,14 @@ class HfExamples:
         meta: dict[str, Any] = {"text": str(row[self.cfg.text_column] or "").strip()}
         if self.cfg.speaker_column and isinstance(row[self.cfg.speaker_column], int):
             meta["speaker_id"] = row[self.cfg.speaker_column]
+        if key in self.context:
+            meta["context"] = self.context[key]
         return {"key": key, ext: data, "meta": meta}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The raw example with this key (`NAME:row`, a context turn); None when there is none."""
+        name, _, row = key.rpartition(":")
+        return self[int(row)] if name == self.name and row.isdigit() and int(row) < len(self) else None
 
 
 def examples(source: str, fmt: str, cfg) -> Examples | HfExamples:
@@ -226,7 +319,7 @@ def examples(source: str, fmt: str, cfg) -> Examples | HfExamples:
     elif fmt == "folder":
         found = Examples(folder_items(Path(source)))
     elif fmt == "manifest":
-        found = Examples(manifest_items(Path(source)))
+        found = Examples(manifest_items(Path(source), cfg))
     else:
         raise AssertionError(fmt)
     if not len(found):

@@ -161,10 +161,10 @@ class Trainer:
               training: bool = True):
         model = nnx.merge(self.graphdef, self.model_params(params, frozen, jax.random.fold_in(key, 1)
                                                            if training else None))
-        tokens, mask, seg = batch["tokens"], batch["mask"], batch["segment_ids"]
+        tokens, mask, seg, loss_mask = batch["tokens"], batch["mask"], batch["segment_ids"], batch.get("loss_mask")
         count = depth_frame_count(*seg.shape, self.optim.depth_fraction)
-        indices, weights = choose_depth_frames(key, target_frames(mask, seg), count)
-        return csm_loss(model, tokens, mask, seg, indices, weights, self.optim.depth_weight)
+        indices, weights = choose_depth_frames(key, target_frames(mask, seg, loss_mask), count)
+        return csm_loss(model, tokens, mask, seg, indices, weights, self.optim.depth_weight, loss_mask)
 
     def _train_step(self, state: TrainState, batch: dict[str, jax.Array], frozen: Any = None):
         """batch arrays are (accumulation, B, S, ...): one optimizer update over all micro-batches."""

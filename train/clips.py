@@ -1,0 +1,122 @@
+"""Long recordings cut into training clips at the word or segment times a manifest row gives.
+
+A row whose `segments` (or `words`) column lists `{"start", "end", "text"}` spans (seconds into its audio file)
+becomes clips of `clip_seconds` = (shortest, longest) seconds, each with the transcript of the spans it holds. Cuts
+fall only between spans; among the cuts that give a clip of an allowed length, the quietest is taken (the lowest
+RMS of the audio between the two spans, or of 40 ms around the boundary where they touch), so clips end in pauses
+rather than mid-word. A span longer than the longest clip stays one clip (the duration filter then skips it; audio
+is never cut inside a span). The clips of one recording are the turns of one conversation, in time order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+from train.skips import skip
+
+PAD = 0.25  # seconds of the pause kept on each side of a cut
+WINDOW = 0.04  # seconds around a boundary measured when the spans touch
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    start: float
+    end: float
+    text: str
+
+
+def spans(value: Any) -> list[Span] | None:
+    """A `segments`/`words` cell (a list, or its JSON text in a CSV) as spans sorted by start; None when malformed."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if not isinstance(value, list) or not value:
+        return None
+    out = []
+    for s in value:
+        try:
+            span = Span(float(s["start"]), float(s["end"]), str(s.get("text") or s.get("word") or "").strip())
+        except (TypeError, KeyError, ValueError):
+            return None
+        if not 0 <= span.start < span.end:
+            return None
+        out.append(span)
+    return sorted(out, key=lambda s: s.start)
+
+
+def _read(path: str) -> tuple[np.ndarray, int] | None:
+    import sphn
+
+    try:
+        audio, rate = sphn.read(path)
+    except Exception:  # noqa: BLE001 - any decoder failure is a bad file
+        return None
+    return (audio.mean(axis=0), rate) if audio.size else None
+
+
+def _rms(mono: np.ndarray, rate: int, start: float, end: float) -> float:
+    if end - start < WINDOW:
+        middle = (start + end) / 2
+        start, end = middle - WINDOW / 2, middle + WINDOW / 2
+    piece = mono[max(0, int(start * rate)):max(0, int(end * rate))]
+    return float(np.sqrt(np.mean(np.square(piece, dtype=np.float64)))) if piece.size else 0.0
+
+
+def cut_points(parts: list[Span], mono: np.ndarray, rate: int, clip_seconds: tuple[float, float]
+               ) -> list[tuple[int, int, float, float]]:
+    """(first span, last span + 1, start, end seconds) of each clip over `parts` (sorted spans of one recording)."""
+    shortest, longest = clip_seconds
+    n = len(parts)
+    ends, starts, quiet = [], [], []  # for the cut after span j: where that clip ends, the next begins, its RMS
+    for a, b in zip(parts[:-1], parts[1:]):
+        gap_start, gap_end = a.end, max(a.end, b.start)
+        middle = (gap_start + gap_end) / 2
+        ends.append(min(middle, gap_start + PAD))
+        starts.append(max(middle, gap_end - PAD))
+        quiet.append(_rms(mono, rate, gap_start, gap_end))
+    clips, first, begin = [], 0, max(0.0, parts[0].start - PAD)
+    last = parts[-1].end + PAD
+    while True:
+        if last - begin <= longest or first == n - 1:
+            clips.append((first, n, begin, last))
+            return clips
+        cuts = range(first, n - 1)
+        fitting = [j for j in cuts if shortest <= ends[j] - begin <= longest]
+        leaves_enough = [j for j in fitting if last - starts[j] >= shortest]
+        if leaves_enough or fitting:
+            j = min(leaves_enough or fitting, key=lambda j: (quiet[j], begin - ends[j]))
+        else:  # no allowed length: the longest clip under the limit, else the shortest over it
+            under = [j for j in cuts if ends[j] - begin <= longest]
+            j = under[-1] if under else first
+        clips.append((first, j + 1, begin, ends[j]))
+        first, begin = j + 1, starts[j]
+
+
+def split_recording(item: dict[str, Any], parts: list[Span], clip_seconds: tuple[float, float]
+                    ) -> list[dict[str, Any]]:
+    """A manifest item of a long recording -> one item per clip (key `KEY#i`, start/end, the spans' text), the
+    clips one conversation (the row's, else the recording's key); [] (counted) when the audio cannot be read."""
+    read = _read(item["audio"])
+    if read is None:
+        skip("bad audio", item["key"])
+        return []
+    mono, rate = read
+    length = len(mono) / rate
+    parts = [p for p in parts if p.start < length]
+    if not parts:
+        skip("bad segments", item["key"])
+        return []
+    out = []
+    row_order = item.get("order", (0.0, 0.0))[0]
+    for i, (first, stop, start, end) in enumerate(cut_points(parts, mono, rate, clip_seconds)):
+        text = " ".join(p.text for p in parts[first:stop] if p.text)
+        clip = {k: v for k, v in item.items() if k not in ("start", "end", "order")}
+        out.append({**clip, "key": f"{item['key']}#{i}", "text": text, "start": start, "end": min(end, length),
+                    "conversation": item.get("conversation", item["key"]), "order": (row_order, start)})
+    return out
