@@ -45,13 +45,14 @@ def initial_state(state: Any) -> Any:
 
 
 def check_sampler(sampler: Sampler | None, state: Any) -> None:
+    """Refuses an initial state given without the sampler it belongs to."""
     if sampler is None and state is not None:
         raise SamplerError("sampler_state is the state of a sampler of your own; give sampler= as well")
 
 
 def _layout(tree: Any) -> tuple:
     leaves, structure = jax.tree.flatten(tree)
-    return structure, [(tuple(jnp.shape(x)), jnp.dtype(jnp.result_type(x)).name) for x in leaves]
+    return structure, [(tuple(jnp.shape(x)), str(jnp.asarray(x).dtype)) for x in leaves]
 
 
 def call_sampler(sampler: Sampler, logits: jax.Array, keys: jax.Array, frame: jax.Array, codebook: jax.Array,
@@ -67,6 +68,6 @@ def call_sampler(sampler: Sampler, logits: jax.Array, keys: jax.Array, frame: ja
     before, after = _layout(state), _layout(new_state)
     if before != after:
         raise SamplerError(f"the sampler returned a state of {after[1]} ({after[0]}) but was given {before[1]} "
-                           f"({before[0]}); return the state with "
-                           f"the same structure, shapes and dtypes (the loop carries it from step to step)")
+                           f"({before[0]}); return the state with the same structure, shapes and dtypes (the loop "
+                           f"carries it from step to step)")
     return tokens.astype(jnp.int32), new_state
