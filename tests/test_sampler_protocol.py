@@ -165,6 +165,21 @@ def test_a_logits_processor_runs_before_the_sampler(frames):
     assert (codes[0, :2] != 0).all() and (codes[0, 2:] == 0).all()
 
 
+def test_a_state_may_hold_its_own_prng_key(frames):
+    def own_key(logits, keys, frame, codebook, key):
+        key, draw = jax.random.split(key)
+        return jax.random.categorical(draw, logits).astype(jnp.int32), key
+
+    prompt = random_prompt(CONFIG, 10)
+    (codes,), key = frames.generate([prompt], 3, GREEDY_FRAMES, sampler=own_key, sampler_state=jax.random.key(5),
+                                    return_sampler_state=True)
+    assert codes.shape == (N, 3)
+    expected = jax.random.key(5)
+    for _ in range(3 * N):  # one split per call
+        expected = jax.random.split(expected)[0]
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(expected))
+
+
 def test_a_sampler_that_breaks_the_protocol_is_told_what_to_return(frames):
     prompt = random_prompt(CONFIG, 9)
 
