@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from csm_jax.core.model import Csm
 from csm_jax.inference.loop import FrameGenerator
 from csm_jax.core.errors import UserError
 from csm_jax.inference.prompt import RequestError, check_seeds, max_frames_for, prompt_frames
+from csm_jax.inference.sampler_protocol import Sampler
 from csm_jax.inference.sampling import FrameSampling, LogitsProcessor, SamplerConfig
 from csm_jax.io.adapters import Adapter, AdapterError
 from csm_jax.io.frames import Frames, Segment
@@ -45,6 +46,9 @@ class Generator:
     LoRA adapters (`csm_jax.io.adapters`): `adapter` is merged into the weights before decoding; with
     `keep_base=True` (implied by `adapter`) the base parameters are kept (one more copy of the weights) so that
     `use_adapter` can switch adapters, or go back to the base, without reloading anything.
+
+    Sampling research: `sampler` (with its initial `sampler_state`) chooses every token inside the compiled loop
+    (`csm_jax.inference.sampler_protocol`); `return_sampler_state=True` returns (result, final sampler state).
     """
 
     sample_rate = SAMPLE_RATE
@@ -93,15 +97,20 @@ class Generator:
 
     def generate(self, text: str, speaker: int | str = 0, context: Sequence[Segment] = (),
                  max_audio_length_ms: float = 90_000, temperature: float = 0.9, topk: int = 50, *, seed: int = 0,
-                 sampling: FrameSampling | None = None, logits_processor: LogitsProcessor | None = None) -> np.ndarray:
+                 sampling: FrameSampling | None = None, logits_processor: LogitsProcessor | None = None,
+                 sampler: Sampler | None = None, sampler_state: Any = None,
+                 return_sampler_state: bool = False) -> np.ndarray | tuple[np.ndarray, Any]:
         """Audio (samples,) for one utterance; `sampling` overrides temperature/topk with per-stack settings."""
-        return self.generate_batch([Request(text, speaker, context)], max_audio_length_ms, temperature, topk,
-                                   seeds=[seed], sampling=sampling, logits_processor=logits_processor)[0]
+        out = self.generate_batch([Request(text, speaker, context)], max_audio_length_ms, temperature, topk,
+                                  seeds=[seed], sampling=sampling, logits_processor=logits_processor, sampler=sampler,
+                                  sampler_state=sampler_state, return_sampler_state=return_sampler_state)
+        return (out[0][0], out[1]) if return_sampler_state else out[0]
 
     def generate_codes(self, requests: Sequence[Request], max_audio_length_ms: float = 90_000,
                        temperature: float = 0.9, topk: int = 50, *, seeds: Sequence[int] | None = None,
-                       sampling: FrameSampling | None = None,
-                       logits_processor: LogitsProcessor | None = None) -> list[np.ndarray]:
+                       sampling: FrameSampling | None = None, logits_processor: LogitsProcessor | None = None,
+                       sampler: Sampler | None = None, sampler_state: Any = None,
+                       return_sampler_state: bool = False) -> list[np.ndarray] | tuple[list[np.ndarray], Any]:
         """Mimi codes (n, F_r) per request, all rows generated together on device."""
         if isinstance(requests, (Request, str)) or not hasattr(requests, "__len__") or len(requests) == 0:
             raise RequestError("requests must be a non-empty list of Request(text, speaker, context); for one "
@@ -110,16 +119,20 @@ class Generator:
         seeds = check_seeds(seeds, len(requests))
         sampling = sampling_from(temperature, topk, sampling)
         prompts = [self.prompt(r, max_frames) for r in requests]
-        return self.frames.generate(prompts, max_frames, sampling, seeds, logits_processor)
+        return self.frames.generate(prompts, max_frames, sampling, seeds, logits_processor, sampler=sampler,
+                                    sampler_state=sampler_state, return_sampler_state=return_sampler_state)
 
     def generate_batch(self, requests: Sequence[Request], max_audio_length_ms: float = 90_000,
                        temperature: float = 0.9, topk: int = 50, *, seeds: Sequence[int] | None = None,
-                       sampling: FrameSampling | None = None,
-                       logits_processor: LogitsProcessor | None = None) -> list[np.ndarray]:
+                       sampling: FrameSampling | None = None, logits_processor: LogitsProcessor | None = None,
+                       sampler: Sampler | None = None, sampler_state: Any = None,
+                       return_sampler_state: bool = False) -> list[np.ndarray] | tuple[list[np.ndarray], Any]:
         """Audio per request; row r has exactly 1920 samples per generated frame."""
-        codes = self.generate_codes(requests, max_audio_length_ms, temperature, topk, seeds=seeds,
-                                    sampling=sampling, logits_processor=logits_processor)
-        return [self.mark(a) for a in self.decode(codes)]
+        out = self.generate_codes(requests, max_audio_length_ms, temperature, topk, seeds=seeds, sampling=sampling,
+                                  logits_processor=logits_processor, sampler=sampler, sampler_state=sampler_state,
+                                  return_sampler_state=True)
+        audio = [self.mark(a) for a in self.decode(out[0])]
+        return (audio, out[1]) if return_sampler_state else audio
 
     def decode(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Mimi-decodes rows of different lengths together (zero-padded: Mimi is causal, so padding after a row's
@@ -157,17 +170,19 @@ class Generator:
                         max_audio_length_ms: float = 90_000, temperature: float = 0.9, topk: int = 50, *,
                         seed: int = 0, sampling: FrameSampling | None = None,
                         logits_processor: LogitsProcessor | None = None, first_chunk_frames: int = 1,
-                        chunk_frames: int = 4) -> Iterator[np.ndarray]:
+                        chunk_frames: int = 4, sampler: Sampler | None = None,
+                        sampler_state: Any = None) -> Iterator[np.ndarray]:
         """Yields audio chunks as frames are sampled (Mimi streaming decode); concatenated they equal `generate`
         with the same seed (before watermarking)."""
         chunks = self.stream_codes(Request(text, speaker, context), max_audio_length_ms,
                                    sampling_from(temperature, topk, sampling), seed, logits_processor,
-                                   first_chunk_frames, chunk_frames)
+                                   first_chunk_frames, chunk_frames, sampler=sampler, sampler_state=sampler_state)
         return self.stream_audio(chunks)
 
     def stream_codes(self, request: Request, max_audio_length_ms: float, sampling: FrameSampling, seed: int,
                      logits_processor: LogitsProcessor | None = None, first_chunk_frames: int = 1,
-                     chunk_frames: int = 4) -> Iterator[np.ndarray]:
+                     chunk_frames: int = 4, *, sampler: Sampler | None = None,
+                     sampler_state: Any = None) -> Iterator[np.ndarray]:
         """Checks the request and builds its prompt now, then returns an iterator of code chunks (n, k)."""
         max_frames = max_frames_for(max_audio_length_ms)
         (seed,) = check_seeds([seed], 1)
@@ -176,7 +191,7 @@ class Generator:
                 raise RequestError(f"{name}={value!r}; give a whole number of frames >= 1")
         prompt = self.prompt(request, max_frames)
         return self.frames.stream(prompt, max_frames, sampling, seed, logits_processor, first_chunk_frames,
-                                  chunk_frames)
+                                  chunk_frames, sampler=sampler, sampler_state=sampler_state)
 
     def stream_audio(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """Mimi-decodes code chunks as they come (streaming decode), into audio chunks (k * 1920,)."""
