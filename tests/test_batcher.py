@@ -83,6 +83,23 @@ def test_the_batch_grows_and_shrinks_with_the_busy_slots_and_requests_keep_their
         np.testing.assert_array_equal(codes, frames.generate([prompt], max_frames, sampling, [seed])[0])
 
 
+def test_requests_inserted_together_share_a_prefill_and_keep_their_codes(frames):
+    sampled, greedy = FrameSampling.same(SamplerConfig(0.9, 20)), FrameSampling.same(GREEDY)
+    requests = [(0, random_prompt(CONFIG, 1), 6, 5, sampled),  # one prefill of 2 rows with the third
+                (2, random_prompt(CONFIG, 2, context_text=70, context_audio=3), 5, 6, greedy),  # a wider bucket
+                (1, random_prompt(CONFIG, 3), 7, 7, sampled)]
+    batcher = SlotBatcher(frames, slots=4, sizes=(1, 2, 4))
+    batcher.insert_many(requests)
+    out = {slot: [] for slot, *_ in requests}
+    while batcher.row_of:
+        codes, kept, _ = batcher.run(2)
+        for slot in out:
+            out[slot].append(codes[slot][kept[slot]])
+    for slot, prompt, max_frames, seed, sampling in requests:
+        np.testing.assert_array_equal(np.concatenate(out[slot]).T,
+                                      frames.generate([prompt], max_frames, sampling, [seed])[0])
+
+
 def test_batch_sizes_are_powers_of_four_up_to_the_slots(frames):
     assert [batch_sizes(s) for s in (1, 2, 4, 8, 16, 20)] == [(1,), (1, 2), (1, 4), (1, 4, 8), (1, 4, 16),
                                                               (1, 4, 16, 20)]
