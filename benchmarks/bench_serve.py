@@ -11,7 +11,8 @@ requests (at most `--max-seconds` per level). Reported per level: aggregate gene
 time), time to first audio (p50, p95) and request latency (p95), and their ratios to one-at-a-time serving.
 Compilation happens before timing (the server warms up at start, and one request per level is sent first).
 First the two halves of serving are timed apart: the decode batch alone (frames/s with 1 and with `--slots` busy
-slots) and one stream's Mimi decode (ms per frame), which bound what the server can reach.
+slots) and Mimi's streaming decode (ms per frame of one stream, and of `--slots` streams in one call), which
+bound what the server can reach.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ async def level(url: str, clients: int, requests: int, frames: int, max_seconds:
 
 
 def parts(generator, slots: int, frames: int, chunk: int) -> dict:
-    """The two halves of serving, timed apart: the decode batch alone (1 and `slots` busy slots, frames/s) and one
-    stream's Mimi decode (ms per frame)."""
+    """The two halves of serving, timed apart: the decode batch alone (1 and `slots` busy slots, frames/s) and
+    Mimi's streaming decode (ms per frame of 1 and of `slots` streams decoded together)."""
     from csm_jax.inference.batcher import SlotBatcher
     from csm_jax.inference.prompt import coded_prompt_frames
     from csm_jax.inference.sampling import FrameSampling
@@ -122,13 +123,15 @@ def parts(generator, slots: int, frames: int, chunk: int) -> dict:
                 if done.all():
                     break
         out[f"batch{busy}_fps"] = made / (time.perf_counter() - start)
-    streams, state = MimiStreams(generator.mimi), None
     codes = np.random.default_rng(0).integers(1, 2048, (generator.frames.config.num_codebooks, chunk))
-    state, _ = streams.decode(state, codes)
-    start = time.perf_counter()
-    for _ in range(5):
-        state, _ = streams.decode(state, codes)
-    out["mimi_ms_per_frame"] = (time.perf_counter() - start) / (5 * chunk) * 1000
+    for rows in (1, slots):  # one stream alone, then `slots` streams in one call
+        streams = MimiStreams(generator.mimi, rows)
+        batch = {row: codes for row in streams.open(rows)}
+        streams.decode(batch)
+        start = time.perf_counter()
+        for _ in range(5):
+            streams.decode(batch)
+        out[f"mimi{rows}_ms_per_frame"] = (time.perf_counter() - start) / (5 * chunk) * 1000
     return out
 
 
@@ -165,7 +168,8 @@ def main(argv=None):
           f"{os.cpu_count()} CPUs")
     print(f"decode batch alone: {split['batch1_fps']:.1f} frames/s with 1 slot, {split[f'batch{args.slots}_fps']:.1f} "
           f"with {args.slots} busy slots ({split[f'batch{args.slots}_fps'] / split['batch1_fps']:.2f}x); Mimi "
-          f"streaming decode {split['mimi_ms_per_frame']:.1f} ms per frame of one stream")
+          f"streaming decode {split['mimi1_ms_per_frame']:.1f} ms per frame of one stream, "
+          f"{split[f'mimi{args.slots}_ms_per_frame']:.1f} ms per frame of {args.slots} streams in one call")
     print(f"{'server':<24}{'clients':>8}{'requests':>9}{'frames/s':>10}{'x base':>8}{'TTFA p50':>10}"
           f"{'TTFA p95':>10}{'x base':>8}{'latency p95':>12}")
     for r in rows:

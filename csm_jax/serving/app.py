@@ -72,7 +72,7 @@ class SpeechService:
         self.default_format = "mp3" if "mp3" in self.formats else "wav"
         self.metrics = Metrics()
         self.metrics.slots_total.set(config.slots)
-        self.streams = MimiStreams(generator.mimi)
+        self.streams = MimiStreams(generator.mimi, config.slots)
         self.engine = Engine(generator.frames, self.streams, config.slots, config.max_queue, config.chunk_frames,
                              self.metrics, config.cache_length)
         self.voices = VoiceStore(voices_dir, self.streams.encode, self.num_codebooks)
