@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from csm_jax.core.quant import is_int8, quantize_int8
+from csm_jax.core.quant import ReadWhole, is_int8, quantize_int8
 
 # target name -> (module, parameter, number of leading input axes of the per-layer weight)
 TARGETS: dict[str, tuple[str, str, int]] = {
@@ -122,24 +122,21 @@ def delta(a: jax.Array, b: jax.Array) -> jax.Array:
     return flat.reshape(*a.shape[:-1], *b.shape[2:])
 
 
-def merge(params: dict, adapters: dict, spec: LoraSpec, dtype: Any = None) -> dict:
-    """params with every adapted weight replaced by W + scale * a @ b (in float32, or `dtype`).
-
-    Weights may be `Int8Weight`s (dequantised here, to `dtype` or float32). Training passes its compute dtype: the
-    merged weights and their gradients then take half the memory in bfloat16, as the layers cast to it anyway.
-    """
-    params = dequantize_tree(params, dtype)
+def merge(params: dict, adapters: dict, spec: LoraSpec) -> dict:
+    """params with every adapted weight replaced by W + scale * a @ b in float32 (`Int8Weight`s are dequantised):
+    for generation and export."""
+    params = dequantize_tree(params)
     for stack, target in spec.pairs():
         path = weight_path(stack, target)
         a, b = adapters[stack][target]["a"], adapters[stack][target]["b"]
         w = get_path(params, path)
         merged = w.astype(jnp.float32) + spec.scale * delta(a, b)
-        params = set_path(params, path, merged.astype(dtype or jnp.float32))
+        params = set_path(params, path, merged)
     return params
 
 
 @struct.dataclass
-class LoraWeight:
+class LoraWeight(ReadWhole):
     """A frozen weight `base` (an array or `Int8Weight`) with its adapter `a` (*in, r), `b` (r, *out): the layers'
     `dense` computes x @ base + scale * (dropout(x) @ a) @ b without forming the merged weight. Stacked over layers
     (a leading axis on every array, `dropout_key` a key per layer), it is sliced per layer by the blocks' scan
@@ -151,11 +148,6 @@ class LoraWeight:
     dropout_key: jax.Array | None = None
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
-
-    def __getitem__(self, key):
-        if key is not Ellipsis:
-            raise TypeError("a LoraWeight is read whole, with [...]")
-        return self
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -16,19 +16,23 @@ def symmetric_int8(w: jax.Array, reduce_axes: tuple[int, ...]) -> tuple[jax.Arra
     return jnp.clip(jnp.round(wf / scale), -127, 127).astype(jnp.int8), scale.astype(jnp.float32)
 
 
+class ReadWhole:
+    """A weight container that sits in an `nnx.Param` in place of an array: `param[...]` gives it back whole."""
+
+    def __getitem__(self, key):
+        if key is not Ellipsis:
+            raise TypeError(f"{type(self).__name__} is read whole, with [...]")
+        return self
+
+
 @struct.dataclass
-class Int8Weight:
+class Int8Weight(ReadWhole):
     """A weight as int8 `values` and float32 `scale`s per output channel, w ~= values * scale. The scale keeps the
     input axes with size 1, so it broadcasts and shards like the weight. Sits in an `nnx.Param` in place of the
     array (`param[...]` gives it back whole)."""
 
     values: jax.Array
     scale: jax.Array
-
-    def __getitem__(self, key):
-        if key is not Ellipsis:
-            raise TypeError("an Int8Weight is read whole, with [...]")
-        return self
 
     @property
     def shape(self) -> tuple[int, ...]:
