@@ -4,7 +4,8 @@ step's memory analysis (abstract inputs: nothing of 1B size is allocated).
 
     flock /tmp/csm-heavy.lock python -m benchmarks.bench_lora --config small --batch 4 --frames 128
 
-Step times are medians; the ratio is transformers / ours (> 1 means ours is faster).
+Step times are medians; the ratio is transformers / ours (> 1 means ours is faster). See benchmarks/bench_train.py
+on glibc's huge-page tunable for CPU runs.
 """
 
 import jax
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from benchmarks.bench_train import bench_batch, median_time, our_step, step_arguments, transformers_step
+from benchmarks.bench_train import (bench_batch, malloc_setting, median_time, our_step, step_arguments,
+                                    transformers_step)
 from csm_jax.core.config import preset
 from csm_jax.core.sharding import make_mesh
 from tests.references import csm_from_transformers, transformers_model
@@ -75,7 +77,8 @@ def main():
                                                peft_model(hf, args.rank, args.alpha)), args.repeats)
         frames = args.batch * args.frames
         print(f"{args.config}: LoRA r={args.rank} on q/k/v/o/gate/up/down of both stacks, batch {args.batch} x "
-              f"{args.frames} frames, float32, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+              f"{args.frames} frames, float32, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, "
+              f"malloc: {malloc_setting()}")
         print(f"ours:                 {ours * 1e3:8.1f} ms/step  {frames / ours:8.0f} frames/s")
         print(f"transformers + PEFT:  {theirs * 1e3:8.1f} ms/step  {frames / theirs:8.0f} frames/s")
         print(f"ratio transformers/ours: {theirs / ours:.2f}")

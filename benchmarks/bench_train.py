@@ -5,9 +5,14 @@ loss (codebook 0 on every audio frame, depth decoder on a fixed fraction of fram
 
 Prints both medians, the ratio (transformers / ours; > 1 means ours is faster), frames/s and, when a GPU is
 present, model FLOPs utilisation against --peak-tflops.
+
+On the CPU a step's temporaries are fresh memory every step (glibc maps allocations over 32 MB anew), so page faults
+are a large part of both sides' step time; `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (set before Python starts) backs
+them with transparent huge pages. The run prints which it had.
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -22,6 +27,11 @@ from tests.helpers import utterance_batch
 from tests.references import transformers_loss, transformers_model
 from train.lora import LoraConfig, make_trainer
 from train.trainer import OptimConfig
+
+
+def malloc_setting() -> str:
+    """The glibc malloc tunables this process started with (see the module docstring)."""
+    return os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
 
 
 def median_time(step, repeats: int) -> float:
@@ -113,7 +123,7 @@ def main():
     theirs = median_time(transformers_step(config, tokens, mask, depth_mask, 1e-4), args.repeats)
     frames = args.batch * args.frames
     print(f"{args.config}: batch {args.batch} x {args.frames} frames, depth on {depth_frames} frames, "
-          f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+          f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, malloc: {malloc_setting()}")
     print(f"ours ({args.dtype}):         {ours * 1e3:8.1f} ms/step  {frames / ours:8.0f} frames/s")
     print(f"transformers (float32): {theirs * 1e3:8.1f} ms/step  {frames / theirs:8.0f} frames/s")
     print(f"ratio transformers/ours: {theirs / ours:.2f}")
