@@ -45,18 +45,22 @@ def median_time(step, repeats: int) -> float:
     return statistics.median(times)
 
 
-def transformers_step(config, tokens, mask, depth_mask, lr, hf=None):
-    """`hf`: the model to train (default: a random one); only its parameters that require grad are trained."""
+def transformers_step(config, tokens, mask, depth_mask, lr, hf=None, autocast=None):
+    """`hf`: the model to train (default: a random one, on the CPU), on its device; only its parameters that require
+    grad are trained. `autocast`: a torch dtype the forward computes in (torch.autocast; weights stay as they are)."""
     hf = (transformers_model(config) if hf is None else hf).train()
     optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
                                   weight_decay=1e-3)
 
     def step():
-        loss = transformers_loss(hf, tokens, mask, depth_mask).loss
+        with torch.autocast(hf.device.type, dtype=autocast, enabled=autocast is not None):
+            loss = transformers_loss(hf, tokens, mask, depth_mask).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.requires_grad], 1.0)
         optimizer.step()
+        if loss.is_cuda:  # CUDA runs asynchronously: the step is done when the card is
+            torch.cuda.synchronize()
 
     return step
 

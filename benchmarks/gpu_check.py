@@ -8,12 +8,16 @@ step, and each step starts with the card's memory free) and writes its results a
 them into OUT_DIR/gpu_check.json and gpu_check.md and prints the table last. --smoke: the same steps on the CPU
 with tiny sizes.
 
-Steps: env (versions; device-to-device copy bandwidth and bf16 matmul rate, measured); correctness (tiny configs:
-float32 and bf16 logits against transformers on the same device, greedy frames against JAX's CPU backend and
-transformers' greedy generate, int8 against float32 weights); mimi (random Mimi encode/decode on the device);
-decode_bf16 / decode_int8 (full-size CSM-1B at random weights: ms/frame at batch 1, 8, 64 and time to first
-audio); transformers (its `generate` on the same weights, static cache + torch.compile, eager if that fails);
-train (one CSM-1B step, bf16 compute over float32 master weights, batch 8 x 512 frames: frames/s and MFU).
+Steps, in the order they run (their order of importance): env (versions; device-to-device copy bandwidth and bf16
+matmul rate, measured); correctness (tiny configs: float32 and bf16 logits against transformers on the same device,
+greedy frames against JAX's CPU backend and transformers' greedy generate, int8 against float32 weights); mimi
+(random Mimi encode/decode on the device); decode_bf16 / decode_int8 (full-size CSM-1B at random weights: ms/frame at
+batch 1, 8, 64 and time to first audio); train (one CSM-1B step, bf16 compute over float32 master weights, batch 8 x
+512 frames: frames/s and MFU); serve (benchmarks/bench_serve.py's load test, small config, Mimi on the card: 1, 4
+and 16 streaming clients over loopback against one-at-a-time serving, and the goals' ratios); lora (one LoRA step,
+rank 32 on all seven projections of both stacks, ours against transformers + PEFT on the same weights and batch:
+small config 4 x 128 frames in float32, CSM-1B 2 x 256 frames in bf16 compute); transformers (its `generate` on the
+same weights as decode_bf16, static cache + torch.compile, eager if that fails).
 """
 
 from __future__ import annotations
@@ -33,14 +37,23 @@ sys.path.insert(0, str(ROOT))
 PEAK_BF16_FLOPS = 790e12  # H100/H200 dense bf16 matmul, measured on this workplace's cards (about 790 TFLOP/s)
 SIZES = {
     "gpu": dict(full="csm_1b", tiny="tiny", batches=(1, 8, 64), frames=16, train_batch=8, train_frames=512,
-                copy_mib=1024, matmul=8192, repeats=5, mimi_seconds=4.0),
+                copy_mib=1024, matmul=8192, repeats=5, mimi_seconds=4.0,
+                serve=dict(config="small", slots=16, clients=(1, 4, 16), frames=24, requests=2, chunk_frames=2,
+                           max_seconds=20),
+                lora=(("small", 4, 128, "float32"), ("csm_1b", 2, 256, "bfloat16"))),
     "smoke": dict(full="tiny", tiny="tiny", batches=(1, 2, 4), frames=16, train_batch=2, train_frames=32,
-                  copy_mib=16, matmul=256, repeats=2, mimi_seconds=0.5),
+                  copy_mib=16, matmul=256, repeats=2, mimi_seconds=0.5,
+                  serve=dict(config="tiny_full_vocab", slots=2, clients=(1, 2), frames=4, requests=1, chunk_frames=2,
+                             max_seconds=60),
+                  lora=(("tiny", 2, 16, "bfloat16"),)),  # one compile of each step (bf16: the autocast path)
 }
+LORA = dict(rank=32, alpha=32.0, depth_fraction=1 / 16, lr=2e-4)  # all 7 projections of both stacks
 BUDGET_SCALE = {"gpu": 1, "smoke": 10}  # a shared CPU runs the smoke sizes slowly; its budgets only catch hangs
-# (step, time budget in seconds on the GPU); the sum stays under 8 minutes with the start-up and wheels
+# (step, time budget in seconds on the GPU), in order of importance: a step gets its budget or what is left of
+# TOTAL_BUDGET, whichever is less (the budgets add up to more, as most steps end early); with the start-up and the
+# wheels the run stays under 8 minutes
 STEPS = [("env", 30), ("correctness", 60), ("mimi", 25), ("decode_bf16", 90), ("decode_int8", 70),
-         ("train", 60), ("transformers", 115)]
+         ("train", 60), ("serve", 75), ("lora", 60), ("transformers", 115)]
 TOTAL_BUDGET = 450
 
 
@@ -566,10 +579,119 @@ def step_train(rec: Recorder, size: dict, work: Path) -> None:
         rec[key] = value
 
 
+# ---- serving ---------------------------------------------------------------------------------------------------
+
+def step_serve(rec: Recorder, size: dict, work: Path) -> None:
+    """benchmarks/bench_serve.py's load test: streaming clients over loopback against one-at-a-time serving, Mimi
+    beside the model (on the card)."""
+    if missing := not_installed("benchmarks.bench_serve"):  # the server (starlette, uvicorn) and httpx
+        rec["error"] = f"error: {missing} not installed (carry its wheel: ../shared/gpu/fetch_wheels.sh)"
+        return
+    from benchmarks.bench_serve import against, load_test, parts, random_generator
+
+    s = size["serve"]
+    rec["setup"] = s
+    generator = random_generator(s["config"])
+    rec["mimi_device"] = str(next(generator.mimi.parameters()).device)
+    rec.guard("halves", parts, generator, s["slots"], s["frames"], s["chunk_frames"])
+    base = None
+    for row in load_test(generator, s["slots"], s["clients"], s["frames"], s["requests"], s["chunk_frames"],
+                         s["max_seconds"]):
+        if base is None:
+            base = rec["one_at_a_time"] = row
+        else:
+            rec[f"clients_{row['clients']}"] = {**row, **against(row, base)}
+
+
+# ---- LoRA training step --------------------------------------------------------------------------------------
+
+def step_lora(rec: Recorder, size: dict, work: Path) -> None:
+    """One LoRA step (rank 32, alpha 32, q/k/v/o/gate/up/down of both stacks), ours against transformers + PEFT on
+    the same config, weights and batch (benchmarks/bench_lora.py), on the card: each config and batch of
+    size["lora"] in turn, float32 or bf16 compute over float32 weights."""
+    import torch
+
+    from benchmarks.bench_train import bench_batch
+    from csm_jax.core.config import preset
+
+    # float32 products in TF32 on both sides: JAX's default on the GPU, and torch's with "high"
+    torch.set_float32_matmul_precision("high")
+    rec["float32_matmuls"] = "TF32 on both sides on a GPU (JAX's default; torch set_float32_matmul_precision('high'))"
+    for name, batch, frames, dtype in size["lora"]:
+        config = preset(name)
+        tokens, mask, depth_mask = bench_batch(config, batch, frames, LORA["depth_fraction"])
+        hf = full_size_transformers(config, "float32")
+        key, out = f"{name}_{dtype}", {"batch": batch, "frames": frames, "compute": dtype, "weights": "float32"}
+        for side, fn, args in (("ours_ms", lora_ours_ms, (hf, config, tokens, mask, dtype, size["repeats"])),
+                               ("transformers_peft_ms", lora_peft_ms,
+                                (hf, config, tokens, mask, depth_mask, dtype, size["repeats"]))):
+            try:
+                out[side] = fn(*args)
+            except Exception as e:  # noqa: BLE001 (a failure is a result; the other side still runs)
+                out[f"{side}_error"] = f"{type(e).__name__}: {e}"[:500]
+                traceback.print_exc()
+            free_device_memory()
+            rec[key] = out
+        if "ours_ms" in out and "transformers_peft_ms" in out:
+            rec[key] = {**out, "transformers_over_ours": out["transformers_peft_ms"] / out["ours_ms"]}
+
+
+def lora_ours_ms(hf, config, tokens, mask, dtype: str, repeats: int) -> float:
+    """Median ms of our LoRA step on `hf`'s weights."""
+    import jax.numpy as jnp
+
+    from benchmarks.bench_generate import ours_from_transformers
+    from benchmarks.bench_train import median_time, our_step
+    from train.lora import LoraConfig
+
+    step = our_step(config, tokens, mask, LORA["depth_fraction"], LORA["lr"], jnp.dtype(dtype),
+                    LoraConfig(rank=LORA["rank"], alpha=LORA["alpha"]), ours_from_transformers(hf, config, "float32"))
+    return 1e3 * median_time(step, repeats)
+
+
+def lora_peft_ms(hf, config, tokens, mask, depth_mask, dtype: str, repeats: int) -> float:
+    """Median ms of transformers' step with PEFT's LoRA wrapped around `hf` (in place)."""
+    import torch
+
+    if missing := not_installed("peft"):
+        raise ModuleNotFoundError(f"{missing} not installed")
+    from benchmarks.bench_lora import peft_model
+    from benchmarks.bench_train import median_time, transformers_step
+
+    step = transformers_step(config, tokens, mask, depth_mask, LORA["lr"], peft_model(hf, LORA["rank"], LORA["alpha"]),
+                             None if dtype == "float32" else getattr(torch, dtype))
+    return 1e3 * median_time(step, repeats)
+
+
+def free_device_memory() -> None:
+    """Drops JAX's compiled steps and what torch's allocator keeps, once a measurement's objects are gone."""
+    import gc
+
+    import jax
+    import torch
+
+    jax.clear_caches()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def not_installed(module: str) -> str:
+    """The first package that `module` (or what it imports) lacks here, or "" when it imports."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        return e.name or module
+    return ""
+
+
 STEP_FUNCTIONS = {"env": step_env, "correctness": step_correctness, "mimi": step_mimi,
                   "decode_bf16": lambda r, s, w: step_decode(r, s, w, "bfloat16"),
                   "decode_int8": lambda r, s, w: step_decode(r, s, w, "int8"),
-                  "transformers": step_transformers, "train": step_train}
+                  "transformers": step_transformers, "train": step_train, "serve": step_serve,
+                  "lora": step_lora}
 
 
 # ---- the driver and the table --------------------------------------------------------------------------------
@@ -640,12 +762,54 @@ def table(results: dict, size: dict) -> str:
                  f"{_fmt(t.get('step_s'), '.3f')} s, {_fmt(t.get('frames_per_s'), '.0f')} frames/s, MFU "
                  f"{_fmt(t.get('mfu_vs_790'), '.1%')} of 790 TFLOP/s"
                  + ("" if t.get("peak_memory_gb") is None else f", peak {t['peak_memory_gb']:.1f} GB")))  # no CPU peak
+    rows += serve_rows(r.get("serve", {}), size["serve"])
+    lo = r.get("lora", {})
+    for name, batch, frames, dtype in size["lora"]:
+        v = lo.get(f"{name}_{dtype}", {})
+        errors = "; ".join(v[k] for k in ("ours_ms_error", "transformers_peft_ms_error") if k in v)
+        rows.append((f"{name} LoRA step r={LORA['rank']}, batch {batch} x {frames}, {dtype} compute",
+                     f"ours {_fmt(v.get('ours_ms'), '.1f', ' ms')}, transformers + PEFT "
+                     f"{_fmt(v.get('transformers_peft_ms'), '.1f', ' ms')}: ratio transformers/ours "
+                     f"{_fmt(v.get('transformers_over_ours'), '.2f')}" + (f" ({errors})" if errors else "")))
     for name, _ in STEPS:
         status = r.get(name, {}).get("_status")
         if status and status != "ok":
             rows.append((f"step {name}", status))
     lines = ["| check | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def serve_rows(v: dict, s: dict) -> list[tuple[str, str]]:
+    """The load test's rows: the halves, each level, and the goals (the most clients against one at a time)."""
+    label = f"serving {s['config']}, {s['frames']} frames a request"
+
+    def level(row):
+        if not row:
+            return "not measured"
+        return (f"{_fmt(row.get('fps'), '.1f', ' frames/s')}, time to first audio p50 "
+                f"{_fmt(_ms(row.get('ttfa_p50')), '.0f', ' ms')} / p95 {_fmt(_ms(row.get('ttfa_p95')), '.0f', ' ms')}, "
+                f"latency p95 {_fmt(row.get('latency_p95'), '.2f', ' s')}")
+
+    if v.get("error"):
+        return [(label, v["error"])]
+    h = v.get("halves", {})
+    slots, most = s["slots"], s["clients"][-1]
+    rows = [(f"{label}: the halves (Mimi on {v.get('mimi_device', '?')})", h.get("error") or
+             f"decode batch alone {_fmt(h.get('batch1_fps'), '.0f')} / {_fmt(h.get(f'batch{slots}_fps'), '.0f')} "
+             f"frames/s with 1 / {slots} busy slots; Mimi {_fmt(h.get('mimi1_ms_per_frame'), '.2f')} / "
+             f"{_fmt(h.get(f'mimi{slots}_ms_per_frame'), '.2f')} ms per frame of 1 / {slots} streams"),
+            (f"{label}, one at a time (1 slot, 1 client)", level(v.get("one_at_a_time", {})))]
+    rows += [(f"{label}, {slots} slots, {n} client{'s' if n > 1 else ''}", level(v.get(f"clients_{n}", {})))
+             for n in s["clients"]]
+    top = v.get(f"clients_{most}", {})
+    rows.append((f"serving goals, {most} clients against one at a time",
+                 f"throughput {_fmt(top.get('fps_x'), '.2f', 'x')} (goal >= 6x), p95 time to first audio "
+                 f"{_fmt(top.get('ttfa_p95_x'), '.2f', 'x')} (goal <= 2x)"))
+    return rows
+
+
+def _ms(seconds):
+    return None if seconds is None else 1e3 * seconds
 
 
 def run_all(out: Path, smoke: bool) -> int:

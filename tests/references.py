@@ -97,10 +97,10 @@ def transformers_loss(model, tokens, mask, depth_frames):
     depth_decoder_loss). Labels (B, S, n) are the codes on audio frames and -100 elsewhere; outside `depth_frames`
     (B, S) codebooks 1.. are -100 too, which is what transformers makes of its -101 (backbone-only) label."""
     n = model.config.num_codebooks
-    codes = torch.as_tensor(np.asarray(tokens), dtype=torch.long)[..., :n]
-    is_audio = torch.as_tensor(np.asarray(mask))[..., 0]
+    codes = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=model.device)[..., :n]
+    is_audio = torch.as_tensor(np.asarray(mask), device=model.device)[..., 0]
     labels = torch.where(is_audio[..., None], codes, torch.full_like(codes, -100))
-    labels[..., 1:][torch.as_tensor(~np.asarray(depth_frames))] = -100
+    labels[..., 1:][torch.as_tensor(~np.asarray(depth_frames), device=model.device)] = -100
     return model(inputs_embeds=transformers_embeds(model, tokens, mask), labels=labels)
 
 

@@ -18,7 +18,7 @@ def test_gpu_check_smoke_runs_every_step_and_prints_the_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     log = (tmp_path / "gpu_check.log").read_text()
-    for step in ("env", "correctness", "mimi", "decode_bf16", "decode_int8", "train", "transformers"):
+    for step in ("env", "correctness", "mimi", "decode_bf16", "decode_int8", "train", "serve", "lora", "transformers"):
         assert results[step]["_status"] == "ok", f"{step}: {results[step]['_status']}\n{log[-4000:]}"
 
     env_ = results["env"]
@@ -49,6 +49,20 @@ def test_gpu_check_smoke_runs_every_step_and_prints_the_table(tmp_path):
     train = results["train"]
     assert train["loss_finite"] and train["frames_per_s"] > 0 and 0 < train["mfu_vs_790"] < 1
     assert train["flops_per_step"] > 0
+
+    # the load test at smoke size: one at a time, then 1 and 2 clients on a 2-slot server, 4 frames a request
+    serve = results["serve"]
+    assert serve["mimi_device"] == "cpu"
+    assert serve["halves"]["batch2_fps"] > 0 and serve["halves"]["mimi2_ms_per_frame"] > 0
+    for key in ("one_at_a_time", "clients_1", "clients_2"):
+        row = serve[key]
+        assert row["requests"] >= 1 and row["frames"] == 4 * row["requests"], (key, row)
+        assert row["fps"] > 0 and 0 < row["ttfa_p50"] <= row["ttfa_p95"] <= row["latency_p95"], (key, row)
+    assert serve["clients_2"]["fps_x"] > 0 and serve["clients_2"]["ttfa_p95_x"] > 0
+
+    lora = results["lora"]["tiny_bfloat16"]  # our LoRA step and transformers + PEFT's, both measured
+    assert lora["ours_ms"] > 0 and lora["transformers_peft_ms"] > 0, lora
+    assert lora["transformers_over_ours"] == lora["transformers_peft_ms"] / lora["ours_ms"]
 
     table = (tmp_path / "gpu_check.md").read_text().strip()
     assert proc.stdout.rstrip().endswith(table)  # printed last
