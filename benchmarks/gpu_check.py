@@ -585,7 +585,7 @@ def step_serve(rec: Recorder, size: dict, work: Path) -> None:
     """benchmarks/bench_serve.py's load test: streaming clients over loopback against one-at-a-time serving, Mimi
     beside the model (on the card)."""
     if missing := not_installed("benchmarks.bench_serve"):  # the server (starlette, uvicorn) and httpx
-        rec["error"] = f"error: {missing} not installed (carry its wheel: ../shared/gpu/fetch_wheels.sh)"
+        rec["error"] = f"error: {missing} not installed (carry its wheel: bash benchmarks/gpu_wheels.sh .whl)"
         return
     from benchmarks.bench_serve import against, load_test, parts, random_generator
 

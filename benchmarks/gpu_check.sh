@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 mkdir -p "$out"
 
-# Packages the GPU machine's image lacks travel as wheels in .whl/ (../shared/gpu/fetch_wheels.sh .whl); nothing
+# Packages the GPU machine's image lacks travel as wheels in .whl/ (bash benchmarks/gpu_wheels.sh .whl); nothing
 # is downloaded there. The project runs from this source tree.
 if [[ -d .whl && $smoke != --smoke ]]; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
