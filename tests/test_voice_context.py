@@ -302,3 +302,65 @@ def test_context_and_clip_settings_are_checked(conversation, tmp_path):
                               ("data.context_turns=-1", "must not be negative")):
         with pytest.raises(TrainConfigError, match=message):
             validate(load_config("train/configs/lora_voice.py", [*base, override]))
+
+
+@pytest.fixture(scope="module")
+def dialogue(tmp_path_factory) -> tuple[Path, list[list[dict]]]:
+    """Three turns of two espeak voices (A, B, A) joined by 0.3 s pauses into one file, and a diarised transcript:
+    each turn as two segments labelled with its speaker, B's first segment dated 0.1 s into A's last (overlapping
+    speech, as diarisation gives). Returns the file and the segments of each turn."""
+    d = tmp_path_factory.mktemp("dialogue")
+    pieces, turns, t = [], [], 0.0
+    for i, (speaker, voice) in enumerate((("SPEAKER_00", "en-us"), ("SPEAKER_01", "en-gb"), ("SPEAKER_00", "en-us"))):
+        speech, rate = sf.read(espeak_wav(d / f"s{i}.wav", ENGLISH[i], voice), dtype="float32")
+        voiced = np.flatnonzero(np.abs(speech) > 1e-3)
+        speech = speech[voiced[0]:voiced[-1] + 1]
+        length, words = len(speech) / rate, ENGLISH[i].split()
+        early = 0.4 if i == 1 else 0.0  # the pause, and 0.1 s into A's speech
+        turns.append([{"start": t - early, "end": t + length / 2, "text": " ".join(words[:len(words) // 2]),
+                       "speaker": speaker},
+                      {"start": t + length / 2, "end": t + length, "text": " ".join(words[len(words) // 2:]),
+                       "speaker": speaker}])
+        pieces += [speech, np.zeros(int(0.3 * rate), np.float32)]
+        t += length + 0.3
+    sf.write(d / "dialogue.wav", np.concatenate(pieces), 24000)
+    return d / "dialogue.wav", turns
+
+
+def test_a_diarised_recording_is_cut_at_every_speaker_change_into_turns_of_one_conversation(dialogue, featurizer,
+                                                                                           tmp_path):
+    from csm_jax.io.frames import Frames
+    from train.sources import examples, manifest_items
+
+    wav, turns = dialogue
+    (tmp_path / "dialogue.wav").write_bytes(wav.read_bytes())
+    segments = [s for turn in turns for s in turn]
+    unlabelled = [{k: v for k, v in s.items() if k != "speaker"} for s in segments]
+    first_labelled = [*segments[:2], *unlabelled[2:]]
+    rows = [{"id": "talk", "audio": "dialogue.wav", "text": "", "segments": segments},
+            {"id": "solo", "audio": "dialogue.wav", "text": "", "speaker": "alice", "segments": unlabelled},
+            {"id": "mixed", "audio": "dialogue.wav", "text": "", "speaker": "alice", "segments": first_labelled}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(clip_seconds=(2.0, 15.0), context_turns=2)  # the whole recording would fit one clip
+    items = {i["key"]: i for i in manifest_items(tmp_path / "m.jsonl", cfg)}
+    # names of rows and segments numbered together in sorted order: SPEAKER_00 0, SPEAKER_01 1, alice 2
+    assert [(k, i["speaker_id"], i.get("context")) for k, i in items.items() if k.startswith("talk")] == [
+        ("talk#0", 0, None), ("talk#1", 1, ["talk#0"]), ("talk#2", 0, ["talk#0", "talk#1"])]
+    for i, turn in enumerate(turns):  # each clip holds its turn's spans whole, overlapping speech included
+        clip = items[f"talk#{i}"]
+        assert clip["start"] <= turn[0]["start"] and turn[-1]["end"] <= clip["end"] and clip["text"] == ENGLISH[i]
+    assert items["talk#0"]["end"] > items["talk#1"]["start"]
+    assert [(k, i["speaker_id"]) for k, i in items.items() if k.startswith("solo")] == [("solo#0", 2)]  # as before
+    assert [(k, i["speaker_id"], i["text"]) for k, i in items.items() if k.startswith("mixed")] == [
+        ("mixed#0", 0, ENGLISH[0]), ("mixed#1", 2, " ".join(ENGLISH[1:3]))]
+
+    (tmp_path / "talk.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    samples = _samples(tmp_path / "talk.jsonl", featurizer, clip_seconds=(2.0, 15.0), context_turns=2)
+    found = examples(str(tmp_path / "talk.jsonl"), "manifest", cfg)
+    encoded = [featurizer.encode(found.get(f"talk#{i}")) for i in range(3)]
+    for last in range(3):  # each turn after its earlier turns, every one with its own speaker's id
+        expected = Frames.concat([featurizer.segment(e) for e in encoded[:last + 1]])
+        n = len(expected)
+        assert sum(int(b["segment_ids"].sum()) == n and np.array_equal(b["tokens"][0, 0, :n], expected.tokens)
+                   for b in samples) == 1
+    assert [e["meta"]["speaker_id"] for e in encoded] == [0, 1, 0]
