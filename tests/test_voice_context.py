@@ -221,6 +221,41 @@ def test_prepare_encodes_each_clip_once_and_training_reads_context_from_the_reco
     assert len(_rows(prepared)) == 5 and any(not np.frombuffer(m, bool).all() for _, m in _rows(prepared))
 
 
+def test_held_out_turns_never_reach_training_and_held_out_targets_are_scored_alone(conversation, featurizer,
+                                                                                   monkeypatch):
+    """With data.eval_fraction 0.6 the ids t0, t1 and x are held out (crc32 of the id below 0.6; t2 and t3 are
+    not): x follows t3, a training turn. Training samples leave held-out turns out of their context, so no training
+    sample reads their audio; eval samples keep every earlier turn as context and score the target alone."""
+    from csm_jax.io.frames import Frames
+    from train import data
+    from train.data import in_split
+    from train.sources import examples
+
+    fields = {"context_turns": 3, "eval_fraction": 0.6, "loss_on": "all"}
+    assert [k for k in ("t0", "t1", "t2", "t3", "x") if in_split(k, "eval", 0.6)] == ["t0", "t1", "x"]
+    found = examples(str(conversation), "manifest", DataConfig(**fields))
+    segment = {k: featurizer.segment(featurizer.encode(found.get(k))) for k in ("t0", "t1", "t2", "t3", "x")}
+
+    def expected(turns, scored):
+        parts = [segment[k] for k in turns]
+        loss = np.concatenate([np.full(len(p), i >= len(parts) - scored) for i, p in enumerate(parts)])
+        return Frames.concat(parts).tokens.tobytes(), loss.tobytes()
+
+    read = []
+    decode = data.decode_audio
+    monkeypatch.setattr(data, "decode_audio", lambda example: read.append(example["key"]) or decode(example))
+    cfg = DataConfig(max_frames=256, batch_size=1, **fields)
+    f = dataclasses.replace(featurizer, cfg=cfg)
+    trained = _rows(data.dataset(str(conversation), cfg, f, repeat=False, split="train"))
+    assert set(read) == {"t2", "t3"}
+    assert trained == sorted([expected(["t2"], 1), expected(["t2", "t3"], 2)])  # loss_on=all: every turn
+
+    read.clear()
+    held_out = _rows(data.dataset(str(conversation), cfg, f, repeat=False, split="eval"))
+    assert set(read) == {"t0", "t1", "t3", "x"}
+    assert held_out == sorted([expected(["t0"], 1), expected(["t0", "t1"], 1), expected(["t3", "x"], 1)])
+
+
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> tuple[Path, list[dict], list[tuple[float, float]]]:
     """Six espeak sentences joined by 0.6 s pauses into one 17 s file; its segments are half sentences, so every

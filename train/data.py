@@ -333,10 +333,10 @@ class Featurizer:
         return segment_frames(self.tokenizer, Segment(speaker, encoded["text"]), encoded["codes"],
                               self.num_codebooks)
 
-    def frames(self, encoded: dict[str, Any] | None) -> dict[str, np.ndarray] | None:
+    def frames(self, encoded: dict[str, Any] | None, loss_on: str | None = None) -> dict[str, np.ndarray] | None:
         """The encoded target after its encoded `context` turns (oldest dropped first until the sample fits
         max_frames; a target that does not fit alone is skipped). `loss_mask` marks the frames whose prediction
-        counts: the target's, or every turn's with `loss_on="all"`."""
+        counts: the target's, or every turn's with `loss_on="all"` (default: the config's)."""
         if encoded is None:
             return None
         target = self.segment(encoded)
@@ -347,18 +347,20 @@ class Featurizer:
             turns.pop(0)
         frames = Frames.concat([*turns, target])
         loss_mask = np.ones(len(frames), bool)
-        if self.cfg.loss_on == "target":
+        if (loss_on or self.cfg.loss_on) == "target":
             loss_mask[:len(frames) - len(target)] = False
         return {"tokens": frames.tokens, "mask": frames.mask, "loss_mask": loss_mask}
 
 
 def with_context(encoded: dict[str, Any] | None, lookup: Callable[[str], dict[str, Any] | None],
-                 cfg: DataConfig) -> dict[str, Any] | None:
+                 cfg: DataConfig, split: str | None = None) -> dict[str, Any] | None:
     """Adds `context`: the encoded turns named by the meta's `context` keys (the last `cfg.context_turns`), each
-    from `lookup(key)`; a key it cannot find is counted and left out."""
+    from `lookup(key)`; a key it cannot find is counted and left out. On the "train" side of the held-out split,
+    held-out turns are left out too: training never reads the audio eval scores."""
     if encoded is None or not cfg.context_turns:
         return encoded
-    keys = list(encoded.get("meta", {}).get("context") or ())[-cfg.context_turns:]
+    keys = [key for key in encoded.get("meta", {}).get("context") or ()
+            if split != "train" or in_split(key, split, cfg.eval_fraction)][-cfg.context_turns:]
     turns = []
     for key in keys:
         turn = lookup(key)
@@ -367,6 +369,13 @@ def with_context(encoded: dict[str, Any] | None, lookup: Callable[[str], dict[st
         else:
             turns.append(turn)
     return {**encoded, "context": turns}
+
+
+def sample(encoded: dict[str, Any] | None, featurizer: Featurizer, lookup: Callable[[str], dict[str, Any] | None],
+           cfg: DataConfig, split: str | None) -> dict[str, np.ndarray] | None:
+    """An encoded target's frames after its context turns. A held-out ("eval") target is scored on its own audio
+    alone, whatever `loss_on` says: its context turns may be training data."""
+    return featurizer.frames(with_context(encoded, lookup, cfg, split), "target" if split == "eval" else None)
 
 
 def pad_frames(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
@@ -544,7 +553,7 @@ def prepared_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featur
     def one_pass(epoch: int) -> grain.IterDataset:
         examples = (_interleaved(share, cfg, _record_shard).map(_read_record)
                     .filter(lambda x: keep(x, cfg, split)))
-        return _shuffled(examples, cfg, epoch).map(lambda x: featurizer.frames(with_context(x, index, cfg)))
+        return _shuffled(examples, cfg, epoch).map(lambda x: sample(x, featurizer, index, cfg, split))
 
     return batches(Passes(one_pass, _nothing_usable(share, cfg), repeat), cfg, accumulation)
 
@@ -566,7 +575,7 @@ def examples_dataset(examples: Sequence, cfg: DataConfig, featurizer: Featurizer
         return (share.shuffle(seed=cfg.seed + epoch).to_iter_dataset()
                 .map(lambda x: check_metadata(x) if x is not None else None)
                 .filter(lambda x: keep(x, cfg, split)).map(featurizer.encode)
-                .map(lambda x: featurizer.frames(with_context(x, context_turn, cfg))))
+                .map(lambda x: sample(x, featurizer, context_turn, cfg, split)))
 
     def error(skipped: collections.Counter) -> DataError:
         counts = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "nothing"
