@@ -256,6 +256,41 @@ def test_held_out_turns_never_reach_training_and_held_out_targets_are_scored_alo
     assert held_out == sorted([expected(["t0"], 1), expected(["t0", "t1"], 1), expected(["t3", "x"], 1)])
 
 
+def test_turns_encoded_on_the_fly_are_kept_by_key_encoded_once_and_give_the_same_samples(conversation, featurizer,
+                                                                                        monkeypatch):
+    """Without `prepare`, a pass makes the five rows targets and t0-t3 context turns seven times: kept by key,
+    each clip is encoded once over two passes, into the same samples as encoding every use. The least recently
+    used turn goes first when the codes outgrow the budget."""
+    from csm_jax.io import audio
+    from train import data
+    from train.sources import examples
+
+    cfg = DataConfig(max_frames=256, batch_size=1, context_turns=3)
+    f = dataclasses.replace(featurizer, cfg=cfg)
+    found = examples(str(conversation), "manifest", cfg)
+    size = {k: f.encode(found.get(k))["codes"].nbytes for k in ("t0", "t1", "t2")}
+    calls = []
+    encode = audio.encode
+    monkeypatch.setattr(audio, "encode", lambda mimi, clip: calls.append(len(clip)) or encode(mimi, clip))
+
+    def two_passes(budget):
+        monkeypatch.setattr(data, "CACHED_CODES", budget)
+        calls.clear()
+        batches = iter(data.dataset(str(conversation), cfg, f))
+        return _rows([next(batches) for _ in range(10)])
+
+    budget = data.CACHED_CODES
+    every_use = two_passes(0)
+    assert len(calls) == 2 * (5 + 7)
+    assert two_passes(budget) == every_use and len(calls) == 5
+
+    turns = data.RecentTurns(f, found, budget=sum(size.values()) - 1)
+    calls.clear()
+    for key in ("t0", "t1", "t0", "t2", "t0", "t1"):  # t2 pushes out t1, the least recently used
+        assert turns.context(key)["key"] == key
+    assert len(calls) == 4 and list(turns.turns) == ["t0", "t1"] and turns.size == size["t0"] + size["t1"]
+
+
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> tuple[Path, list[dict], list[tuple[float, float]]]:
     """Six espeak sentences joined by 0.6 s pauses into one 17 s file; its segments are half sentences, so every

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from csm_jax.core.codec import SAMPLE_RATE
 from csm_jax.io.frames import Frames, Segment, segment_frames
 from csm_jax.io.hub import looks_like_hub_id
 from train import sources
@@ -43,6 +44,7 @@ from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
 log = logging.getLogger(__name__)
 
 SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # what a broken tar raises while read
+CACHED_CODES = 64 << 20  # bytes of Mimi codes kept per pipeline over data encoded on the fly (11 h of int32 codes)
 _reported_shards: set[str] = set()
 
 
@@ -295,12 +297,10 @@ def decode_audio(example: dict[str, Any]) -> np.ndarray | None:
     return resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono.astype(np.float32)
 
 
-def keep_duration(example: dict[str, Any], audio: np.ndarray, cfg: DataConfig) -> bool:
-    """The decoded length against min/max_duration (for sources whose metadata has no duration): counted, never
-    truncated."""
-    from csm_jax.io.audio import SAMPLE_RATE
-
-    if "duration" in example["meta"] or cfg.min_duration <= len(audio) / SAMPLE_RATE <= cfg.max_duration:
+def keep_duration(example: dict[str, Any], seconds: float, cfg: DataConfig) -> bool:
+    """The decoded length in seconds against min/max_duration (for sources whose metadata has no duration): counted,
+    never truncated."""
+    if "duration" in example["meta"] or cfg.min_duration <= seconds <= cfg.max_duration:
         return True
     skip("duration filter", example["key"], warn=False)
     return False
@@ -316,16 +316,17 @@ class Featurizer:
     num_codebooks: int = 32
 
     def encode(self, example: dict[str, Any] | None, filter_duration: bool = True) -> dict[str, Any] | None:
-        """Raw example -> {"key", "text", "codes" (n, T), "meta"}: the expensive part, which `prepare` does once.
-        Context turns are encoded with `filter_duration=False`: max_frames alone decides whether they fit."""
+        """Raw example -> {"key", "text", "codes" (n, T), "meta", "seconds" (the decoded length)}: the expensive
+        part, which `prepare` does once. Context turns are encoded with `filter_duration=False`: max_frames alone
+        decides whether they fit."""
         from csm_jax.io.audio import encode
 
         audio = decode_audio(example) if example is not None else None
-        if audio is None or (filter_duration and not keep_duration(example, audio, self.cfg)):
+        if audio is None or (filter_duration and not keep_duration(example, len(audio) / SAMPLE_RATE, self.cfg)):
             return None
         codes = encode(self.mimi, audio)[: self.num_codebooks]
         return {"key": example["key"], "text": str(example["meta"]["text"]).strip(), "codes": codes,
-                "meta": example["meta"]}
+                "meta": example["meta"], "seconds": len(audio) / SAMPLE_RATE}
 
     def segment(self, encoded: dict[str, Any]) -> Frames:
         """One turn's frames, as generation lays out a segment: `[speaker]text`, its audio, the end frame."""
@@ -376,6 +377,40 @@ def sample(encoded: dict[str, Any] | None, featurizer: Featurizer, lookup: Calla
     """An encoded target's frames after its context turns. A held-out ("eval") target is scored on its own audio
     alone, whatever `loss_on` says: its context turns may be training data."""
     return featurizer.frames(with_context(encoded, lookup, cfg, split), "target" if split == "eval" else None)
+
+
+class RecentTurns:
+    """Encoded turns by key, the most recently used kept up to `budget` bytes of codes, for data encoded on the
+    fly: a turn of a conversation is a target once and context of up to `context_turns` later turns, and is
+    encoded about once instead of each time; a data set whose codes fit is encoded once for the whole run."""
+
+    def __init__(self, featurizer: Featurizer, examples, budget: int):
+        self.featurizer, self.examples, self.budget = featurizer, examples, budget
+        self.turns: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.size = 0
+
+    def target(self, example: dict[str, Any] | None) -> dict[str, Any] | None:
+        """`Featurizer.encode` of a raw example (duration filtered)."""
+        return None if example is None else self._encoded(example["key"], lambda: example, True)
+
+    def context(self, key: str) -> dict[str, Any] | None:
+        """The encoded turn with this key (a context turn; not duration filtered), None when there is none."""
+        return self._encoded(key, lambda: self.examples.get(key), False)
+
+    def _encoded(self, key: str, read: Callable[[], dict[str, Any] | None], filter_duration: bool):
+        found = self.turns.get(key)
+        if found is None:
+            found = self.featurizer.encode(read(), filter_duration)
+            if found is not None:
+                self.turns[key] = found
+                self.size += found["codes"].nbytes
+                while self.size > self.budget:
+                    self.size -= self.turns.popitem(last=False)[1]["codes"].nbytes
+        elif filter_duration and not keep_duration(found, found["seconds"], self.featurizer.cfg):
+            return None
+        else:
+            self.turns.move_to_end(key)
+        return found
 
 
 def pad_frames(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
@@ -567,15 +602,13 @@ def examples_dataset(examples: Sequence, cfg: DataConfig, featurizer: Featurizer
         raise DataError(f"{len(examples)} examples cannot feed {process_count} processes: every process needs at "
                         f"least one example")
     share = grain.MapDataset.source(examples)[process_index::process_count]
-
-    def context_turn(key: str) -> dict[str, Any] | None:
-        return featurizer.encode(examples.get(key), filter_duration=False)
+    turns = RecentTurns(featurizer, examples, CACHED_CODES)
 
     def one_pass(epoch: int) -> grain.IterDataset:
         return (share.shuffle(seed=cfg.seed + epoch).to_iter_dataset()
                 .map(lambda x: check_metadata(x) if x is not None else None)
-                .filter(lambda x: keep(x, cfg, split)).map(featurizer.encode)
-                .map(lambda x: sample(x, featurizer, context_turn, cfg, split)))
+                .filter(lambda x: keep(x, cfg, split)).map(turns.target)
+                .map(lambda x: sample(x, featurizer, turns.context, cfg, split)))
 
     def error(skipped: collections.Counter) -> DataError:
         counts = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "nothing"
