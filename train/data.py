@@ -9,8 +9,9 @@ text) -> frames as the reference builds a segment (text frames, audio frames, th
 padded to `max_frames` (or packed several to a row with `packing`) and batched, in endless passes over the
 share. Folders of clips, manifests and `datasets` datasets (train/sources.py) enter the same pipeline as map
 sources; where they give conversation order, each target comes after its earlier turns (`with_context`), with a
-`loss_mask` that keeps those turns out of the loss by default. Every stage is checkpointable (pass, shard and
-position), so training resumes on the next example.
+`loss_mask` that keeps those turns out of the loss by default (held-out turns never serve training targets), and
+their Mimi codes are kept by key (`RecentTurns`) so a turn is not encoded again for each later turn. Every stage is
+checkpointable (pass, shard and position), so training resumes on the next example.
 Corrupt members and shards (unreadable, truncated) are skipped and counted in `SKIPPED` with what the filters
 rejected, never fatal; a pass that yields no example at all stops with a `DataError` naming the filters and
 those counts (it would otherwise repeat forever).
