@@ -221,6 +221,76 @@ def test_prepare_encodes_each_clip_once_and_training_reads_context_from_the_reco
     assert len(_rows(prepared)) == 5 and any(not np.frombuffer(m, bool).all() for _, m in _rows(prepared))
 
 
+def test_held_out_turns_never_reach_training_and_held_out_targets_are_scored_alone(conversation, featurizer,
+                                                                                   monkeypatch):
+    """With data.eval_fraction 0.6 the ids t0, t1 and x are held out (crc32 of the id below 0.6; t2 and t3 are
+    not): x follows t3, a training turn. Training samples leave held-out turns out of their context, so no training
+    sample reads their audio; eval samples keep every earlier turn as context and score the target alone."""
+    from csm_jax.io.frames import Frames
+    from train import data
+    from train.data import in_split
+    from train.sources import examples
+
+    fields = {"context_turns": 3, "eval_fraction": 0.6, "loss_on": "all"}
+    assert [k for k in ("t0", "t1", "t2", "t3", "x") if in_split(k, "eval", 0.6)] == ["t0", "t1", "x"]
+    found = examples(str(conversation), "manifest", DataConfig(**fields))
+    segment = {k: featurizer.segment(featurizer.encode(found.get(k))) for k in ("t0", "t1", "t2", "t3", "x")}
+
+    def expected(turns, scored):
+        parts = [segment[k] for k in turns]
+        loss = np.concatenate([np.full(len(p), i >= len(parts) - scored) for i, p in enumerate(parts)])
+        return Frames.concat(parts).tokens.tobytes(), loss.tobytes()
+
+    read = []
+    decode = data.decode_audio
+    monkeypatch.setattr(data, "decode_audio", lambda example: read.append(example["key"]) or decode(example))
+    cfg = DataConfig(max_frames=256, batch_size=1, **fields)
+    f = dataclasses.replace(featurizer, cfg=cfg)
+    trained = _rows(data.dataset(str(conversation), cfg, f, repeat=False, split="train"))
+    assert set(read) == {"t2", "t3"}
+    assert trained == sorted([expected(["t2"], 1), expected(["t2", "t3"], 2)])  # loss_on=all: every turn
+
+    read.clear()
+    held_out = _rows(data.dataset(str(conversation), cfg, f, repeat=False, split="eval"))
+    assert set(read) == {"t0", "t1", "t3", "x"}
+    assert held_out == sorted([expected(["t0"], 1), expected(["t0", "t1"], 1), expected(["t3", "x"], 1)])
+
+
+def test_turns_encoded_on_the_fly_are_kept_by_key_encoded_once_and_give_the_same_samples(conversation, featurizer,
+                                                                                        monkeypatch):
+    """Without `prepare`, a pass makes the five rows targets and t0-t3 context turns seven times: kept by key,
+    each clip is encoded once over two passes, into the same samples as encoding every use. The least recently
+    used turn goes first when the codes outgrow the budget."""
+    from csm_jax.io import audio
+    from train import data
+    from train.sources import examples
+
+    cfg = DataConfig(max_frames=256, batch_size=1, context_turns=3)
+    f = dataclasses.replace(featurizer, cfg=cfg)
+    found = examples(str(conversation), "manifest", cfg)
+    size = {k: f.encode(found.get(k))["codes"].nbytes for k in ("t0", "t1", "t2")}
+    calls = []
+    encode = audio.encode
+    monkeypatch.setattr(audio, "encode", lambda mimi, clip: calls.append(len(clip)) or encode(mimi, clip))
+
+    def two_passes(budget):
+        monkeypatch.setattr(data, "CACHED_CODES", budget)
+        calls.clear()
+        batches = iter(data.dataset(str(conversation), cfg, f))
+        return _rows([next(batches) for _ in range(10)])
+
+    budget = data.CACHED_CODES
+    every_use = two_passes(0)
+    assert len(calls) == 2 * (5 + 7)
+    assert two_passes(budget) == every_use and len(calls) == 5
+
+    turns = data.RecentTurns(f, found, budget=sum(size.values()) - 1)
+    calls.clear()
+    for key in ("t0", "t1", "t0", "t2", "t0", "t1"):  # t2 pushes out t1, the least recently used
+        assert turns.context(key)["key"] == key
+    assert len(calls) == 4 and list(turns.turns) == ["t0", "t1"] and turns.size == size["t0"] + size["t1"]
+
+
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> tuple[Path, list[dict], list[tuple[float, float]]]:
     """Six espeak sentences joined by 0.6 s pauses into one 17 s file; its segments are half sentences, so every
@@ -302,3 +372,65 @@ def test_context_and_clip_settings_are_checked(conversation, tmp_path):
                               ("data.context_turns=-1", "must not be negative")):
         with pytest.raises(TrainConfigError, match=message):
             validate(load_config("train/configs/lora_voice.py", [*base, override]))
+
+
+@pytest.fixture(scope="module")
+def dialogue(tmp_path_factory) -> tuple[Path, list[list[dict]]]:
+    """Three turns of two espeak voices (A, B, A) joined by 0.3 s pauses into one file, and a diarised transcript:
+    each turn as two segments labelled with its speaker, B's first segment dated 0.1 s into A's last (overlapping
+    speech, as diarisation gives). Returns the file and the segments of each turn."""
+    d = tmp_path_factory.mktemp("dialogue")
+    pieces, turns, t = [], [], 0.0
+    for i, (speaker, voice) in enumerate((("SPEAKER_00", "en-us"), ("SPEAKER_01", "en-gb"), ("SPEAKER_00", "en-us"))):
+        speech, rate = sf.read(espeak_wav(d / f"s{i}.wav", ENGLISH[i], voice), dtype="float32")
+        voiced = np.flatnonzero(np.abs(speech) > 1e-3)
+        speech = speech[voiced[0]:voiced[-1] + 1]
+        length, words = len(speech) / rate, ENGLISH[i].split()
+        early = 0.4 if i == 1 else 0.0  # the pause, and 0.1 s into A's speech
+        turns.append([{"start": t - early, "end": t + length / 2, "text": " ".join(words[:len(words) // 2]),
+                       "speaker": speaker},
+                      {"start": t + length / 2, "end": t + length, "text": " ".join(words[len(words) // 2:]),
+                       "speaker": speaker}])
+        pieces += [speech, np.zeros(int(0.3 * rate), np.float32)]
+        t += length + 0.3
+    sf.write(d / "dialogue.wav", np.concatenate(pieces), 24000)
+    return d / "dialogue.wav", turns
+
+
+def test_a_diarised_recording_is_cut_at_every_speaker_change_into_turns_of_one_conversation(dialogue, featurizer,
+                                                                                           tmp_path):
+    from csm_jax.io.frames import Frames
+    from train.sources import examples, manifest_items
+
+    wav, turns = dialogue
+    (tmp_path / "dialogue.wav").write_bytes(wav.read_bytes())
+    segments = [s for turn in turns for s in turn]
+    unlabelled = [{k: v for k, v in s.items() if k != "speaker"} for s in segments]
+    first_labelled = [*segments[:2], *unlabelled[2:]]
+    rows = [{"id": "talk", "audio": "dialogue.wav", "text": "", "segments": segments},
+            {"id": "solo", "audio": "dialogue.wav", "text": "", "speaker": "alice", "segments": unlabelled},
+            {"id": "mixed", "audio": "dialogue.wav", "text": "", "speaker": "alice", "segments": first_labelled}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(clip_seconds=(2.0, 15.0), context_turns=2)  # the whole recording would fit one clip
+    items = {i["key"]: i for i in manifest_items(tmp_path / "m.jsonl", cfg)}
+    # names of rows and segments numbered together in sorted order: SPEAKER_00 0, SPEAKER_01 1, alice 2
+    assert [(k, i["speaker_id"], i.get("context")) for k, i in items.items() if k.startswith("talk")] == [
+        ("talk#0", 0, None), ("talk#1", 1, ["talk#0"]), ("talk#2", 0, ["talk#0", "talk#1"])]
+    for i, turn in enumerate(turns):  # each clip holds its turn's spans whole, overlapping speech included
+        clip = items[f"talk#{i}"]
+        assert clip["start"] <= turn[0]["start"] and turn[-1]["end"] <= clip["end"] and clip["text"] == ENGLISH[i]
+    assert items["talk#0"]["end"] > items["talk#1"]["start"]
+    assert [(k, i["speaker_id"]) for k, i in items.items() if k.startswith("solo")] == [("solo#0", 2)]  # as before
+    assert [(k, i["speaker_id"], i["text"]) for k, i in items.items() if k.startswith("mixed")] == [
+        ("mixed#0", 0, ENGLISH[0]), ("mixed#1", 2, " ".join(ENGLISH[1:3]))]
+
+    (tmp_path / "talk.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    samples = _samples(tmp_path / "talk.jsonl", featurizer, clip_seconds=(2.0, 15.0), context_turns=2)
+    found = examples(str(tmp_path / "talk.jsonl"), "manifest", cfg)
+    encoded = [featurizer.encode(found.get(f"talk#{i}")) for i in range(3)]
+    for last in range(3):  # each turn after its earlier turns, every one with its own speaker's id
+        expected = Frames.concat([featurizer.segment(e) for e in encoded[:last + 1]])
+        n = len(expected)
+        assert sum(int(b["segment_ids"].sum()) == n and np.array_equal(b["tokens"][0, 0, :n], expected.tokens)
+                   for b in samples) == 1
+    assert [e["meta"]["speaker_id"] for e in encoded] == [0, 1, 0]

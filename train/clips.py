@@ -5,7 +5,9 @@ becomes clips of `clip_seconds` = (shortest, longest) seconds, each with the tra
 fall only between spans; among the cuts that give a clip of an allowed length, the quietest is taken (the lowest
 RMS of the audio between the two spans, or of 40 ms around the boundary where they touch), so clips end in pauses
 rather than mid-word. A span longer than the longest clip stays one clip (the duration filter then skips it; audio
-is never cut inside a span). The clips of one recording are the turns of one conversation, in time order.
+is never cut inside a span). Spans may name their `speaker` (a diarised transcript's label, e.g. "SPEAKER_00"): a
+clip never holds two speakers' spans (every speaker change is a cut, where overlapping speech is kept whole in both
+clips) and carries its spans' speaker. The clips of one recording are the turns of one conversation, in time order.
 """
 
 from __future__ import annotations
@@ -27,10 +29,18 @@ class Span:
     start: float
     end: float
     text: str
+    speaker: str | None = None  # a label such as "SPEAKER_00"; None: the row's speaker
 
 
-def spans(value: Any) -> list[Span] | None:
-    """A `segments`/`words` cell (a list, or its JSON text in a CSV) as spans sorted by start; None when malformed."""
+def speaker_label(value: Any) -> str | None:
+    """A `speaker` cell as a label ("0", "alice", "SPEAKER_00"); None when empty."""
+    label = "" if value is None else str(value).strip()
+    return label or None
+
+
+def spans(value: Any, speaker: str | None = None) -> list[Span] | None:
+    """A `segments`/`words` cell (a list, or its JSON text in a CSV) as spans sorted by start, each with its own
+    `speaker` label or else `speaker` (the row's); None when malformed."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -41,7 +51,8 @@ def spans(value: Any) -> list[Span] | None:
     out = []
     for s in value:
         try:
-            span = Span(float(s["start"]), float(s["end"]), str(s.get("text") or s.get("word") or "").strip())
+            span = Span(float(s["start"]), float(s["end"]), str(s.get("text") or s.get("word") or "").strip(),
+                        speaker_label(s.get("speaker")) or speaker)
         except (TypeError, KeyError, ValueError):
             return None
         if not 0 <= span.start < span.end:
@@ -70,23 +81,35 @@ def _rms(mono: np.ndarray, rate: int, start: float, end: float) -> float:
 
 def cut_points(parts: list[Span], mono: np.ndarray, rate: int, clip_seconds: tuple[float, float]
                ) -> list[tuple[int, int, float, float]]:
-    """(first span, last span + 1, start, end seconds) of each clip over `parts` (sorted spans of one recording)."""
-    shortest, longest = clip_seconds
+    """(first span, last span + 1, start, end seconds) of each clip over `parts` (sorted spans of one recording);
+    a change of speaker is always a cut."""
     n = len(parts)
     ends, starts, quiet = [], [], []  # for the cut after span j: where that clip ends, the next begins, its RMS
     for a, b in zip(parts[:-1], parts[1:]):
         gap_start, gap_end = a.end, max(a.end, b.start)
         middle = (gap_start + gap_end) / 2
         ends.append(min(middle, gap_start + PAD))
-        starts.append(max(middle, gap_end - PAD))
+        starts.append(min(b.start, max(middle, gap_end - PAD)))  # spans that overlap are both kept whole
         quiet.append(_rms(mono, rate, gap_start, gap_end))
-    clips, first, begin = [], 0, max(0.0, parts[0].start - PAD)
-    last = parts[-1].end + PAD
+    changes = [j + 1 for j in range(n - 1) if parts[j].speaker != parts[j + 1].speaker]
+    clips = []
+    for first, stop in zip([0, *changes], [*changes, n]):
+        begin = starts[first - 1] if first else max(0.0, parts[0].start - PAD)
+        last = ends[stop - 1] if stop < n else parts[-1].end + PAD
+        clips += _cut_turn(first, stop, begin, last, ends, starts, quiet, clip_seconds)
+    return clips
+
+
+def _cut_turn(first: int, stop: int, begin: float, last: float, ends: list[float], starts: list[float],
+              quiet: list[float], clip_seconds: tuple[float, float]) -> list[tuple[int, int, float, float]]:
+    """The clips of spans first..stop-1 (one speaker's turn, from `begin` to `last` seconds): cut_points' rule."""
+    shortest, longest = clip_seconds
+    clips = []
     while True:
-        if last - begin <= longest or first == n - 1:
-            clips.append((first, n, begin, last))
+        if last - begin <= longest or first == stop - 1:
+            clips.append((first, stop, begin, last))
             return clips
-        cuts = range(first, n - 1)
+        cuts = range(first, stop - 1)
         fitting = [j for j in cuts if shortest <= ends[j] - begin <= longest]
         leaves_enough = [j for j in fitting if last - starts[j] >= shortest]
         if leaves_enough or fitting:
@@ -98,10 +121,11 @@ def cut_points(parts: list[Span], mono: np.ndarray, rate: int, clip_seconds: tup
         first, begin = j + 1, starts[j]
 
 
-def split_recording(item: dict[str, Any], parts: list[Span], clip_seconds: tuple[float, float]
-                    ) -> list[dict[str, Any]]:
-    """A manifest item of a long recording -> one item per clip (key `KEY#i`, start/end, the spans' text), the
-    clips one conversation (the row's, else the recording's key); [] (counted) when the audio cannot be read."""
+def split_recording(item: dict[str, Any], parts: list[Span], clip_seconds: tuple[float, float],
+                    speakers: dict[str, int]) -> list[dict[str, Any]]:
+    """A manifest item of a long recording -> one item per clip (key `KEY#i`, start/end, the spans' text, the CSM
+    id `speakers[label]` of their speaker where they name one), the clips one conversation (the row's, else the
+    recording's key); [] (counted) when the audio cannot be read."""
     read = _read(item["audio"])
     if read is None:
         skip("bad audio", item["key"])
@@ -117,6 +141,8 @@ def split_recording(item: dict[str, Any], parts: list[Span], clip_seconds: tuple
     for i, (first, stop, start, end) in enumerate(cut_points(parts, mono, rate, clip_seconds)):
         text = " ".join(p.text for p in parts[first:stop] if p.text)
         clip = {k: v for k, v in item.items() if k not in ("start", "end", "order")}
+        if parts[first].speaker is not None:
+            clip["speaker_id"] = speakers[parts[first].speaker]
         out.append({**clip, "key": f"{item['key']}#{i}", "text": text, "start": start, "end": min(end, length),
                     "conversation": item.get("conversation", item["key"]), "order": (row_order, start)})
     return out

@@ -9,8 +9,9 @@ text) -> frames as the reference builds a segment (text frames, audio frames, th
 padded to `max_frames` (or packed several to a row with `packing`) and batched, in endless passes over the
 share. Folders of clips, manifests and `datasets` datasets (train/sources.py) enter the same pipeline as map
 sources; where they give conversation order, each target comes after its earlier turns (`with_context`), with a
-`loss_mask` that keeps those turns out of the loss by default. Every stage is checkpointable (pass, shard and
-position), so training resumes on the next example.
+`loss_mask` that keeps those turns out of the loss by default (held-out turns never serve training targets), and
+their Mimi codes are kept by key (`RecentTurns`) so a turn is not encoded again for each later turn. Every stage is
+checkpointable (pass, shard and position), so training resumes on the next example.
 Corrupt members and shards (unreadable, truncated) are skipped and counted in `SKIPPED` with what the filters
 rejected, never fatal; a pass that yields no example at all stops with a `DataError` naming the filters and
 those counts (it would otherwise repeat forever).
@@ -34,6 +35,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from csm_jax.core.codec import SAMPLE_RATE
 from csm_jax.io.frames import Frames, Segment, segment_frames
 from csm_jax.io.hub import looks_like_hub_id
 from train import sources
@@ -43,6 +45,7 @@ from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
 log = logging.getLogger(__name__)
 
 SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # what a broken tar raises while read
+CACHED_CODES = 64 << 20  # bytes of Mimi codes kept per pipeline over data encoded on the fly (11 h of int32 codes)
 _reported_shards: set[str] = set()
 
 
@@ -295,12 +298,10 @@ def decode_audio(example: dict[str, Any]) -> np.ndarray | None:
     return resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono.astype(np.float32)
 
 
-def keep_duration(example: dict[str, Any], audio: np.ndarray, cfg: DataConfig) -> bool:
-    """The decoded length against min/max_duration (for sources whose metadata has no duration): counted, never
-    truncated."""
-    from csm_jax.io.audio import SAMPLE_RATE
-
-    if "duration" in example["meta"] or cfg.min_duration <= len(audio) / SAMPLE_RATE <= cfg.max_duration:
+def keep_duration(example: dict[str, Any], seconds: float, cfg: DataConfig) -> bool:
+    """The decoded length in seconds against min/max_duration (for sources whose metadata has no duration): counted,
+    never truncated."""
+    if "duration" in example["meta"] or cfg.min_duration <= seconds <= cfg.max_duration:
         return True
     skip("duration filter", example["key"], warn=False)
     return False
@@ -316,16 +317,17 @@ class Featurizer:
     num_codebooks: int = 32
 
     def encode(self, example: dict[str, Any] | None, filter_duration: bool = True) -> dict[str, Any] | None:
-        """Raw example -> {"key", "text", "codes" (n, T), "meta"}: the expensive part, which `prepare` does once.
-        Context turns are encoded with `filter_duration=False`: max_frames alone decides whether they fit."""
+        """Raw example -> {"key", "text", "codes" (n, T), "meta", "seconds" (the decoded length)}: the expensive
+        part, which `prepare` does once. Context turns are encoded with `filter_duration=False`: max_frames alone
+        decides whether they fit."""
         from csm_jax.io.audio import encode
 
         audio = decode_audio(example) if example is not None else None
-        if audio is None or (filter_duration and not keep_duration(example, audio, self.cfg)):
+        if audio is None or (filter_duration and not keep_duration(example, len(audio) / SAMPLE_RATE, self.cfg)):
             return None
         codes = encode(self.mimi, audio)[: self.num_codebooks]
         return {"key": example["key"], "text": str(example["meta"]["text"]).strip(), "codes": codes,
-                "meta": example["meta"]}
+                "meta": example["meta"], "seconds": len(audio) / SAMPLE_RATE}
 
     def segment(self, encoded: dict[str, Any]) -> Frames:
         """One turn's frames, as generation lays out a segment: `[speaker]text`, its audio, the end frame."""
@@ -333,10 +335,10 @@ class Featurizer:
         return segment_frames(self.tokenizer, Segment(speaker, encoded["text"]), encoded["codes"],
                               self.num_codebooks)
 
-    def frames(self, encoded: dict[str, Any] | None) -> dict[str, np.ndarray] | None:
+    def frames(self, encoded: dict[str, Any] | None, loss_on: str | None = None) -> dict[str, np.ndarray] | None:
         """The encoded target after its encoded `context` turns (oldest dropped first until the sample fits
         max_frames; a target that does not fit alone is skipped). `loss_mask` marks the frames whose prediction
-        counts: the target's, or every turn's with `loss_on="all"`."""
+        counts: the target's, or every turn's with `loss_on="all"` (default: the config's)."""
         if encoded is None:
             return None
         target = self.segment(encoded)
@@ -347,18 +349,20 @@ class Featurizer:
             turns.pop(0)
         frames = Frames.concat([*turns, target])
         loss_mask = np.ones(len(frames), bool)
-        if self.cfg.loss_on == "target":
+        if (loss_on or self.cfg.loss_on) == "target":
             loss_mask[:len(frames) - len(target)] = False
         return {"tokens": frames.tokens, "mask": frames.mask, "loss_mask": loss_mask}
 
 
 def with_context(encoded: dict[str, Any] | None, lookup: Callable[[str], dict[str, Any] | None],
-                 cfg: DataConfig) -> dict[str, Any] | None:
+                 cfg: DataConfig, split: str | None = None) -> dict[str, Any] | None:
     """Adds `context`: the encoded turns named by the meta's `context` keys (the last `cfg.context_turns`), each
-    from `lookup(key)`; a key it cannot find is counted and left out."""
+    from `lookup(key)`; a key it cannot find is counted and left out. On the "train" side of the held-out split,
+    held-out turns are left out too: training never reads the audio eval scores."""
     if encoded is None or not cfg.context_turns:
         return encoded
-    keys = list(encoded.get("meta", {}).get("context") or ())[-cfg.context_turns:]
+    keys = [key for key in encoded.get("meta", {}).get("context") or ()
+            if split != "train" or in_split(key, split, cfg.eval_fraction)][-cfg.context_turns:]
     turns = []
     for key in keys:
         turn = lookup(key)
@@ -367,6 +371,47 @@ def with_context(encoded: dict[str, Any] | None, lookup: Callable[[str], dict[st
         else:
             turns.append(turn)
     return {**encoded, "context": turns}
+
+
+def sample(encoded: dict[str, Any] | None, featurizer: Featurizer, lookup: Callable[[str], dict[str, Any] | None],
+           cfg: DataConfig, split: str | None) -> dict[str, np.ndarray] | None:
+    """An encoded target's frames after its context turns. A held-out ("eval") target is scored on its own audio
+    alone, whatever `loss_on` says: its context turns may be training data."""
+    return featurizer.frames(with_context(encoded, lookup, cfg, split), "target" if split == "eval" else None)
+
+
+class RecentTurns:
+    """Encoded turns by key, the most recently used kept up to `budget` bytes of codes, for data encoded on the
+    fly: a turn of a conversation is a target once and context of up to `context_turns` later turns, and is
+    encoded about once instead of each time; a data set whose codes fit is encoded once for the whole run."""
+
+    def __init__(self, featurizer: Featurizer, examples, budget: int):
+        self.featurizer, self.examples, self.budget = featurizer, examples, budget
+        self.turns: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.size = 0
+
+    def target(self, example: dict[str, Any] | None) -> dict[str, Any] | None:
+        """`Featurizer.encode` of a raw example (duration filtered)."""
+        return None if example is None else self._encoded(example["key"], lambda: example, True)
+
+    def context(self, key: str) -> dict[str, Any] | None:
+        """The encoded turn with this key (a context turn; not duration filtered), None when there is none."""
+        return self._encoded(key, lambda: self.examples.get(key), False)
+
+    def _encoded(self, key: str, read: Callable[[], dict[str, Any] | None], filter_duration: bool):
+        found = self.turns.get(key)
+        if found is None:
+            found = self.featurizer.encode(read(), filter_duration)
+            if found is not None:
+                self.turns[key] = found
+                self.size += found["codes"].nbytes
+                while self.size > self.budget:
+                    self.size -= self.turns.popitem(last=False)[1]["codes"].nbytes
+        elif filter_duration and not keep_duration(found, found["seconds"], self.featurizer.cfg):
+            return None
+        else:
+            self.turns.move_to_end(key)
+        return found
 
 
 def pad_frames(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
@@ -544,7 +589,7 @@ def prepared_dataset(shards: Sequence[Path], cfg: DataConfig, featurizer: Featur
     def one_pass(epoch: int) -> grain.IterDataset:
         examples = (_interleaved(share, cfg, _record_shard).map(_read_record)
                     .filter(lambda x: keep(x, cfg, split)))
-        return _shuffled(examples, cfg, epoch).map(lambda x: featurizer.frames(with_context(x, index, cfg)))
+        return _shuffled(examples, cfg, epoch).map(lambda x: sample(x, featurizer, index, cfg, split))
 
     return batches(Passes(one_pass, _nothing_usable(share, cfg), repeat), cfg, accumulation)
 
@@ -558,15 +603,13 @@ def examples_dataset(examples: Sequence, cfg: DataConfig, featurizer: Featurizer
         raise DataError(f"{len(examples)} examples cannot feed {process_count} processes: every process needs at "
                         f"least one example")
     share = grain.MapDataset.source(examples)[process_index::process_count]
-
-    def context_turn(key: str) -> dict[str, Any] | None:
-        return featurizer.encode(examples.get(key), filter_duration=False)
+    turns = RecentTurns(featurizer, examples, CACHED_CODES)
 
     def one_pass(epoch: int) -> grain.IterDataset:
         return (share.shuffle(seed=cfg.seed + epoch).to_iter_dataset()
                 .map(lambda x: check_metadata(x) if x is not None else None)
-                .filter(lambda x: keep(x, cfg, split)).map(featurizer.encode)
-                .map(lambda x: featurizer.frames(with_context(x, context_turn, cfg))))
+                .filter(lambda x: keep(x, cfg, split)).map(turns.target)
+                .map(lambda x: sample(x, featurizer, turns.context, cfg, split)))
 
     def error(skipped: collections.Counter) -> DataError:
         counts = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "nothing"

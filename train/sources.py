@@ -10,7 +10,8 @@ per-process sharding are shared.
   `speaker` (an id, or names numbered in sorted order), `start`/`end` (seconds), `id`; for conversations
   `context` (ids of earlier turns, a list or one string joined with `|`, `,`, `;` or spaces) or a conversation
   column (`data.conversation_column`) ordered by `data.order_column`, else `start`, else row order; for long
-  recordings `segments` or `words` (lists of {start, end, text}), cut into clips by train/clips.py.
+  recordings `segments` or `words` (lists of {start, end, text} and optionally `speaker`, as a diarised transcript
+  gives), cut into clips by train/clips.py. Speaker names of rows and segments share one numbering.
 - `hf`: a dataset saved with `save_to_disk`, a directory of parquet files, or a hub id (`datasets.load_dataset`),
   with `data.audio_column`, `data.text_column` and optional `data.speaker_column` and conversation columns.
 
@@ -31,7 +32,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from train.clips import spans, split_recording
+from train.clips import speaker_label, spans, split_recording
 from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
 
 FORMATS = ("auto", "emilia", "folder", "manifest", "hf")
@@ -187,10 +188,15 @@ def manifest_items(path: Path, cfg) -> list[dict[str, Any]]:
     turns and the clip lengths of long recordings."""
     rows = _read_manifest(path)
     root = path.parent.resolve()
-    names = sorted({str(r["speaker"]) for r in rows if r.get("speaker") not in (None, "") and
-                    not str(r["speaker"]).isdigit()})
+    cells = [next((row[c] for c in ("segments", "words") if row.get(c) not in (None, "", [])), None) for row in rows]
+    timed = [None if cell is None else spans(cell, speaker_label(row.get("speaker")))
+             for row, cell in zip(rows, cells)]
+    labels = {speaker_label(row.get("speaker")) for row in rows} | {p.speaker for parts in timed for p in parts or ()}
+    labels.discard(None)
+    names = sorted(label for label in labels if not label.isdigit())  # ids are given, or names numbered in order
+    speakers = {label: int(label) if label.isdigit() else names.index(label) for label in labels}
     items = []
-    for line, row in enumerate(rows, 1):
+    for line, (row, cell, parts) in enumerate(zip(rows, cells, timed), 1):
         key = str(row.get("id") or "").strip() or f"{path.name}:{line}"
         audio = str(row.get("audio") or "").strip()
         if not audio:
@@ -201,9 +207,8 @@ def manifest_items(path: Path, cfg) -> list[dict[str, Any]]:
             skip("outside dataset root", key)
             continue
         item: dict[str, Any] = {"key": key, "audio": str(clip), "text": str(row.get("text") or "").strip()}
-        speaker = row.get("speaker")
-        if speaker not in (None, ""):
-            item["speaker_id"] = int(speaker) if str(speaker).isdigit() else names.index(str(speaker))
+        if (speaker := speaker_label(row.get("speaker"))) is not None:
+            item["speaker_id"] = speakers[speaker]
         for field in ("start", "end"):
             if row.get(field) not in (None, ""):
                 item[field] = row[field]
@@ -212,13 +217,12 @@ def manifest_items(path: Path, cfg) -> list[dict[str, Any]]:
             item["order"] = _order(row, cfg.order_column, line)
         if row.get(cfg.context_column) not in (None, "", []):
             item["context_ids"] = context_ids(row[cfg.context_column])
-        timed = next((row[c] for c in ("segments", "words") if row.get(c) not in (None, "", [])), None)
-        if timed is None:
+        if cell is None:
             items.append(item)
-        elif (parts := spans(timed)) is None:
+        elif parts is None:
             skip("bad segments", key)
         else:
-            items += split_recording(item, parts, cfg.clip_seconds)
+            items += split_recording(item, parts, cfg.clip_seconds, speakers)
     return link_context(_unique(items), cfg.context_turns)
 
 
