@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from benchmarks.bench_train import (bench_batch, malloc_setting, median_time, our_step, step_arguments,
-                                    transformers_step)
+from benchmarks.bench_train import bench_batch, malloc_setting, our_step, step_arguments, transformers_step
+from benchmarks.timing import median_time
 from csm_jax.core.config import preset
 from csm_jax.core.sharding import make_mesh
 from tests.references import csm_from_transformers, transformers_model

@@ -13,14 +13,13 @@ them with transparent huge pages. The run prints which it had.
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from benchmarks.timing import median_time
 from csm_jax.core.config import CsmConfig, preset
 from csm_jax.core.sharding import make_mesh
 from tests.helpers import utterance_batch
@@ -32,17 +31,6 @@ from train.trainer import OptimConfig
 def malloc_setting() -> str:
     """The glibc malloc tunables this process started with (see the module docstring)."""
     return os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
-
-
-def median_time(step, repeats: int) -> float:
-    step()
-    step()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def transformers_step(config, tokens, mask, depth_mask, lr, hf=None, autocast=None):

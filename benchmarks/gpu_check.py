@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.timing import median_time  # noqa: E402 (after the path is set)
 
 PEAK_BF16_FLOPS = 790e12  # H100/H200 dense bf16 matmul, measured on this workplace's cards (about 790 TFLOP/s)
 SIZES = {
@@ -95,17 +96,6 @@ def guard_attention(rec: Recorder, key: str, fn, *args):
     return rec.data[key]
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` (which must block until its device work is done) after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def torch_device() -> str:
     import torch
 
@@ -148,14 +138,14 @@ def step_env(rec: Recorder, size: dict, work: Path) -> None:
         """A jitted elementwise pass over a random float32 array: reads it once and writes it once."""
         x = jax.random.normal(jax.random.key(0), (size["copy_mib"] << 18,), jnp.float32)
         f = jax.jit(lambda x: x * 1.0001)
-        seconds = median_seconds(lambda: f(x).block_until_ready(), size["repeats"] * 2)
+        seconds = median_time(lambda: f(x).block_until_ready(), size["repeats"] * 2, warmup=1)
         return {"bytes_per_s": 2 * x.nbytes / seconds, "bytes": 2 * x.nbytes, "seconds": seconds}
 
     def matmul_rate():
         m = size["matmul"]
         a, b = (jax.random.normal(jax.random.key(i), (m, m), jnp.bfloat16) for i in (1, 2))
         f = jax.jit(lambda a, b: a @ b)
-        seconds = median_seconds(lambda: f(a, b).block_until_ready(), size["repeats"] * 2)
+        seconds = median_time(lambda: f(a, b).block_until_ready(), size["repeats"] * 2, warmup=1)
         return {"flops_per_s": 2 * m ** 3 / seconds, "size": m}
 
     rec.guard("copy", copy_bandwidth)
@@ -317,11 +307,11 @@ def step_mimi(rec: Recorder, size: dict, work: Path) -> None:
     rec["codes_shape"] = list(codes.shape)
     rec["codes_in_range"] = bool((codes >= 0).all() and (codes < 2048).all())
     rec["distinct_codes"] = int(len(np.unique(codes)))
-    rec["encode_ms"] = 1e3 * median_seconds(encode, size["repeats"])
+    rec["encode_ms"] = 1e3 * median_time(encode, size["repeats"], warmup=1)
     decoded = audio.decode(mimi, codes[None])
     rec["decoded_samples"] = int(decoded.shape[-1])
     rec["decoded_finite"] = bool(np.isfinite(decoded).all())
-    rec["decode_ms"] = 1e3 * median_seconds(lambda: (audio.decode(mimi, codes[None]), sync()), size["repeats"])
+    rec["decode_ms"] = 1e3 * median_time(lambda: (audio.decode(mimi, codes[None]), sync()), size["repeats"], warmup=1)
 
     def one_streamed_frame():
         with audio.streaming_decoder(mimi):
@@ -355,29 +345,18 @@ def full_size_ours(config, weights_dtype: str):
     quantizes them."""
     import gc
 
-    import jax
-    import jax.numpy as jnp
     import torch
-    from flax import nnx
 
-    from benchmarks.bench_generate import NP_DTYPES
-    from convert.from_torch import fill_params, plan
-    from convert.io import StateDictReader
-    from convert.layouts import detect_layout
+    from benchmarks.bench_generate import build_ours, ours_from_transformers
     from csm_jax.inference.loop import FrameGenerator
-    from csm_jax.io.checkpoint import abstract_model
 
-    hf = full_size_transformers(config, "bfloat16")
-    reader = StateDictReader(hf.state_dict())
-    params = fill_params(reader, plan(reader, detect_layout(reader.keys()), config), config, NP_DTYPES["bfloat16"])
-    del hf, reader
-    gc.collect()
+    params = ours_from_transformers(full_size_transformers(config, "bfloat16"), config, "bfloat16")
+    gc.collect()  # the transformers model is gone: free its memory before ours is placed
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    graphdef, state = nnx.split(abstract_model(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    model = build_ours(params, config, "bfloat16")
     del params
-    return FrameGenerator(nnx.merge(graphdef, state), weights_dtype="int8" if weights_dtype == "int8" else None)
+    return FrameGenerator(model, weights_dtype="int8" if weights_dtype == "int8" else None)
 
 
 def step_decode(rec: Recorder, size: dict, work: Path, weights_dtype: str) -> None:
@@ -561,7 +540,7 @@ def step_train(rec: Recorder, size: dict, work: Path) -> None:
         loss = float(step()["loss"])
         out = {"remat": remat, "first_step_s": time.perf_counter() - t0, "loss": loss,
                "loss_finite": bool(np.isfinite(loss))}
-        seconds = median_seconds(step, size["repeats"])
+        seconds = median_time(step, size["repeats"], warmup=1)
         out.update(step_s=seconds, frames_per_s=batch * frames / seconds, flops_per_step=flops,
                    mfu_vs_790=flops / seconds / PEAK_BF16_FLOPS)
         if measured:
@@ -641,7 +620,7 @@ def lora_ours_ms(hf, config, tokens, mask, dtype: str, repeats: int) -> float:
     import jax.numpy as jnp
 
     from benchmarks.bench_generate import ours_from_transformers
-    from benchmarks.bench_train import median_time, our_step
+    from benchmarks.bench_train import our_step
     from train.lora import LoraConfig
 
     step = our_step(config, tokens, mask, LORA["depth_fraction"], LORA["lr"], jnp.dtype(dtype),
@@ -656,7 +635,7 @@ def lora_peft_ms(hf, config, tokens, mask, depth_mask, dtype: str, repeats: int)
     if missing := not_installed("peft"):
         raise ModuleNotFoundError(f"{missing} not installed")
     from benchmarks.bench_lora import peft_model
-    from benchmarks.bench_train import median_time, transformers_step
+    from benchmarks.bench_train import transformers_step
 
     step = transformers_step(config, tokens, mask, depth_mask, LORA["lr"], peft_model(hf, LORA["rank"], LORA["alpha"]),
                              None if dtype == "float32" else getattr(torch, dtype))
