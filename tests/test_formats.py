@@ -1,7 +1,8 @@
 """Streamed response formats, checked with real decoders (sox: libFLAC, libmad; libsndfile: mpg123, libopus): the
 bytes `StreamEncoder` hands out chunk by chunk make one file whose audio equals (FLAC, Opus) or matches (MP3, up to
 its placeholder frame and encoder delay) libsndfile's whole-file encoding, and audio leaves before the utterance
-is over. Real speech from espeak-ng, in the server's chunks (one frame, then two at a time)."""
+is over; a streamed FLAC reads back through `read_audio`. Real speech from espeak-ng, in the server's chunks (one
+frame, then two at a time)."""
 
 import io
 
@@ -45,6 +46,13 @@ def test_flac_streams_losslessly_and_its_first_frame_leaves_after_4096_samples(s
     whole = sox_decode(b"".join(parts), "flac")
     np.testing.assert_array_equal(whole, sox_decode(libsndfile_encoding(speech, "flac"), "flac"))
     np.testing.assert_allclose(whole, speech, atol=1 / 32767)  # 16-bit
+
+
+def test_a_streamed_flac_reads_back_as_context_or_voice_audio(speech, tmp_path):
+    path = tmp_path / "streamed.flac"
+    path.write_bytes(b"".join(streamed(speech, "flac")))
+    assert sf.info(str(path)).frames == audio.UNKNOWN_FRAMES  # total samples 0: the length is unknown
+    np.testing.assert_allclose(audio.read_audio(path), speech, atol=1 / 32767)
 
 
 def test_mp3_streams_the_whole_file_less_its_lame_tag(speech):

@@ -5,12 +5,13 @@ PCM and WAV go out chunk by chunk (a WAV stream carries the usual streaming head
 0xFFFFFFFF). FLAC, MP3 and Opus are written by libsndfile into a seekable in-memory file whose new bytes are taken
 after every chunk. At the end libsndfile seeks back to finish headers it wrote first; those writes land on bytes
 already sent and are dropped, which leaves valid streams:
-- FLAC: STREAMINFO keeps total samples 0 and MD5 0 ("unknown", as FLAC allows). libFLAC-based readers (flac, sox,
-  ffmpeg, browsers) read it; libsndfile <= 1.2.2, so python-soundfile, cannot read an unknown-length FLAC to its
-  end (libsndfile issue 1038). The first audio frame leaves once 4096 samples (3 frames of CSM audio) are in.
+- FLAC: STREAMINFO keeps total samples 0 and MD5 0 ("unknown", as FLAC allows). flac, sox, ffmpeg, browsers and
+  `csm_jax.io.audio.read_audio` read it; python-soundfile's reads fail at the end of an unknown-length FLAC
+  (libsndfile <= 1.2.2 reports 2**63 - 1 frames; libsndfile issue 1038). The first audio frame (4096 samples)
+  leaves with the chunk that holds CSM's third frame.
 - MP3: the first frame stays LAME's empty placeholder for the Xing/LAME tag (one frame of silence), so the encoder
   delay is not trimmed either. Constant bit rate (80 kbps), so readers that estimate the length from the first
-  frame (libsndfile) get it right. LAME holds back about one frame.
+  frame (libsndfile) get it right. Audio frames leave from the first chunk on.
 - Opus: Ogg pages of about 50 ms (libsndfile's shortest; its default is 1 s), so the first page follows the first
   chunk. Nothing is written back.
 """
