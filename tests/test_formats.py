@@ -5,6 +5,8 @@ is over; a streamed FLAC reads back through `read_audio`. Real speech from espea
 frame, then two at a time)."""
 
 import io
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -81,3 +83,23 @@ def test_opus_streams_pages_of_50_ms_that_decode_like_the_libsndfile_encoding(sp
     np.testing.assert_array_equal(got, want)  # the same packets, only in shorter pages
     lag, correlation = best_lag(got, speech)
     assert abs(lag) <= 2 and correlation > 0.95
+
+
+@pytest.mark.parametrize("fmt", ["flac", "mp3", "opus"])
+def test_ffmpeg_decodes_the_stream_as_the_whole_file(speech, fmt):
+    needs(fmt)
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed (optional: a third decoder)")
+
+    def decode(data):
+        done = subprocess.run(["ffmpeg", "-v", "error", "-i", "pipe:0", "-f", "f32le", "pipe:1"], input=data,
+                              check=True, capture_output=True)
+        assert not done.stderr, done.stderr
+        return np.frombuffer(done.stdout, np.float32)
+
+    got, want = decode(b"".join(streamed(speech, fmt))), decode(libsndfile_encoding(speech, fmt))
+    if fmt == "mp3":  # the whole file's LAME tag trims the delay the stream keeps
+        lag, correlation = best_lag(got, want)
+        assert MP3_FRAME <= lag < 4 * MP3_FRAME and correlation > 0.999
+    else:
+        np.testing.assert_array_equal(got, want)
