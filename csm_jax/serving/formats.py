@@ -59,7 +59,8 @@ def wav_header(data_bytes: int = 0xFFFFFFFF) -> bytes:
 
 class _SentBytes(io.BytesIO):
     """The file libsndfile writes into: `take` returns the bytes written since the last call. Writes back over
-    bytes already taken change only this copy (the whole encoding stays here: a few hundred kB at most)."""
+    bytes already taken change only this copy (the whole encoding stays here: for FLAC under 4.4 MB, the size of
+    90 s of 16-bit PCM)."""
 
     taken = 0
 
