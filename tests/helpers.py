@@ -1,5 +1,5 @@
-"""What tests and benchmarks share: random inputs for the model, real speech from espeak-ng, and Emilia-format
-shards built from it. (The reference models written by others are in tests/references.py.)"""
+"""What tests and benchmarks share: random inputs for the model, real speech from espeak-ng (and sox to decode
+audio), and Emilia-format shards built from it. (The reference models written by others are in tests/references.py.)"""
 
 import io
 import json
@@ -81,6 +81,38 @@ def espeak_wav(path, text: str, voice: str = "en-us", rate: int = 24000) -> str:
     subprocess.run(["sox", "-t", "wav", "-", "-r", str(rate), "-c", "1", "-b", "16", str(path)], input=speech,
                    check=True, capture_output=True)
     return str(path)
+
+
+def sox_decode(data: bytes, fmt: str) -> np.ndarray:
+    """Audio file bytes ("flac", "mp3", "wav", ...) -> float32 samples, decoded by sox (libFLAC, libmad), which
+    reads streams whose header leaves the length unknown (libsndfile cannot read such a FLAC to its end)."""
+    done = subprocess.run(["sox", "-t", fmt, "-", "-t", "f32", "-"], input=data, check=True, capture_output=True)
+    return np.frombuffer(done.stdout, np.float32)
+
+
+def libsndfile_encoding(wave: np.ndarray, fmt: str) -> bytes:
+    """libsndfile's own encoding of a whole utterance as the server's `fmt` ("flac", "mp3", "opus"), its headers
+    completed by seeking back."""
+    from csm_jax.core.codec import SAMPLE_RATE
+    from csm_jax.serving.formats import SOUNDFILE
+
+    out = io.BytesIO()
+    sf.write(out, wave, SAMPLE_RATE, **SOUNDFILE[fmt])
+    return out.getvalue()
+
+
+def best_lag(signal: np.ndarray, reference: np.ndarray, max_lag: int = 4000) -> tuple[int, float]:
+    """The delay (samples, at most `max_lag` either way) of `reference` inside `signal` that correlates best, and
+    the correlation coefficient of the overlapping parts there."""
+    from scipy.signal import correlate
+
+    scores = correlate(signal, reference, mode="full", method="fft")
+    lags = np.arange(len(scores)) - (len(reference) - 1)
+    near = np.abs(lags) <= max_lag
+    lag = int(lags[near][np.argmax(scores[near])])
+    a, b = signal[max(lag, 0):], reference[max(-lag, 0):]
+    n = min(len(a), len(b))
+    return lag, float(np.corrcoef(a[:n], b[:n])[0, 1])
 
 
 # ---- Emilia-format WebDataset shards (English, and Mandarin spoken as tone-numbered pinyin) --------------------

@@ -18,6 +18,7 @@ from csm_jax.inference.end_of_speech import end_bias_processor
 from csm_jax.inference.generator import Request
 from csm_jax.inference.loop import FrameGenerator
 from csm_jax.inference.sampler_protocol import SamplerError
+from csm_jax.inference.score import best_of_n
 from csm_jax.inference.sampling import GREEDY, FrameSampling
 from tests.helpers import random_prompt
 
@@ -207,6 +208,54 @@ def test_the_generator_returns_the_final_state_and_streams_with_it(generator):
     chunks = generator.stream_codes(Request("Hi."), 400, GREEDY_FRAMES, 0, first_chunk_frames=2, chunk_frames=2,
                                     sampler=no_repeat, sampler_state=np.full((1, 32), -1, np.int32))
     np.testing.assert_array_equal(np.concatenate(list(chunks), axis=1), codes[0])
+
+
+def ends_at_frame_4(logits, keys, frame, codebook, state):
+    """`counting`, but every code of frame 4 is 0: the end frame."""
+    tokens, state = counting(logits, keys, frame, codebook, state)
+    return jnp.where(frame == 4, 0, tokens), state
+
+
+@pytest.mark.parametrize("sampler, frames_per_chunk", [(counting, [2, 2, 2]), (ends_at_frame_4, [2, 2, 0])])
+def test_a_stream_yields_the_state_after_each_chunk_and_ends_with_the_state_of_generate(generator, sampler,
+                                                                                       frames_per_chunk):
+    start = {"calls": 0, "per_row": np.zeros(1, np.int32)}
+    audio, final = generator.generate("Hi.", max_audio_length_ms=480, seed=2, sampler=sampler, sampler_state=start,
+                                      return_sampler_state=True)
+    pairs = list(generator.generate_stream("Hi.", max_audio_length_ms=480, seed=2, first_chunk_frames=2,
+                                           chunk_frames=2, sampler=sampler, sampler_state=start,
+                                           return_sampler_state=True))
+    assert [len(chunk) // 1920 for chunk, _ in pairs] == frames_per_chunk  # the end frame came after a chunk
+    assert len(audio) == sum(frames_per_chunk) * 1920
+    # the end frame's draws count too: 5 frames' calls when frame 4 ends the utterance
+    calls = [int(state["calls"]) for _, state in pairs]
+    assert calls == [32 * 2, 32 * 4, 32 * (6 if sum(frames_per_chunk) == 6 else 5)]
+    jax.tree.map(np.testing.assert_array_equal, pairs[-1][1], final)
+
+
+def no_repeat_drawn(logits, keys, frame, codebook, previous):
+    """The README's sampler: a draw at temperature 0.8 that never repeats codebook c's code of the frame before."""
+    logits = jnp.where(jnp.arange(logits.shape[-1]) == previous[:, codebook, None], -jnp.inf, logits)
+    tokens = jax.vmap(jax.random.categorical)(keys, logits / 0.8).astype(jnp.int32)
+    return tokens, previous.at[:, codebook].set(tokens)
+
+
+def test_best_of_n_returns_the_chosen_candidates_state_as_generate_gives_it(generator):
+    start = np.full((3, 32), -1, np.int32)
+    best, means, state = best_of_n(generator, Request("Hi."), 3, 400, seed=4, sampler=no_repeat_drawn,
+                                   sampler_state=start, return_sampler_state=True)
+    chosen = int(np.argmax(means))
+    assert len(set(means.tolist())) == 3  # three different candidates
+    (alone,), alone_state = generator.generate_codes([Request("Hi.")], 400, seeds=[4 + chosen],
+                                                     sampler=no_repeat_drawn, sampler_state=start[chosen:chosen + 1],
+                                                     return_sampler_state=True)
+    np.testing.assert_array_equal(best, alone)
+    assert state.shape == (1, 32)
+    np.testing.assert_array_equal(state, alone_state)
+    np.testing.assert_array_equal(state[0], best[:, -1])  # this sampler's state: the last frame's codes
+    with pytest.raises(SamplerError, match=r"leading axis of 3; \['calls'\] has shape \(\)"):
+        best_of_n(generator, Request("Hi."), 3, 400, sampler=counting,
+                  sampler_state={"calls": 0, "per_row": np.zeros(3, np.int32)}, return_sampler_state=True)
 
 
 def test_the_readme_example_runs(generator):

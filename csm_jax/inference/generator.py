@@ -48,7 +48,8 @@ class Generator:
     `use_adapter` can switch adapters, or go back to the base, without reloading anything.
 
     Sampling research: `sampler` (with its initial `sampler_state`) chooses every token inside the compiled loop
-    (`csm_jax.inference.sampler_protocol`); `return_sampler_state=True` returns (result, final sampler state).
+    (`csm_jax.inference.sampler_protocol`); `return_sampler_state=True` returns (result, final sampler state),
+    and makes the streams yield (chunk, state after it) pairs that end with the final state.
     """
 
     sample_rate = SAMPLE_RATE
@@ -170,20 +171,24 @@ class Generator:
                         max_audio_length_ms: float = 90_000, temperature: float = 0.9, topk: int = 50, *,
                         seed: int = 0, sampling: FrameSampling | None = None,
                         logits_processor: LogitsProcessor | None = None, first_chunk_frames: int = 1,
-                        chunk_frames: int = 4, sampler: Sampler | None = None,
-                        sampler_state: Any = None) -> Iterator[np.ndarray]:
+                        chunk_frames: int = 4, sampler: Sampler | None = None, sampler_state: Any = None,
+                        return_sampler_state: bool = False) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, Any]]:
         """Yields audio chunks as frames are sampled (Mimi streaming decode); concatenated they equal `generate`
-        with the same seed (before watermarking)."""
+        with the same seed (before watermarking). With `return_sampler_state`, yields (audio chunk, the sampler's
+        state after it); the last pair holds the final state, as `generate` returns it (its chunk is empty when
+        the utterance ended right after the chunk before)."""
         chunks = self.stream_codes(Request(text, speaker, context), max_audio_length_ms,
                                    sampling_from(temperature, topk, sampling), seed, logits_processor,
-                                   first_chunk_frames, chunk_frames, sampler=sampler, sampler_state=sampler_state)
+                                   first_chunk_frames, chunk_frames, sampler=sampler, sampler_state=sampler_state,
+                                   return_sampler_state=return_sampler_state)
         return self.stream_audio(chunks)
 
     def stream_codes(self, request: Request, max_audio_length_ms: float, sampling: FrameSampling, seed: int,
                      logits_processor: LogitsProcessor | None = None, first_chunk_frames: int = 1,
-                     chunk_frames: int = 4, *, sampler: Sampler | None = None,
-                     sampler_state: Any = None) -> Iterator[np.ndarray]:
-        """Checks the request and builds its prompt now, then returns an iterator of code chunks (n, k)."""
+                     chunk_frames: int = 4, *, sampler: Sampler | None = None, sampler_state: Any = None,
+                     return_sampler_state: bool = False) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, Any]]:
+        """Checks the request and builds its prompt now, then returns an iterator of code chunks (n, k), or of
+        (codes, sampler state) pairs with `return_sampler_state` (see `FrameGenerator.stream`)."""
         max_frames = max_frames_for(max_audio_length_ms)
         (seed,) = check_seeds([seed], 1)
         for name, value in (("first_chunk_frames", first_chunk_frames), ("chunk_frames", chunk_frames)):
@@ -191,15 +196,20 @@ class Generator:
                 raise RequestError(f"{name}={value!r}; give a whole number of frames >= 1")
         prompt = self.prompt(request, max_frames)
         return self.frames.stream(prompt, max_frames, sampling, seed, logits_processor, first_chunk_frames,
-                                  chunk_frames, sampler=sampler, sampler_state=sampler_state)
+                                  chunk_frames, sampler=sampler, sampler_state=sampler_state,
+                                  return_sampler_state=return_sampler_state)
 
-    def stream_audio(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        """Mimi-decodes code chunks as they come (streaming decode), into audio chunks (k * 1920,)."""
+    def stream_audio(self, chunks: Iterator[np.ndarray] | Iterator[tuple[np.ndarray, Any]]
+                     ) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, Any]]:
+        """Mimi-decodes code chunks (n, k) as they come (streaming decode), into audio chunks (k * 1920,);
+        (codes, sampler state) pairs become (audio, sampler state)."""
         from csm_jax.io import audio
 
         with audio.streaming_decoder(self.mimi, batch_size=1):
-            for codes in chunks:
-                yield audio.decode(self.mimi, codes[None])[0]
+            for item in chunks:
+                codes = item[0] if isinstance(item, tuple) else item
+                wave = audio.decode(self.mimi, codes[None])[0] if codes.shape[1] else np.zeros(0, np.float32)
+                yield (wave, item[1]) if isinstance(item, tuple) else wave
 
 
 def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_dtype=None,

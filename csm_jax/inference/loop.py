@@ -213,18 +213,25 @@ class FrameGenerator:
 
     def stream(self, prompt: Frames, max_frames: int, sampling: FrameSampling = FrameSampling(), seed: int = 0,
                processor: LogitsProcessor | None = None, first_chunk: int = 1, chunk: int = 4, *,
-               sampler: Sampler | None = None, sampler_state: Any = None) -> Iterator[np.ndarray]:
+               sampler: Sampler | None = None, sampler_state: Any = None,
+               return_sampler_state: bool = False) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, Any]]:
         """Yields codes (n, k) chunks as they are sampled: `first_chunk` frames first (time to first audio),
         then `chunk` frames at a time. Together they equal `generate([prompt], ...)` with the same seed (and
-        sampler: its state goes on from chunk to chunk)."""
+        sampler: its state goes on from chunk to chunk).
+
+        With `return_sampler_state`, yields (codes, the sampler's state after them) and always ends with the
+        final state, the one `generate` returns: that last chunk has 0 frames when the end frame was drawn after
+        the chunk before."""
         state = self.start([prompt], max_frames, [seed], sampler_state=sampler_state)
         emitted, until = 0, first_chunk
         while True:
             state = self.run(state, min(until, max_frames), sampling, processor, sampler)
             count, done = (int(x) for x in jax.device_get((state.num_frames[0], state.done[0])))
-            if count > emitted:
-                yield np.asarray(state.frames[0, emitted:count]).T
+            if count > emitted or (done and return_sampler_state):
+                codes = np.asarray(state.frames[0, emitted:count]).T
                 emitted = count
+                # a copy: the next `run` donates the state's buffers
+                yield (codes, jax.tree.map(jnp.copy, state.sampler_state)) if return_sampler_state else codes
             if done:
                 return
             until += chunk

@@ -12,7 +12,8 @@ is traced once into the on-device loop, so it is written with jnp (branch on `co
 
 `state` is any pytree of arrays (None for a stateless sampler). Its initial value is an argument of the compiled
 loop, as the row seeds are: the loop carries it from codebook to codebook and frame to frame (through the
-frame `while_loop` and the depth decoder's steps, and across `stream`'s chunks), and hands back the final value.
+frame `while_loop` and the depth decoder's steps, and across `stream`'s chunks), and hands back the final value
+(`return_sampler_state=True`; a stream yields the value after each chunk).
 Another seed or another initial value of the same shapes and dtypes reuses the compiled loop. The sampler must
 return the state with the shapes and dtypes it was given; for per-row state give it a leading batch axis.
 

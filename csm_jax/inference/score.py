@@ -9,7 +9,7 @@ audio vocabulary (as transformers' loss), so scores compare with training losses
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ from flax import nnx
 
 from csm_jax.core.errors import UserError
 from csm_jax.inference.prompt import PROMPT_BUCKET
+from csm_jax.inference.sampler_protocol import SamplerError
 from csm_jax.io.frames import Frames
 
 
@@ -91,13 +92,35 @@ def score_codes(model, prompts: Sequence[Frames], codes: Sequence[np.ndarray]) -
 
 
 def best_of_n(generator, request, n: int, max_audio_length_ms: float = 90_000, *, seed: int = 0,
-              **generate_kwargs) -> tuple[np.ndarray, np.ndarray]:
+              return_sampler_state: bool = False,
+              **generate_kwargs) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, Any]:
     """Generates `n` candidates of one request in one batch (seeds seed..seed+n-1) and returns the codes of the
-    one with the highest mean log-probability per frame and codebook, with every candidate's mean (n,)."""
+    one with the highest mean log-probability per frame and codebook, with every candidate's mean (n,).
+
+    With `return_sampler_state`, (codes, means, the chosen candidate's final sampler state): its row of every
+    leaf, kept as a batch of one, which is what `generate` returns for that candidate's seed and initial row. So
+    the sampler state must be per candidate: every leaf with a leading axis of n.
+    """
     if n < 1:
         raise UserError(f"best-of-N needs n >= 1 candidates, got {n}")
-    candidates = generator.generate_codes([request] * n, max_audio_length_ms, seeds=range(seed, seed + n),
-                                          **generate_kwargs)
+    if return_sampler_state:
+        _check_rows(generate_kwargs.get("sampler_state"), n)
+    candidates, state = generator.generate_codes([request] * n, max_audio_length_ms, seeds=range(seed, seed + n),
+                                                 return_sampler_state=True, **generate_kwargs)
     scores = generator.score([request] * n, candidates)
     means = np.array([s.mean() if s.size else -np.inf for s in scores], np.float32)
-    return candidates[int(np.argmax(means))], means
+    best = int(np.argmax(means))
+    if not return_sampler_state:
+        return candidates[best], means
+    return candidates[best], means, jax.tree.map(lambda leaf: leaf[best:best + 1], state)
+
+
+def _check_rows(state, n: int) -> None:
+    """Refuses a sampler state best-of-N cannot split into candidates: a leaf without a leading axis of n."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        shape = tuple(jnp.shape(leaf))
+        if shape[:1] != (n,):
+            where = jax.tree_util.keystr(path) or "the state"
+            raise SamplerError(f"best_of_n returns the chosen candidate's sampler state, so every leaf needs one row "
+                               f"per candidate, a leading axis of {n}; {where} has shape {shape}. Give per-candidate "
+                               f"state, or call without return_sampler_state")

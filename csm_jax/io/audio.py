@@ -258,6 +258,23 @@ def to_jax(t):
 # ---- files ---------------------------------------------------------------------------------------------------
 
 
+UNKNOWN_FRAMES = 2 ** 63 - 1  # libsndfile's frame count for a file whose header leaves it unknown (a streamed FLAC)
+
+
+def _read_to_end(f) -> np.ndarray:
+    """(frames, channels) float32 of an open soundfile of unknown length, read block by block through libsndfile:
+    soundfile's own reads seek to their end afterwards, which fails at the end of such a file."""
+    from soundfile import _ffi, _snd
+
+    blocks = []
+    while True:
+        block = np.empty((1 << 16, f.channels), np.float32)
+        got = _snd.sf_readf_float(f._file, _ffi.cast("float *", block.ctypes.data), len(block))
+        if got <= 0:
+            return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
+        blocks.append(block[:got])
+
+
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Any file soundfile reads (wav, flac, ogg, ...) -> mono float32 at `sample_rate`.
 
@@ -270,7 +287,9 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     if not Path(path).exists():
         raise AudioError(f"audio file {path} does not exist; check the path")
     try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            audio = _read_to_end(f) if f.frames == UNKNOWN_FRAMES else f.read(dtype="float32", always_2d=True)
+            rate = f.samplerate
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"cannot read audio file {path}: {e}. Give a wav/flac/ogg file (convert others with "
                          f"ffmpeg or sox first)") from None
