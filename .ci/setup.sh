@@ -4,7 +4,7 @@
 # run everything with .venv/bin/python.
 #   bash .ci/setup.sh            # the package (generation, conversion, training)
 #   bash .ci/setup.sh --dev      # plus the test and reference dependencies (transformers, torchtune, espeak-ng, sox,
-#                                # chromium for the playground test)
+#                                # chromium for the playground test, ffmpeg)
 #   CSM_CUDA=1 bash .ci/setup.sh # JAX with CUDA wheels
 #   PYTHON=python3.11 bash .ci/setup.sh   # build the environment from this interpreter (3.11: jax 0.10)
 #   PYTHON=$(pyenv root)/versions/3.12.1/bin/python3 bash .ci/setup.sh --dev   # e.g. a pyenv-installed 3.12
@@ -50,6 +50,10 @@ fi
 # the speech server's playground is tested in a real headless browser (selenium drives Debian's chromium)
 if [ "$dev" = 1 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
   missing+=(chromium chromium-driver)
+fi
+# the streamed flac/mp3/opus responses are also checked with ffmpeg's decoders
+if [ "$dev" = 1 ] && ! command -v ffmpeg >/dev/null 2>&1; then
+  missing+=(ffmpeg)
 fi
 command -v g++ >/dev/null 2>&1 || missing+=(g++)  # the CPU decode kernels are compiled on first use
 if ! apt_install "${missing[@]}"; then
