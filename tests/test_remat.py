@@ -16,8 +16,8 @@ def loss_and_grads(remat: str, batch: dict):
     trainer = Trainer(preset("tiny"), OptimConfig(), make_mesh(-1, 1, 1), compute_dtype=jnp.float32, remat=remat)
     params = trainer.init_state(0).params
     micro = {k: v[0] for k, v in batch.items()}
-    grad = jax.jit(jax.grad(lambda p: trainer._loss(p, micro, jax.random.key(0))[0]))
-    return float(trainer._loss(params, micro, jax.random.key(0))[0]), grad(params)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: trainer._loss(p, micro, jax.random.key(0))[0]))(params)
+    return float(loss), grads
 
 
 def test_remat_policies_give_the_same_loss_and_gradients():
