@@ -360,6 +360,19 @@ def test_a_long_recording_without_times_is_skipped_not_cut(recording, featurizer
     assert SKIPPED["bad segments"] == 1
 
 
+def test_words_without_times_join_the_timed_word_before_them():
+    from train.clips import spans
+
+    words = [{"word": "Pay"}, {"word": "it", "start": 0.1, "end": 0.3}, {"word": "costs", "start": 0.3, "end": 0.6},
+             {"word": "$5"}, {"word": "and"}, {"word": "today", "start": 1.2, "end": 1.5}]
+    got = spans(words, speaker="2")
+    assert [(s.start, s.end, s.text, s.speaker) for s in got] == [
+        (0.1, 0.3, "Pay it", "2"), (0.3, 0.6, "costs $5 and", "2"), (1.2, 1.5, "today", "2")]
+    assert spans([{"word": "$5"}, {"text": "10%"}]) is None  # nothing timed: the row is skipped as bad segments
+    assert spans([{"word": "a", "start": 0.0}]) is None  # half a time is malformed, not untimed
+    assert spans([{"word": "a", "start": 0.0, "end": 0.2}, "b"]) is None
+
+
 def test_context_and_clip_settings_are_checked(conversation, tmp_path):
     from train.config import TrainConfigError, load_config, validate
 

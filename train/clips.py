@@ -40,7 +40,11 @@ def speaker_label(value: Any) -> str | None:
 
 def spans(value: Any, speaker: str | None = None) -> list[Span] | None:
     """A `segments`/`words` cell (a list, or its JSON text in a CSV) as spans sorted by start, each with its own
-    `speaker` label or else `speaker` (the row's); None when malformed."""
+    `speaker` label or else `speaker` (the row's); None when malformed.
+
+    An entry with neither `start` nor `end` (WhisperX leaves the times off words it cannot align, such as numbers)
+    joins its text to the timed entry before it (the first timed one when none is before), so its words stay in the
+    transcript of the clip that holds their audio."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -48,17 +52,27 @@ def spans(value: Any, speaker: str | None = None) -> list[Span] | None:
             return None
     if not isinstance(value, list) or not value:
         return None
-    out = []
+    out, leading = [], []
     for s in value:
+        if not isinstance(s, dict):
+            return None
+        text = str(s.get("text") or s.get("word") or "").strip()
+        if s.get("start") is None and s.get("end") is None:
+            if out:
+                out[-1] = dataclasses.replace(out[-1], text=f"{out[-1].text} {text}".strip())
+            else:
+                leading.append(text)
+            continue
         try:
-            span = Span(float(s["start"]), float(s["end"]), str(s.get("text") or s.get("word") or "").strip(),
+            span = Span(float(s["start"]), float(s["end"]), " ".join([*leading, text]).strip(),
                         speaker_label(s.get("speaker")) or speaker)
         except (TypeError, KeyError, ValueError):
             return None
         if not 0 <= span.start < span.end:
             return None
         out.append(span)
-    return sorted(out, key=lambda s: s.start)
+        leading = []
+    return sorted(out, key=lambda s: s.start) if out else None
 
 
 def _read(path: str) -> tuple[np.ndarray, int] | None:
