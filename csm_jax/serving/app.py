@@ -180,6 +180,14 @@ class SpeechService:
     async def _stream(self, rid: str, job: Job, params, started: float, prompt_len: int):
         encoder, sse = StreamEncoder(params.response_format), params.stream_format == "sse"
         loop = asyncio.get_running_loop()
+
+        async def encode(step, *args) -> bytes:
+            """pcm and wav are a conversion; a codec's work runs in a worker thread (libsndfile releases the GIL),
+            off the event loop that every other stream shares."""
+            if params.response_format in ("pcm", "wav"):
+                return step(*args)
+            return await asyncio.to_thread(step, *args)
+
         deadline = loop.time() + self.config.request_timeout
         status, first = "cancelled", None
 
@@ -202,14 +210,14 @@ class SpeechService:
                 if isinstance(item, Exception):
                     status = "failed"
                     break
-                data = encoder.add(item)
+                data = await encode(encoder.add, item)
                 if data:
                     if first is None:
                         first = time.perf_counter() - started
                         self.metrics.ttfa.observe(first)
                     yield wrap(data)
             if status == "ok":
-                tail = encoder.finish()
+                tail = await encode(encoder.finish)
                 if tail:
                     if first is None:
                         first = time.perf_counter() - started
