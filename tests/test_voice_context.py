@@ -259,8 +259,8 @@ def test_held_out_turns_never_reach_training_and_held_out_targets_are_scored_alo
 def test_turns_encoded_on_the_fly_are_kept_by_key_encoded_once_and_give_the_same_samples(conversation, featurizer,
                                                                                         monkeypatch):
     """Without `prepare`, a pass makes the five rows targets and t0-t3 context turns seven times: kept by key,
-    each clip is encoded once over two passes, into the same samples as encoding every use. The least recently
-    used turn goes first when the codes outgrow the budget."""
+    each clip is encoded once over two passes, into the samples that encoding every use gives in each pass. The
+    least recently used turn goes first when the codes outgrow the budget."""
     from csm_jax.io import audio
     from train import data
     from train.sources import examples
@@ -273,16 +273,16 @@ def test_turns_encoded_on_the_fly_are_kept_by_key_encoded_once_and_give_the_same
     encode = audio.encode
     monkeypatch.setattr(audio, "encode", lambda mimi, clip: calls.append(len(clip)) or encode(mimi, clip))
 
-    def two_passes(budget):
+    def passes(budget, count):
         monkeypatch.setattr(data, "CACHED_CODES", budget)
         calls.clear()
         batches = iter(data.dataset(str(conversation), cfg, f))
-        return _rows([next(batches) for _ in range(10)])
+        return [_rows([next(batches) for _ in range(5)]) for _ in range(count)]
 
     budget = data.CACHED_CODES
-    every_use = two_passes(0)
-    assert len(calls) == 2 * (5 + 7)
-    assert two_passes(budget) == every_use and len(calls) == 5
+    [every_use] = passes(0, 1)
+    assert len(calls) == 5 + 7
+    assert passes(budget, 2) == [every_use, every_use] and len(calls) == 5
 
     turns = data.RecentTurns(f, found, budget=sum(size.values()) - 1)
     calls.clear()
