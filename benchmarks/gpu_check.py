@@ -42,7 +42,7 @@ SIZES = {
                 serve=dict(config="small", slots=16, clients=(1, 4, 16), frames=24, requests=2, chunk_frames=2,
                            max_seconds=20),
                 lora=(("small", 4, 128, "float32"), ("csm_1b", 2, 256, "bfloat16"))),
-    "smoke": dict(full="tiny", tiny="tiny", batches=(1, 2), frames=6, train_batch=2, train_frames=32,
+    "smoke": dict(full="tiny", tiny="tiny", batches=(1,), frames=6, train_batch=2, train_frames=32,
                   copy_mib=16, matmul=256, repeats=2, mimi_seconds=0.5,
                   serve=dict(config="tiny_full_vocab", slots=2, clients=(1, 2), frames=4, requests=1, chunk_frames=2,
                              max_seconds=60),

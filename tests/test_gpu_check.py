@@ -36,7 +36,7 @@ def test_gpu_check_smoke_runs_every_step_and_prints_the_table(tmp_path):
     # can come out at or below zero, so here they are only checked to be numbers
     for step in ("decode_bf16", "decode_int8"):
         decode = results[step]
-        for batch in (1, 2):
+        for batch in (1,):
             figures = decode[f"batch_{batch}"]
             assert math.isfinite(figures["ms_per_frame"]) and figures["first_call_s"] > 0, (step, batch, figures)
         assert math.isfinite(decode["batch_1"]["share_of_bandwidth_floor"])
