@@ -5,7 +5,7 @@ step's memory analysis (abstract inputs: nothing of 1B size is allocated).
     flock /tmp/csm-heavy.lock python -m benchmarks.bench_lora --config small --batch 4 --frames 128
 
 Step times are medians; the ratio is transformers / ours (> 1 means ours is faster). See benchmarks/bench_train.py
-on glibc's huge-page tunable for CPU runs.
+on the process's malloc setting (--system-malloc).
 """
 
 import jax
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from benchmarks.bench_train import bench_batch, malloc_setting, our_step, step_arguments, transformers_step
+from benchmarks.bench_train import bench_batch, host_malloc, our_step, step_arguments, transformers_step
 from benchmarks.timing import median_time
 from csm_jax.core.config import preset
 from csm_jax.core.sharding import make_mesh
@@ -64,6 +64,7 @@ def main():
     p.add_argument("--memory-frames", type=int, default=256)
     p.add_argument("--skip-speed", action="store_true")
     args = p.parse_args()
+    malloc = host_malloc(args)
 
     if not args.skip_speed:
         config = preset(args.config)
@@ -78,7 +79,7 @@ def main():
         frames = args.batch * args.frames
         print(f"{args.config}: LoRA r={args.rank} on q/k/v/o/gate/up/down of both stacks, batch {args.batch} x "
               f"{args.frames} frames, float32, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, "
-              f"malloc: {malloc_setting()}")
+              f"malloc: {malloc}")
         print(f"ours:                 {ours * 1e3:8.1f} ms/step  {frames / ours:8.0f} frames/s")
         print(f"transformers + PEFT:  {theirs * 1e3:8.1f} ms/step  {frames / theirs:8.0f} frames/s")
         print(f"ratio transformers/ours: {theirs / ours:.2f}")

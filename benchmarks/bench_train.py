@@ -6,13 +6,13 @@ loss (codebook 0 on every audio frame, depth decoder on a fixed fraction of fram
 Prints both medians, the ratio (transformers / ours; > 1 means ours is faster), frames/s and, when a GPU is
 present, model FLOPs utilisation against --peak-tflops.
 
-On the CPU a step's temporaries are fresh memory every step (glibc maps allocations over 32 MB anew), so page faults
-are a large part of both sides' step time; `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (set before Python starts) backs
-them with transparent huge pages. The run prints which it had.
+On the CPU, glibc maps allocations over 32 MB anew by default, so each step's temporaries page-fault afresh on both
+sides. Like `python -m train`, the benchmark first sets glibc to keep freed memory for reuse
+(`csm_jax.core.host_memory`), for the whole process and so for both sides; --system-malloc leaves the defaults.
+The run prints which it had.
 """
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.timing import median_time
 from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.host_memory import keep_freed_memory
 from csm_jax.core.sharding import make_mesh
 from tests.helpers import utterance_batch
 from tests.references import transformers_loss, transformers_model
@@ -28,9 +29,10 @@ from train.lora import LoraConfig, make_trainer
 from train.trainer import OptimConfig
 
 
-def malloc_setting() -> str:
-    """The glibc malloc tunables this process started with (see the module docstring)."""
-    return os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
+def host_malloc(args: argparse.Namespace) -> str:
+    """Sets up the process's malloc as `--system-malloc` asks (see the module docstring), before JAX's backend starts;
+    returns what it is."""
+    return "system defaults" if args.system_malloc else keep_freed_memory()
 
 
 def transformers_step(config, tokens, mask, depth_mask, lr, hf=None, autocast=None):
@@ -97,6 +99,7 @@ def step_arguments(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=128)
     p.add_argument("--depth-fraction", type=float, default=1 / 16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc at its defaults")
     return p
 
 
@@ -105,6 +108,7 @@ def main():
     p.add_argument("--dtype", default="float32", help="our compute dtype (transformers runs float32)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM bf16 dense)")
     args = p.parse_args()
+    malloc = host_malloc(args)
 
     config = preset(args.config)
     tokens, mask, depth_mask = bench_batch(config, args.batch, args.frames, args.depth_fraction)
@@ -115,7 +119,7 @@ def main():
     theirs = median_time(transformers_step(config, tokens, mask, depth_mask, 1e-4), args.repeats)
     frames = args.batch * args.frames
     print(f"{args.config}: batch {args.batch} x {args.frames} frames, depth on {depth_frames} frames, "
-          f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, malloc: {malloc_setting()}")
+          f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, malloc: {malloc}")
     print(f"ours ({args.dtype}):         {ours * 1e3:8.1f} ms/step  {frames / ours:8.0f} frames/s")
     print(f"transformers (float32): {theirs * 1e3:8.1f} ms/step  {frames / theirs:8.0f} frames/s")
     print(f"ratio transformers/ours: {theirs / ours:.2f}")
