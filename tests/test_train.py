@@ -100,6 +100,26 @@ def test_cosine_schedule_reaches_its_end_value_at_the_runs_last_step():
     np.testing.assert_allclose(rates[-1], 0.1 * cfg.optim.learning_rate, rtol=1e-5)
 
 
+def test_gradient_clipping_matches_optax():
+    """The step's clipping (one scalar factor) against optax.clip_by_global_norm, on gradients whose global norm is
+    below, at and far above the limit (and zero); float32, relative 1e-6."""
+    import jax.numpy as jnp
+    import optax
+
+    from train.trainer import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    grads = {"a": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": {"c": jnp.asarray(rng.normal(size=7),
+                                                                                             jnp.float32)}}
+    norm = float(optax.global_norm(grads))
+    for scale in (0.0, 0.5 / norm, 1.0 / norm, 1.0, 1e3):
+        g = jax.tree.map(lambda x: x * scale, grads)
+        ours, _ = clip_by_global_norm(1.0).update(g, None)
+        theirs, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=0), ours, theirs)
+        assert float(optax.global_norm(ours)) <= 1.0 + 1e-6
+
+
 def test_sharded_step_equals_single_device_step():
     """2x2x2 (data, fsdp, tensor) mesh of 8 CPU devices vs one device, same step, float32."""
     out = subprocess.run([sys.executable, "-m", "tests.sharded_step", "2", "2", "2"], cwd=ROOT, capture_output=True,

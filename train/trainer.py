@@ -61,8 +61,19 @@ def make_optimizer(cfg: OptimConfig, steps: int | None = None) -> optax.Gradient
     schedule = learning_rate_schedule(cfg, steps)
     no_decay_on_norms = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: "scale" not in jax.tree_util.keystr(path), params)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+    return optax.chain(clip_by_global_norm(cfg.clip_norm),
                        optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=no_decay_on_norms))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm as one scalar factor, min(1, max_norm / norm), that XLA fuses into the optimizer's
+    update of every parameter (optax's select between g and g / norm is a separate pass over the gradients)."""
+
+    def update(updates, state, params=None):
+        factor = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+        return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 @struct.dataclass
