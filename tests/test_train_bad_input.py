@@ -196,6 +196,8 @@ def config_file(tmp_path: Path, name: str, text: str) -> str:
     (lambda d, tmp: [*SMOKE, f"data.source={d}", f"init={tmp}"], "convert PyTorch weights first"),
     (lambda d, tmp: [*SMOKE, f"data.source={d}", "eval_every=5", "data.eval_fraction=0"],
      "set eval_source=DIR"),
+    (lambda d, tmp: [*SMOKE, f"data.source={d}", "eval_every=5", "data.eval_fraction=1e-6"],
+     "gives fewer usable examples than one batch"),
     (lambda d, tmp: ["--config", config_file(tmp, "c.json", "{}"), f"data.source={d}"],
      "is not a Python config file: a config file is a Python file whose get_config()"),
     (lambda d, tmp: ["--config", f"{tmp}/missing.py"], "does not exist; a config file is"),

@@ -173,19 +173,24 @@ def test_held_out_split_is_deterministic_disjoint_and_sized():
     assert 0.03 < len(evals) / len(keys) < 0.07
 
 
-def test_a_smoke_run_on_a_prepared_folder_lowers_the_loss(prepared, tmp_path):
-    from train.__main__ import main
+def test_a_smoke_run_on_a_prepared_folder_lowers_the_loss_and_reads_its_held_out_data_once(prepared, tmp_path,
+                                                                                          monkeypatch):
+    import train.__main__ as cli
 
+    reads = []
+    pipeline = cli.eval_pipeline
+    monkeypatch.setattr(cli, "eval_pipeline", lambda *args: reads.append(args) or pipeline(*args))
     work = tmp_path / "run"  # Mimi codes of the folder prepared once: no encoding per pass
     argv = ["--config", "train/configs/smoke.py", f"data.source={prepared}", f"workdir={work}", "steps=12",
-            "log_every=4", "save_every=100", "data.packing=true", "eval_every=12", "data.eval_fraction=0.3",
+            "log_every=4", "save_every=100", "data.packing=true", "eval_every=6", "data.eval_fraction=0.3",
             "data.max_duration=30"]
-    assert main(argv) == 0
+    assert cli.main(argv) == 0
     metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[-1] < losses[0]
     assert all(0 <= m["data/padding_fraction"] < 1 for m in metrics if "loss" in m)
-    assert any("eval/loss" in m for m in metrics)
+    assert [m["step"] for m in metrics if "eval/loss" in m] == [0, 6, 12]
+    assert len(reads) == 1  # the held-out batches are read once and scored at every eval
 
 
 def test_a_csv_manifest_lists_the_same_items_as_jsonl(manifest, tmp_path):

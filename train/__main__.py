@@ -204,8 +204,7 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
     except ValueError as e:
         raise TrainConfigError(f"mesh={cfg.mesh}: {e}") from None
     iterator = iter(build_pipeline(cfg, model_config, cfg.data.source, split="train" if held_out(cfg) else None))
-    if cfg.eval_every:
-        check_eval_data(cfg, model_config)
+    held_out_batches = read_eval_batches(cfg, model_config) if cfg.eval_every else []
     if jax.process_index() != 0:
         sample_hook = None  # the other processes only take part in gathering the weights
     elif cfg.sample_every and sample_hook is None:
@@ -234,7 +233,7 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
     rows = cfg.optim.accumulation * cfg.data.batch_size * jax.process_count()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=jax.process_index() != 0)
     if start == 0 and cfg.eval_every:
-        log.write(0, evaluate(cfg, trainer, state, model_config))
+        log.write(0, evaluate(trainer, state, held_out_batches))
     if start == 0 and cfg.sample_every:
         take_sample(trainer, state, 0, sample_hook, log)
     last = time.perf_counter()
@@ -254,7 +253,7 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
                             frames_s=f"{metrics['frames_per_s']:.0f}", step_s=f"{step_time:.2f}")
         save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            log.write(step + 1, evaluate(cfg, trainer, state, model_config))
+            log.write(step + 1, evaluate(trainer, state, held_out_batches))
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             take_sample(trainer, state, step + 1, sample_hook, log)
     save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
@@ -278,21 +277,26 @@ def resume(manager, trainer, iterator, checkpoints: Path):
                                f"config, or give a new workdir") from None
 
 
-def check_eval_data(cfg: TrainConfig, model_config) -> None:
-    """The held-out data gives at least one batch (a DataError when it gives no example at all)."""
+def read_eval_batches(cfg: TrainConfig, model_config) -> list[dict[str, np.ndarray]]:
+    """The `eval_batches` held-out batches every eval scores, read once per run (unprepared audio is Mimi-encoded
+    once, not at every eval); a DataError when the held-out data gives not even one batch."""
     from train.data import DataError
 
-    if next(iter(eval_pipeline(cfg, model_config)), None) is None:
+    try:
+        batches, why = list(itertools.islice(eval_pipeline(cfg, model_config), cfg.eval_batches)), ""
+    except DataError as e:  # a full pass over the held-out data found no usable example
+        batches, why = [], f" ({e})"
+    if not batches:
         what = (f"the held-out data.eval_fraction={cfg.data.eval_fraction} of data.source" if held_out(cfg)
                 else f"eval_source={cfg.eval_source}")
-        raise DataError(f"{what} gives fewer usable examples than one batch (data.batch_size x optim.accumulation); "
-                        f"raise data.eval_fraction, give eval_source=DIR, or set eval_every=0")
+        raise DataError(f"{what} gives fewer usable examples than one batch (data.batch_size x optim.accumulation)"
+                        f"{why}; raise data.eval_fraction, give eval_source=DIR, or set eval_every=0")
+    return batches
 
 
-def evaluate(cfg: TrainConfig, trainer, state, model_config) -> dict[str, float]:
-    iterator = iter(eval_pipeline(cfg, model_config))
-    losses = [jax.device_get(trainer.eval_loss(state, batch)) for _, batch in zip(range(cfg.eval_batches), iterator)]
-    return {f"eval/{k}": float(np.mean([m[k] for m in losses])) for k in losses[0]} if losses else {}
+def evaluate(trainer, state, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    losses = [jax.device_get(trainer.eval_loss(state, batch)) for batch in batches]
+    return {f"eval/{k}": float(np.mean([m[k] for m in losses])) for k in losses[0]}
 
 
 def main(argv=None) -> int:
