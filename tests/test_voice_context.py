@@ -110,6 +110,12 @@ def test_a_datasets_dataset_with_a_conversation_column_gives_the_same_samples(co
     from_hf = _rows(_samples(tmp_path / "hf", featurizer, **fields))
     assert len(from_hf) == 4 and set(from_hf) <= set(_rows(_samples(conversation, featurizer, context_turns=2)))
 
+    named = ds.map(lambda row: {"spk": ["alice", "bob"][row["spk"]]})  # names are numbered in sorted order
+    named.cast_column("audio", datasets.Audio(decode=False)).save_to_disk(str(tmp_path / "named"))
+    by_name = examples(str(tmp_path / "named"), "hf", DataConfig(**fields))
+    assert [by_name[i]["meta"]["speaker_id"] for i in range(4)] == [found[i]["meta"]["speaker_id"]
+                                                                      for i in range(4)] == [1, 0, 1, 0]
+
 
 def _turn(featurizer, text: str, frames: int, speaker: int, seed: int) -> dict:
     codes = np.random.default_rng(seed).integers(1, 2048, (32, frames))

@@ -38,6 +38,14 @@ def speaker_label(value: Any) -> str | None:
     return label or None
 
 
+def speaker_ids(labels) -> dict[str, int]:
+    """Speaker labels (None ignored) -> CSM speaker ids: a whole-number label is its own id, names are numbered in
+    sorted order."""
+    labels = {label for label in labels if label is not None}
+    names = sorted(label for label in labels if not label.isdigit())
+    return {label: int(label) if label.isdigit() else names.index(label) for label in labels}
+
+
 def spans(value: Any, speaker: str | None = None) -> list[Span] | None:
     """A `segments`/`words` cell (a list, or its JSON text in a CSV) as spans sorted by start, each with its own
     `speaker` label or else `speaker` (the row's); None when malformed.

@@ -13,7 +13,8 @@ per-process sharding are shared.
   recordings `segments` or `words` (lists of {start, end, text} and optionally `speaker`, as a diarised transcript
   gives), cut into clips by train/clips.py. Speaker names of rows and segments share one numbering.
 - `hf`: a dataset saved with `save_to_disk`, a directory of parquet files, or a hub id (`datasets.load_dataset`),
-  with `data.audio_column`, `data.text_column` and optional `data.speaker_column` and conversation columns.
+  with `data.audio_column`, `data.text_column` and optional `data.speaker_column` (ids, or names numbered in sorted
+  order) and conversation columns.
 
 Context: each item's meta carries `context`, the keys of up to `data.context_turns` earlier turns (oldest first);
 `get(key)` reads any item by key, so training encodes those turns and `prepare` stores the keys only.
@@ -32,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from train.clips import speaker_label, spans, split_recording
+from train.clips import speaker_ids, speaker_label, spans, split_recording
 from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
 
 FORMATS = ("auto", "emilia", "folder", "manifest", "hf")
@@ -191,10 +192,8 @@ def manifest_items(path: Path, cfg) -> list[dict[str, Any]]:
     cells = [next((row[c] for c in ("segments", "words") if row.get(c) not in (None, "", [])), None) for row in rows]
     timed = [None if cell is None else spans(cell, speaker_label(row.get("speaker")))
              for row, cell in zip(rows, cells)]
-    labels = {speaker_label(row.get("speaker")) for row in rows} | {p.speaker for parts in timed for p in parts or ()}
-    labels.discard(None)
-    names = sorted(label for label in labels if not label.isdigit())  # ids are given, or names numbered in order
-    speakers = {label: int(label) if label.isdigit() else names.index(label) for label in labels}
+    speakers = speaker_ids([speaker_label(row.get("speaker")) for row in rows]
+                           + [p.speaker for parts in timed for p in parts or ()])
     items = []
     for line, (row, cell, parts) in enumerate(zip(rows, cells, timed), 1):
         key = str(row.get("id") or "").strip() or f"{path.name}:{line}"
@@ -270,6 +269,7 @@ class HfExamples:
                 raise DataError(f"data.source={source} has no column {column!r} (columns: "
                                 f"{', '.join(ds.column_names)}); set data.audio_column, data.text_column or "
                                 f"data.speaker_column")
+        self.speakers = speaker_ids(map(speaker_label, ds[cfg.speaker_column])) if cfg.speaker_column else {}
         if isinstance(ds.features[cfg.audio_column], datasets.Audio):
             ds = ds.cast_column(cfg.audio_column, datasets.Audio(decode=False))
         self.ds, self.cfg, self.name = ds, cfg, path.name or source
@@ -303,8 +303,8 @@ class HfExamples:
         if data is None:
             return skip("missing audio", key)
         meta: dict[str, Any] = {"text": str(row[self.cfg.text_column] or "").strip()}
-        if self.cfg.speaker_column and isinstance(row[self.cfg.speaker_column], int):
-            meta["speaker_id"] = row[self.cfg.speaker_column]
+        if self.cfg.speaker_column and (speaker := speaker_label(row[self.cfg.speaker_column])) is not None:
+            meta["speaker_id"] = self.speakers[speaker]
         if key in self.context:
             meta["context"] = self.context[key]
         return {"key": key, ext: data, "meta": meta}
