@@ -23,17 +23,14 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import socket
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-import uvicorn  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from csm_jax.core.codec import FRAME_MS  # noqa: E402
@@ -42,6 +39,7 @@ from csm_jax.core.model import Csm  # noqa: E402
 from csm_jax.inference.generator import Generator  # noqa: E402
 from csm_jax.io import audio  # noqa: E402
 from csm_jax.io.text import load_tokenizer  # noqa: E402
+from csm_jax.serve import serve_in_background  # noqa: E402
 from csm_jax.serving.app import ServeConfig, build_app  # noqa: E402
 
 TEXTS = ["Hello there, how are you today?", "The weather is fine.", "Please leave a message after the tone.",
@@ -58,23 +56,10 @@ def random_generator(config: str) -> Generator:
 @contextlib.contextmanager
 def serving(generator, slots: int, chunk_frames: int):
     """A server with `slots` decode slots on a free loopback port, for the block's duration; yields its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = build_app(generator, ServeConfig(slots=slots, max_queue=64, chunk_frames=chunk_frames,
                                            max_audio_ms=100_000), tempfile.mkdtemp())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError(f"the server on port {port} did not start (its error is printed above)")
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join()
+    with serve_in_background(app) as url:
+        yield url
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ under /v1/voices, `GET /health`, `GET /metrics` (Prometheus) and a playground pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -81,6 +82,33 @@ def config_from_args(args, parser):
                        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_input_chars=args.max_input_chars,
                        max_audio_ms=args.max_audio_length_ms, request_timeout=args.request_timeout,
                        cache_length=args.cache_length)
+
+
+@contextlib.contextmanager
+def serve_in_background(app, host: str = "127.0.0.1"):
+    """Serves the ASGI `app` (`csm_jax.serving.app.build_app`) with uvicorn on a free port of `host`, from a thread of
+    this process, for the `with` block's duration; yields its base URL. For notebooks, tests and benchmarks."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(f"the server on port {port} did not start (its error is logged above)")
+            time.sleep(0.05)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,9 +76,8 @@ def context_wav(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A speech server on loopback over the random `tiny_full_vocab` model (`tests.helpers.start_server`)."""
-    from tests.helpers import start_server, stop_server
+    """A speech server on loopback over the random `tiny_full_vocab` model (`tests.helpers.tiny_server`)."""
+    from tests.helpers import tiny_server
 
-    s = start_server(tmp_path_factory)
-    yield s
-    stop_server(s)
+    with tiny_server(tmp_path_factory) as s:
+        yield s

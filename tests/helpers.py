@@ -1,6 +1,7 @@
 """What tests and benchmarks share: random inputs for the model, real speech from espeak-ng (and sox to decode
 audio), and Emilia-format shards built from it. (The reference models written by others are in tests/references.py.)"""
 
+import contextlib
 import io
 import json
 import shutil
@@ -172,28 +173,19 @@ KEY = "test-key"
 NARRATOR = "the narrator speaks first"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(tmp_path_factory, **overrides):
-    """A speech server on 127.0.0.1 in this process (uvicorn in a thread) over the random `tiny_full_vocab` model,
-    with one voice ("narrator") loaded from a folder."""
-    import threading
-    import time
+@contextlib.contextmanager
+def tiny_server(tmp_path_factory, **overrides):
+    """A speech server on 127.0.0.1 in this process (`csm_jax.serve.serve_in_background`) over the random
+    `tiny_full_vocab` model, with one voice ("narrator") loaded from a folder, for the block's duration."""
     import types
 
-    import uvicorn
     from flax import nnx
 
     from csm_jax.core.model import Csm
     from csm_jax.inference.generator import Generator
     from csm_jax.io import audio
     from csm_jax.io.text import load_tokenizer
+    from csm_jax.serve import serve_in_background
     from csm_jax.serving.app import ServeConfig, build_app
 
     from csm_jax.core.config import preset
@@ -208,20 +200,8 @@ def start_server(tmp_path_factory, **overrides):
                     max_audio_ms=20_000, request_timeout=120)
     config = ServeConfig(**{**settings, **overrides})
     app = build_app(generator, config, voices)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    return types.SimpleNamespace(url=f"http://127.0.0.1:{port}", generator=generator, voices=voices, app=app,
-                                 server=server, thread=thread, config=config)
-
-
-def stop_server(s):
-    s.server.should_exit = True
-    s.thread.join(timeout=30)
+    with serve_in_background(app) as url:
+        yield types.SimpleNamespace(url=url, generator=generator, voices=voices, app=app, config=config)
 
 
 # ---- our model and command lines -----------------------------------------------------------------------------
