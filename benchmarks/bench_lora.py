@@ -4,8 +4,8 @@ step's memory analysis (abstract inputs: nothing of 1B size is allocated).
 
     flock /tmp/csm-heavy.lock python -m benchmarks.bench_lora --config small --batch 4 --frames 128
 
-Step times are medians; the ratio is transformers / ours (> 1 means ours is faster). See benchmarks/bench_train.py
-on the process's malloc setting (--system-malloc).
+Step times are medians over rounds that run one step of each side in turn; the ratio is transformers / ours (> 1
+means ours is faster). See benchmarks/bench_train.py on the process's malloc setting (--system-malloc).
 """
 
 import jax
@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 from benchmarks.bench_train import bench_batch, host_malloc, our_step, step_arguments, transformers_step
-from benchmarks.timing import median_time
+from benchmarks.timing import median_times
 from csm_jax.core.config import preset
 from csm_jax.core.sharding import make_mesh
 from tests.references import csm_from_transformers, transformers_model
@@ -72,10 +72,11 @@ def main():
         hf = transformers_model(config)
         params = nnx.to_pure_dict(nnx.state(csm_from_transformers(hf, config), nnx.Param))
         lora = LoraConfig(rank=args.rank, alpha=args.alpha)
-        ours = median_time(our_step(config, tokens, mask, args.depth_fraction, 2e-4, jnp.float32, lora, params),
-                           args.repeats)
-        theirs = median_time(transformers_step(config, tokens, mask, depth_mask, 2e-4,
-                                               peft_model(hf, args.rank, args.alpha)), args.repeats)
+        times = median_times({
+            "ours": our_step(config, tokens, mask, args.depth_fraction, 2e-4, jnp.float32, lora, params),
+            "theirs": transformers_step(config, tokens, mask, depth_mask, 2e-4, peft_model(hf, args.rank, args.alpha))},
+            args.repeats)
+        ours, theirs = times["ours"], times["theirs"]
         frames = args.batch * args.frames
         print(f"{args.config}: LoRA r={args.rank} on q/k/v/o/gate/up/down of both stacks, batch {args.batch} x "
               f"{args.frames} frames, float32, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, "

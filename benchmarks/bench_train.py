@@ -3,8 +3,8 @@ loss (codebook 0 on every audio frame, depth decoder on a fixed fraction of fram
 
     flock /tmp/csm-heavy.lock python -m benchmarks.bench_train --config small --batch 4 --frames 128
 
-Prints both medians, the ratio (transformers / ours; > 1 means ours is faster), frames/s and, when a GPU is
-present, model FLOPs utilisation against --peak-tflops.
+Prints both medians (over rounds that run one step of each side in turn), the ratio (transformers / ours; > 1
+means ours is faster), frames/s and, when a GPU is present, model FLOPs utilisation against --peak-tflops.
 
 On the CPU, glibc maps allocations over 32 MB anew by default, so each step's temporaries page-fault afresh on both
 sides. Like `python -m train`, the benchmark first sets glibc to keep freed memory for reuse
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks.timing import median_time
+from benchmarks.timing import median_times
 from csm_jax.core.config import CsmConfig, preset
 from csm_jax.core.host_memory import keep_freed_memory
 from csm_jax.core.sharding import make_mesh
@@ -98,7 +98,7 @@ def step_arguments(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--frames", type=int, default=128)
     p.add_argument("--depth-fraction", type=float, default=1 / 16)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds, each one step of every side in turn")
     p.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc at its defaults")
     return p
 
@@ -114,9 +114,9 @@ def main():
     tokens, mask, depth_mask = bench_batch(config, args.batch, args.frames, args.depth_fraction)
     depth_frames = int(depth_mask.sum())
 
-    ours = median_time(our_step(config, tokens, mask, args.depth_fraction, 1e-4, jnp.dtype(args.dtype)),
-                       args.repeats)
-    theirs = median_time(transformers_step(config, tokens, mask, depth_mask, 1e-4), args.repeats)
+    times = median_times({"ours": our_step(config, tokens, mask, args.depth_fraction, 1e-4, jnp.dtype(args.dtype)),
+                          "theirs": transformers_step(config, tokens, mask, depth_mask, 1e-4)}, args.repeats)
+    ours, theirs = times["ours"], times["theirs"]
     frames = args.batch * args.frames
     print(f"{args.config}: batch {args.batch} x {args.frames} frames, depth on {depth_frames} frames, "
           f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, malloc: {malloc}")
