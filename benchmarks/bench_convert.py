@@ -1,7 +1,7 @@
 """Wall time and peak memory of one `python -m convert` run (arguments passed through).
 
-    flock /tmp/csm-heavy.lock python -m benchmarks.bench_convert /tmp/csm-full/original /tmp/csm-full/orbax
-    flock /tmp/csm-heavy.lock python -m benchmarks.bench_convert /tmp/csm-full/orbax /tmp/csm-full/hf --to transformers
+    python -m benchmarks.bench_convert /tmp/csm-full/original /tmp/csm-full/orbax
+    python -m benchmarks.bench_convert /tmp/csm-full/orbax /tmp/csm-full/hf --to transformers
 
 Peak RSS (getrusage) counts the pages of memory-mapped source files that were touched; peak anonymous memory
 (RssAnon, sampled every 20 ms) is the memory the conversion itself allocates. Compare both with the size of

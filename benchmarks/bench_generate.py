@@ -1,10 +1,10 @@
 """Our on-device sampler against transformers' `generate`, on the same random weights, in one run.
 
-    flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config csm_1b --dtype float32 --frames 8
-    flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config csm_1b --dtype bfloat16 --frames 8 \
+    python -m benchmarks.bench_generate --config csm_1b --dtype float32 --frames 8
+    python -m benchmarks.bench_generate --config csm_1b --dtype bfloat16 --frames 8 \
         --ours-dtype bfloat16-weights
-    flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config small --batch 1 8 --frames 64
-    flock /tmp/csm-heavy.lock python -m benchmarks.bench_generate --config small --ours-dtype int8 --frames 64
+    python -m benchmarks.bench_generate --config small --batch 1 8 --frames 64
+    python -m benchmarks.bench_generate --config small --ours-dtype int8 --frames 64
 
 Both sample with the reference settings (temperature 0.9, top-k 50, every codebook) from the same prompt (text
 and audio frames). Per-frame time = (time for 2N frames - time for N frames) / N, so the prompt's prefill (shown

@@ -2,7 +2,7 @@
 (2) optimizer state and peak memory of LoRA / QLoRA against full fine-tuning at CSM-1B size, from the compiled
 step's memory analysis (abstract inputs: nothing of 1B size is allocated).
 
-    flock /tmp/csm-heavy.lock python -m benchmarks.bench_lora --config small --batch 4 --frames 128
+    python -m benchmarks.bench_lora --config small --batch 4 --frames 128
 
 Step times are medians over rounds that run one step of each side in turn; the ratio is transformers / ours (> 1
 means ours is faster). See benchmarks/bench_train.py on the process's malloc setting (--system-malloc).

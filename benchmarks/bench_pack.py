@@ -3,7 +3,7 @@ the same espeak-ng sentences of varied length, Mimi-encoded once, batched by the
 and packing (`train.data.batches`), trained with the same model, batch shape and weights, passes of both
 alternating in one run.
 
-    flock /tmp/csm-heavy.lock python -m benchmarks.bench_pack --config small --batch 4
+    python -m benchmarks.bench_pack --config small --batch 4
 
 Prints per mode the rows per pass, the padding fraction and the frames/s of real (non-padding) frames, and the
 ratio packed / padded. Random Mimi weights (no download): the codes' lengths, which set the padding, are Mimi's

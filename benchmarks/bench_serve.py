@@ -2,8 +2,8 @@
 serving, on random weights (the `small` preset, random Mimi; Mimi on the GPU when JAX runs on one, as the server
 puts it), in one run.
 
-    flock /tmp/csm-heavy.lock python benchmarks/bench_serve.py
-    flock /tmp/csm-heavy.lock python benchmarks/bench_serve.py --config small --slots 16 --frames 24 --requests 2
+    python benchmarks/bench_serve.py
+    python benchmarks/bench_serve.py --config small --slots 16 --frames 24 --requests 2
 
 One-at-a-time serving is a 1-slot server with one client; then one `--slots` server takes 1, 4 and 16 clients.
 Every client streams pcm (`stream_format` audio) requests back to back; each request asks for `--frames` frames

@@ -1,7 +1,7 @@
 """One training step, ours against transformers' CSM, on the same config and batch: forward with the training
 loss (codebook 0 on every audio frame, depth decoder on a fixed fraction of frames), backward, AdamW update.
 
-    flock /tmp/csm-heavy.lock python -m benchmarks.bench_train --config small --batch 4 --frames 128
+    python -m benchmarks.bench_train --config small --batch 4 --frames 128
 
 Prints both medians (over rounds that run one step of each side in turn), the ratio (transformers / ours; > 1
 means ours is faster), frames/s and, when a GPU is present, model FLOPs utilisation against --peak-tflops.

@@ -1,6 +1,6 @@
 """Writes a random full-size CSM-1B checkpoint (1,552,791,552 parameters) for conversion benchmarks.
 
-    flock /tmp/csm-heavy.lock python -m benchmarks.make_full_checkpoint /tmp/csm-full --layout both
+    python -m benchmarks.make_full_checkpoint /tmp/csm-full --layout both
 
 Tensors are drawn and streamed into safetensors one at a time (no torch model in memory), in the same key
 order and names as the real releases: DIR/original (config.json with flavors + model.safetensors) and/or
