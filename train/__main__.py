@@ -23,7 +23,7 @@ from csm_jax.core.host_memory import keep_freed_memory
 from train.config import TrainConfig, TrainConfigError, load_config, validate
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     p.add_argument("--config", help="a Python config file with get_config() (train/configs/*.py)")
     p.add_argument("--distributed", action="store_true",
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-processes", type=int, help="processes in the run (implies --distributed)")
     p.add_argument("--process-id", type=int, help="this process's index, 0..N-1 (implies --distributed)")
     p.add_argument("overrides", nargs="*", help="config overrides such as optim.learning_rate=1e-4 steps=500")
-    return p.parse_args(argv)
+    return p
 
 
 def held_out(cfg: TrainConfig) -> bool:
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("train").info("host malloc: %s", keep_freed_memory())  # before JAX starts its backend
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
