@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
                    help="this worker's index, 0..N-1 (default: $SLURM_ARRAY_TASK_ID, else 0)")
     p.add_argument("--workers", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
-                   help="workers sharing the shards; worker I takes every N-th (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+                   help="workers sharing the shards, worker I taking every N-th (default: $SLURM_ARRAY_TASK_COUNT, "
+                        "else 1)")
     p.add_argument("--mimi", default=None, help="Mimi weights (file or hub id); 'random' for tests")
     p.add_argument("--num-codebooks", type=int, default=32, help="codebooks kept per frame (CSM uses 32)")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per Mimi call")
