@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
     m.add_argument("--max-words", type=int, default=40, help="words per utterance of --text-file (default 40)")
     m.add_argument("--crossfade-ms", type=float, default=30.0, help="equal-power crossfade between utterances "
                    "(default 30)")
-    e = p.add_argument_group("end of speech (see README)")
+    e = p.add_argument_group("end of speech (see docs/guides/end-of-speech.md)")
     e.add_argument("--end-bias", type=float, default=0.0, help="added to codebook 0's logit of the end code from "
                    "--min-frames on; a 0 there ends the utterance (default 0 = off)")
     e.add_argument("--min-frames", type=int, default=10, help="frames (80 ms) before --end-bias applies (default 10)")

@@ -1,4 +1,4 @@
-"""python -m train --config train/configs/smoke.py [key=value ...]: fine-tune CSM (see README, "Fine-tuning")."""
+"""python -m train --config train/configs/smoke.py [key=value ...]: fine-tune CSM (see docs/guides/fine-tuning.md)."""
 
 from __future__ import annotations
 
