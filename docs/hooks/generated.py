@@ -39,7 +39,8 @@ def options_table(module: str) -> str:
             if action.nargs in ("*", "+"):
                 name += " ..."
         default = action.default
-        shown = "" if default in (None, False, argparse.SUPPRESS) or action.nargs == "*" else f"`{default}`"
+        unset = default is None or default is False or default == argparse.SUPPRESS or default == []
+        shown = "" if unset or action.nargs == "*" else f"`{default}`"
         rows.append(f"| `{_cell(name)}` | {_cell(shown)} | {_cell(action.help or '')} |")
     usage = parser.format_usage().strip().removeprefix("usage: ")
     return f"```text\n{usage}\n```\n\n" + "\n".join(rows)
