@@ -18,6 +18,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("out", help="the best take of the custom sampler (.wav)")
 parser.add_argument("--text", default="The quick brown fox jumps over the lazy dog.")
 parser.add_argument("-n", type=int, default=8, help="takes per sampler")
+parser.add_argument("--max-audio-length-ms", type=float, default=6_000, help="the frame cap of each take")
 parser.add_argument("--checkpoint", default="sesame/csm-1b", help="hub id, PyTorch or csm-jax checkpoint")
 parser.add_argument("--mimi", help="Mimi weights file (default: kyutai's, from the hub)")
 args = parser.parse_args()
@@ -34,7 +35,7 @@ def no_repeat(logits, keys, frame, codebook, previous):
 
 
 generator = load_csm_1b(args.checkpoint, mimi=args.mimi)
-request, n, max_ms = Request(args.text, 0), args.n, 6_000
+request, n, max_ms = Request(args.text, 0), args.n, args.max_audio_length_ms
 samplers = {"built-in, t=0.9 top-k 50": {},
             "no-repeat, t=0.8": {"sampler": no_repeat, "sampler_state": jnp.full((n, 32), -1)}}
 print(f"{'sampler':26} {'mean log-prob':>14} {'spread':>7} {'frames':>7}")

@@ -13,12 +13,14 @@ parser.add_argument("clip", help="a recording of the voice (wav, flac, ogg, mp3;
 parser.add_argument("transcript", help="what is said in the clip")
 parser.add_argument("out", help="the .wav, .flac or .ogg to write")
 parser.add_argument("--text", default="Hello! This is my voice, made from a short clip.")
+parser.add_argument("--max-audio-length-ms", type=float, default=10_000, help="the frame cap of the utterance")
 parser.add_argument("--checkpoint", default="sesame/csm-1b", help="hub id, PyTorch or csm-jax checkpoint")
 parser.add_argument("--mimi", help="Mimi weights file (default: kyutai's, from the hub)")
 args = parser.parse_args()
 
 generator = load_csm_1b(args.checkpoint, mimi=args.mimi)  # a hub checkpoint is converted once, then cached
 voice = [Segment(speaker=0, text=args.transcript, audio=read_audio(args.clip))]
-audio = generator.generate(args.text, speaker=0, context=voice, max_audio_length_ms=10_000, seed=0)
+audio = generator.generate(args.text, speaker=0, context=voice, max_audio_length_ms=args.max_audio_length_ms,
+                           seed=0)
 write_audio(args.out, audio)  # 24 kHz mono
 print(f"wrote {args.out}: {len(audio) / 24_000:.2f} s")

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from csm_jax.core.errors import ArgumentParser, UserError, run_main
@@ -70,8 +69,7 @@ def draw(series: dict[str, dict[int, float]], out: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # created by savefig: the umask's mode
     try:
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, out)

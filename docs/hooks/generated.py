@@ -63,7 +63,8 @@ def fields_table(path: str) -> str:
         if dataclasses.is_dataclass(default):
             default = f"{type(default).__name__}()"
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-        rows.append(f"| `{field.name}` | `{_cell(kind)}` | `{_cell(repr(default))}` | {_cell(comments.get(line, ''))} |")
+        meaning = _cell(comments.get(line, ""))
+        rows.append(f"| `{field.name}` | `{_cell(kind)}` | `{_cell(repr(default))}` | {meaning} |")
     return "\n".join(rows)
 
 
