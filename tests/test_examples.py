@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.helpers import KEY, ROOT, espeak_wav
+from tests.helpers import KEY, ROOT, espeak_wav, random_mimi_file, tiny_checkpoint
 
 EXAMPLES = ROOT / "examples"
 SHORT = ["--max-audio-length-ms", "1200"]  # 15 frames: random weights never end an utterance
@@ -19,23 +19,12 @@ SHORT = ["--max-audio-length-ms", "1200"]  # 15 frames: random weights never end
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from flax import nnx
-
-    from csm_jax import Csm, preset, save_model
-
-    return str(save_model(Csm(preset("tiny_full_vocab"), rngs=nnx.Rngs(1)), tmp_path_factory.mktemp("ckpt") / "tiny"))
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")
 def mimi_file(tmp_path_factory):
-    """Random Mimi weights in a .safetensors file, as a user passes real ones with --mimi."""
-    from safetensors.torch import save_file
-
-    from csm_jax.io import audio
-
-    path = tmp_path_factory.mktemp("mimi") / "mimi.safetensors"
-    save_file({k: v.contiguous() for k, v in audio.random_mimi(0).state_dict().items()}, path)
-    return str(path)
+    return random_mimi_file(tmp_path_factory.mktemp("mimi") / "mimi.safetensors")
 
 
 def run_example(name: str, *args: str, monkeypatch, capsys) -> str:

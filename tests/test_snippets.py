@@ -11,7 +11,7 @@ import re
 import pytest
 
 import csm_jax
-from tests.helpers import KEY, ROOT, espeak_wav
+from tests.helpers import KEY, ROOT, espeak_wav, random_mimi_file, tiny_checkpoint
 
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]
@@ -31,18 +31,11 @@ def test_the_pages_with_python_are_found():
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     """A folder with a checkpoint at ckpt/csm-1b, clip.wav and prev.wav; and a random Mimi weights file."""
-    from flax import nnx
-    from safetensors.torch import save_file
-
-    from csm_jax.io import audio
-
     folder = tmp_path_factory.mktemp("reader")
-    csm_jax.save_model(csm_jax.Csm(csm_jax.preset("tiny_full_vocab"), rngs=nnx.Rngs(1)), folder / "ckpt" / "csm-1b")
+    tiny_checkpoint(folder / "ckpt" / "csm-1b")
     espeak_wav(folder / "clip.wav", "what the clip says", rate=16000)
     espeak_wav(folder / "prev.wav", "what did you do today", rate=22050)
-    mimi = folder.parent / "mimi.safetensors"
-    save_file({k: v.contiguous() for k, v in audio.random_mimi(0).state_dict().items()}, mimi)
-    return folder, str(mimi)
+    return folder, random_mimi_file(folder.parent / "mimi.safetensors")
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_CODE)
