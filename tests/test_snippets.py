@@ -1,6 +1,6 @@
 """Every Python block of README.md and of the documentation runs as written, on tiny random models.
 
-The blocks of one page run in order in one namespace (as a reader pastes them into one session), in a folder that
+The blocks of one page run in order in one namespace (as a reader pastes them into one interpreter), in a folder that
 holds the files they name (clip.wav, prev.wav, ckpt/csm-1b). What stands in for the hub: `load_csm_1b("sesame/
 csm-1b")` loads a random `tiny_full_vocab` checkpoint with random Mimi weights, and the server at
 http://127.0.0.1:8000 with the key KEY is a test server over that model. Blocks that include a file of examples/
@@ -25,7 +25,8 @@ PAGES_WITH_CODE = [p for p in PAGES if python_blocks(p)]
 
 
 def test_the_pages_with_python_are_found():
-    assert {"README.md", "docs/concepts.md", "docs/guides/serving.md"} <= set(PAGES_WITH_CODE)
+    assert {"README.md", "docs/concepts.md", "docs/guides/speak.md", "docs/guides/sampling-research.md"} <= set(
+        PAGES_WITH_CODE)
 
 
 @pytest.fixture(scope="module")
