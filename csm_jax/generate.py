@@ -126,6 +126,7 @@ def generate(argv: list[str] | None = None) -> int:
         check_seeds([args.seed], 1)
         sampling = sampling_from_args(args)
         out = audio.check_output_path(args.out) if args.out is not None else None
+        plan = generate_modes.plan(args, speaker) if generate_modes.wanted(args) else None
         context = context_from_args(args, speaker)
 
         import jax.numpy as jnp
@@ -136,8 +137,8 @@ def generate(argv: list[str] | None = None) -> int:
         generator = load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
                                 param_dtype=args.weights_dtype or args.dtype, tokenizer=args.tokenizer,
                                 mimi=mimi, watermark=not args.no_watermark, adapter=args.adapter)
-        if generate_modes.wanted(args):
-            return generate_modes.run(args, generator, sampling, context)
+        if plan is not None:
+            return generate_modes.run(args, plan, generator, sampling, context)
         end_of_speech = generate_modes.end_of_speech_from_args(args)
         chunks = generator.stream_codes(Request(args.text, speaker, context), args.max_audio_length_ms, sampling,
                                         args.seed, end_of_speech.processor(),

@@ -231,3 +231,68 @@ def test_sigint_and_sigterm_keep_a_valid_partial_file_and_the_users_file(long_ch
         assert 0 < info.frames < 2000 * 1920 and info.frames % 1920 == 0
         assert os.path.getsize(partial) == 44 + 2 * info.frames
         assert len(sf.read(str(partial))[0]) == info.frames
+
+
+# ---- the output set of --script and --batch-file, checked before the model loads -----------------------------------
+
+
+def user_files(folder, names):
+    """The user's own files `names` in `folder`."""
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(EXISTING + name.encode())
+
+
+def snapshot(folder):
+    """Every path under `folder`, with the bytes of the files."""
+    return {p: p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def assert_untouched(code, err, message, folder, before):
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, err
+    assert snapshot(folder) == before
+
+
+def test_batch_and_script_outputs_never_replace_a_users_file(checkpoint, tmp_path, capsys):
+    (tmp_path / "lines.txt").write_text("First line.\n\nThird line.\n")
+    (tmp_path / "talk.jsonl").write_text('{"speaker": 0, "text": "Hi."}\n{"speaker": 1, "text": "Hello."}\n')
+    (tmp_path / "afile").write_bytes(EXISTING)
+    user_files(tmp_path / "lines", ["003.wav", "notes.txt"])
+    user_files(tmp_path / "talk", ["talk_002.wav"])
+    user_files(tmp_path / "turns", ["001.wav", "002.wav"])
+    batch = ["--batch-file", tmp_path / "lines.txt", "--checkpoint", checkpoint, "--mimi", "random", "--no-watermark"]
+    script = ["--script", tmp_path / "talk.jsonl", *batch[2:]]
+    cases = [
+        ([*batch, "--out-dir", tmp_path / "lines"],
+         f"--out-dir {tmp_path / 'lines'} already holds 003.wav, which this run would replace; nothing was written. "
+         f"Pass --overwrite"),
+        ([*script, "--out", tmp_path / "talk" / "talk.wav"], "already holds talk_002.wav, which this run would replace"),
+        ([*script, "--out", tmp_path / "talk.wav", "--out-dir", tmp_path / "turns"], "already holds 001.wav, 002.wav"),
+        ([*script, "--out", tmp_path / "turns" / "001.wav", "--out-dir", tmp_path / "turns", "--overwrite"],
+         "is also the name of a per-turn wav; give --out another name"),
+        ([*batch, "--out-dir", tmp_path / "afile"], f"--out-dir {tmp_path / 'afile'} is a file; give a folder"),
+        ([*batch, "--out-dir", "/proc/csm_lines"], "no permission to create files in /proc"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "locked").mkdir(mode=0o555)
+        cases.append(([*batch, "--out-dir", tmp_path / "locked"], "no permission to create files in"))
+    before = snapshot(tmp_path)
+    for argv, message in cases:
+        code, err = run(argv, capsys)
+        assert_untouched(code, err, message, tmp_path, before)
+
+
+def test_overwrite_replaces_only_the_runs_own_outputs(checkpoint, tmp_path, shared_mimi, capsys):
+    (tmp_path / "lines.txt").write_text("First line.\n\nThird line.\n")
+    user_files(tmp_path / "lines", ["003.wav", "notes.txt"])
+    notes = (tmp_path / "lines" / "notes.txt").read_bytes()
+    code, err = run(["--batch-file", tmp_path / "lines.txt", "--out-dir", tmp_path / "lines", "--overwrite",
+                     "--checkpoint", checkpoint, "--mimi", "random", "--no-watermark", "--max-audio-length-ms", "160"],
+                    capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "lines").iterdir()) == ["001.wav", "003.wav", "notes.txt"]
+    assert (tmp_path / "lines" / "notes.txt").read_bytes() == notes
+    assert sf.info(str(tmp_path / "lines" / "003.wav")).samplerate == 24000
