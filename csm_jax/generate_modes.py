@@ -18,6 +18,7 @@ from pathlib import Path
 
 from csm_jax.core.codec import FRAME_SECONDS
 from csm_jax.core.errors import UserError
+from csm_jax.core.numbers import finite_float
 
 MODES = ("text_file", "script", "batch_file")
 
@@ -36,15 +37,18 @@ def add_arguments(p) -> None:
     m.add_argument("--max-words", type=int, default=40, help="words per utterance of --text-file (default 40)")
     m.add_argument("--overwrite", action="store_true", help="replace per-turn or per-line wavs that already exist "
                    "(without it such a run is refused before anything is generated)")
-    m.add_argument("--crossfade-ms", type=float, default=30.0, help="equal-power crossfade between utterances "
+    m.add_argument("--crossfade-ms", type=finite_float, default=30.0, help="equal-power crossfade between utterances "
                    "(default 30)")
     e = p.add_argument_group("end of speech (see README)")
-    e.add_argument("--end-bias", type=float, default=0.0, help="added to codebook 0's logit of the end code from "
+    e.add_argument("--end-bias", type=finite_float, default=0.0,
+                   help="added to codebook 0's logit of the end code from "
                    "--min-frames on; a 0 there ends the utterance (default 0 = off)")
     e.add_argument("--min-frames", type=int, default=10, help="frames (80 ms) before --end-bias applies (default 10)")
-    e.add_argument("--stop-after-silence-ms", type=float, default=1200.0, help="stop an utterance after this much "
+    e.add_argument("--stop-after-silence-ms", type=finite_float, default=1200.0,
+                   help="stop an utterance after this much "
                    "near-silent decoded audio following speech (default 1200; 0 = off)")
-    e.add_argument("--silence-db", type=float, default=-45.0, help="RMS level (dBFS) below which audio counts as "
+    e.add_argument("--silence-db", type=finite_float, default=-45.0,
+                   help="RMS level (dBFS) below which audio counts as "
                    "near-silence (default -45)")
     e.add_argument("--trim-silence", action="store_true", help="cut trailing near-silent audio from each utterance")
 
@@ -70,12 +74,12 @@ def check_arguments(args, parser) -> None:
         parser.error("--batch-file writes one wav per line; give the folder with --out-dir")
     if args.batch_file is None and args.out is None:
         parser.error("give the output wav with --out")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_words < 1:
-        parser.error(f"--max-words must be >= 1, got {args.max_words}")
-    if args.crossfade_ms < 0:
-        parser.error(f"--crossfade-ms must be >= 0 (0 = butt joins), got {args.crossfade_ms:g}")
+    for bad, message in [(args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+                         (args.max_words < 1, f"--max-words must be >= 1, got {args.max_words}"),
+                         (args.crossfade_ms < 0, f"--crossfade-ms must be >= 0 (0 = butt joins), got "
+                                                 f"{args.crossfade_ms:g}")]:
+        if bad:
+            parser.error(message)
     if args.stream and args.text is None:
         parser.error("--stream writes one utterance; use it with --text")
     for name in MODES:
