@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -218,9 +219,15 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
     if jax.process_index() != 0:  # process 0 holds the workdir's lock for the run
         return _train(cfg, workdir, sample_hook)
     lock = Path(os.path.abspath(workdir))
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()][::-1]
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(lock.parent / f".{lock.name}.lock", f"the workdir {workdir}", "give another workdir"):
-        return _train(cfg, workdir, sample_hook)
+    try:
+        with exclusive(lock.parent / f".{lock.name}.lock", f"the workdir {workdir}", "give another workdir"):
+            return _train(cfg, workdir, sample_hook)
+    finally:
+        for directory in reversed(made):  # made only for the lock: a run refused before writing leaves none
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> Path:
