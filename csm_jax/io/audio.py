@@ -250,18 +250,47 @@ def encode(mimi, audio: np.ndarray) -> np.ndarray:
     return encode_batch(mimi, [audio])[0]
 
 
+# Mimi's working memory grows with the audio of one call (about 35 MB per second of audio on the CPU), so longer clips
+# are encoded in chunks of this many frames (20 s) through Mimi's streaming state, which carries the convolutions'
+# and the transformer's context from one chunk to the next.
+ENCODE_CHUNK_FRAMES = 250
+
+
 def encode_batch(mimi, audios: list[np.ndarray]) -> list[np.ndarray]:
-    """Mimi codes of several utterances in one call, zero-padded to the longest; Mimi is causal, so each
-    utterance's codes equal encoding it alone (checked in tests/test_prepare.py)."""
+    """Mimi codes of several utterances: those up to `ENCODE_CHUNK_FRAMES` in one call, zero-padded to the longest
+    (Mimi is causal, so each utterance's codes equal encoding it alone; checked in tests/test_prepare.py), longer
+    ones one at a time in chunks of that length, so that memory does not grow with a clip's length."""
     import torch
 
     frames = [frames_for_samples(len(a)) for a in audios]
-    batch = np.zeros((len(audios), 1, max(frames) * FRAME_SAMPLES), np.float32)
-    for i, a in enumerate(audios):
-        batch[i, 0, :len(a)] = a
-    with torch.no_grad(), moshi_switches(mimi):
-        codes = mimi.encode(torch.from_numpy(batch).to(_device_of(mimi))).to(torch.int32).cpu().numpy()
-    return [c[:, :n] for c, n in zip(codes, frames)]
+    codes: list[np.ndarray | None] = [None] * len(audios)
+    short = [i for i, n in enumerate(frames) if n <= ENCODE_CHUNK_FRAMES]
+    if short:
+        batch = np.zeros((len(short), 1, max(frames[i] for i in short) * FRAME_SAMPLES), np.float32)
+        for row, i in enumerate(short):
+            batch[row, 0, :len(audios[i])] = audios[i]
+        with torch.no_grad(), moshi_switches(mimi):
+            encoded = mimi.encode(torch.from_numpy(batch).to(_device_of(mimi))).to(torch.int32).cpu().numpy()
+        for row, i in enumerate(short):
+            codes[i] = encoded[row, :, :frames[i]]
+    for i, n in enumerate(frames):
+        if codes[i] is None:
+            codes[i] = _encode_in_chunks(mimi, audios[i], n)
+    return codes
+
+
+def _encode_in_chunks(mimi, audio: np.ndarray, frames: int) -> np.ndarray:
+    import torch
+
+    step = ENCODE_CHUNK_FRAMES * FRAME_SAMPLES
+    parts = []
+    with torch.no_grad(), moshi_switches(mimi), mimi.streaming(1):
+        for start in range(0, frames * FRAME_SAMPLES, step):
+            piece = np.zeros((1, 1, min(step, frames * FRAME_SAMPLES - start)), np.float32)
+            chunk = audio[start:start + step]
+            piece[0, 0, :len(chunk)] = chunk
+            parts.append(mimi.encode(torch.from_numpy(piece).to(_device_of(mimi))).to(torch.int32).cpu().numpy()[0])
+    return np.concatenate(parts, axis=1)
 
 
 def decode(mimi, codes) -> np.ndarray:
