@@ -8,8 +8,10 @@ puts it), in one run.
 One-at-a-time serving is a 1-slot server with one client; then one `--slots` server takes 1, 4 and 16 clients.
 Every client streams pcm (`stream_format` audio) requests back to back; each request asks for `--frames` frames
 (a random model never ends early, so every request is exactly that long) and each client sends `--requests`
-requests (at most `--max-seconds` per level). Reported per level: aggregate generated frames/s (all frames / wall
-time), time to first audio (p50, p95) and request latency (p95), and their ratios to one-at-a-time serving.
+requests (at most `--max-seconds` per level). Reported per level, over the requests that succeeded: aggregate
+frames/s (their frames / wall time), time to first audio (p50, p95) and request latency (p95), and their ratios to
+one-at-a-time serving. Failed requests (an HTTP error, a broken or short stream) are counted, their errors printed,
+and they make the exit status 1.
 Compilation happens before timing (the server warms up at start, and one request per level is sent first).
 First the two halves of serving are timed apart: the decode batch alone (frames/s with 1 and with `--slots` busy
 slots) and Mimi's streaming decode (ms per frame of one stream, and of `--slots` streams in one call), which
@@ -64,23 +66,34 @@ def serving(generator, slots: int, chunk_frames: int):
 
 @dataclasses.dataclass
 class Result:
-    ttfa: float
+    ttfa: float | None  # None when no audio came
     latency: float
     frames: int
+    error: str | None = None  # why the request failed: an HTTP error, a broken stream, or fewer frames than asked
 
 
 async def one_request(client: httpx.AsyncClient, text: str, frames: int, seed: int) -> Result:
+    """One streamed request; a failure is a `Result` with its `error`, never an exception (a random model never
+    ends early, so fewer frames than asked is a failure too)."""
     start = time.perf_counter()
-    first, received = None, 0
+    first, received, error = None, 0, None
     body = {"model": "csm-1b", "input": text, "response_format": "pcm", "seed": seed,
             "max_audio_length_ms": frames * FRAME_MS}
-    async with client.stream("POST", "/v1/audio/speech", json=body) as r:
-        r.raise_for_status()
-        async for chunk in r.aiter_bytes():
-            if chunk and first is None:
-                first = time.perf_counter() - start
-            received += len(chunk)
-    return Result(first, time.perf_counter() - start, received // (1920 * 2))
+    try:
+        async with client.stream("POST", "/v1/audio/speech", json=body) as r:
+            if r.status_code != 200:
+                error = f"HTTP {r.status_code}: {(await r.aread())[:200].decode(errors='replace')}"
+            else:
+                async for chunk in r.aiter_bytes():
+                    if chunk and first is None:
+                        first = time.perf_counter() - start
+                    received += len(chunk)
+    except httpx.HTTPError as e:
+        error = f"{type(e).__name__}: {e}"[:200]
+    got = received // (1920 * 2)
+    if error is None and got < frames:
+        error = f"{got} of {frames} frames (the stream ended early)"
+    return Result(first, time.perf_counter() - start, got, error)
 
 
 async def level(url: str, clients: int, requests: int, frames: int, max_seconds: float) -> dict:
@@ -97,10 +110,23 @@ async def level(url: str, clients: int, requests: int, frames: int, max_seconds:
 
         await asyncio.gather(*(worker(w) for w in range(clients)))
         wall = time.perf_counter() - start
-    ttfa, latency = np.array([r.ttfa for r in results]), np.array([r.latency for r in results])
-    return {"clients": clients, "requests": len(results), "frames": sum(r.frames for r in results),
-            "fps": sum(r.frames for r in results) / wall, "ttfa_p50": np.percentile(ttfa, 50),
-            "ttfa_p95": np.percentile(ttfa, 95), "latency_p95": np.percentile(latency, 95), "wall": wall}
+    return summary(results, clients, wall)
+
+
+def summary(results: list[Result], clients: int, wall: float) -> dict:
+    """A level's row: throughput (frames of the requests that succeeded / wall time), time to first audio and
+    latency over those requests (None when none did), and the failed requests counted with their distinct errors."""
+    ok = [r for r in results if r.error is None]
+
+    def percentile(values, q):
+        return float(np.percentile(values, q)) if len(values) else None
+
+    ttfa, latency = [r.ttfa for r in ok], [r.latency for r in ok]
+    return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok),
+            "errors": sorted({r.error for r in results if r.error is not None})[:5],
+            "frames": sum(r.frames for r in ok), "fps": sum(r.frames for r in ok) / wall,
+            "ttfa_p50": percentile(ttfa, 50), "ttfa_p95": percentile(ttfa, 95),
+            "latency_p95": percentile(latency, 95), "wall": wall}
 
 
 def parts(generator, slots: int, frames: int, chunk: int) -> dict:
@@ -151,8 +177,11 @@ def load_test(generator, slots: int, clients, frames: int, requests: int, chunk_
 
 def against(row: dict, base: dict) -> dict:
     """A level's ratios to one-at-a-time serving, as the goals are stated (16 clients: throughput >= 6x, p95 time to
-    first audio <= 2x)."""
-    return {"fps_x": row["fps"] / base["fps"], "ttfa_p95_x": row["ttfa_p95"] / base["ttfa_p95"]}
+    first audio <= 2x); None where either side has no figure."""
+    def ratio(key):
+        return row[key] / base[key] if row[key] is not None and base[key] else None
+
+    return {"fps_x": ratio("fps"), "ttfa_p95_x": ratio("ttfa_p95")}
 
 
 def main(argv=None):
@@ -178,14 +207,23 @@ def main(argv=None):
           f"with {args.slots} busy slots ({split[f'batch{args.slots}_fps'] / split['batch1_fps']:.2f}x); Mimi "
           f"streaming decode {split['mimi1_ms_per_frame']:.1f} ms per frame of one stream, "
           f"{split[f'mimi{args.slots}_ms_per_frame']:.1f} ms per frame of {args.slots} streams in one call")
-    print(f"{'server':<24}{'clients':>8}{'requests':>9}{'frames/s':>10}{'x base':>8}{'TTFA p50':>10}"
+    print(f"{'server':<24}{'clients':>8}{'requests':>9}{'failed':>7}{'frames/s':>10}{'x base':>8}{'TTFA p50':>10}"
           f"{'TTFA p95':>10}{'x base':>8}{'latency p95':>12}")
     for r in rows:
         x = against(r, base)
-        print(f"{r['server']:<24}{r['clients']:>8}{r['requests']:>9}{r['fps']:>10.1f}{x['fps_x']:>8.2f}"
-              f"{r['ttfa_p50']:>9.3f}s{r['ttfa_p95']:>9.3f}s{x['ttfa_p95_x']:>8.2f}"
-              f"{r['latency_p95']:>11.2f}s")
+        print(f"{r['server']:<24}{r['clients']:>8}{r['requests']:>9}{r['failed']:>7}{r['fps']:>10.1f}"
+              f"{figure(x['fps_x'], '.2f'):>8}{figure(r['ttfa_p50'], '.3f', 's'):>10}"
+              f"{figure(r['ttfa_p95'], '.3f', 's'):>10}{figure(x['ttfa_p95_x'], '.2f'):>8}"
+              f"{figure(r['latency_p95'], '.2f', 's'):>12}")
+    for r in rows:
+        for error in r["errors"]:
+            print(f"failed ({r['server']}, {r['clients']} clients): {error}")
+    return 1 if any(r["failed"] for r in rows) else 0
+
+
+def figure(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

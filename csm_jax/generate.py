@@ -26,6 +26,7 @@ from pathlib import Path
 from csm_jax import generate_modes
 from csm_jax.core.codec import FRAME_SAMPLES, FRAME_SECONDS
 from csm_jax.core.errors import ArgumentParser, UserError, run_main, signals_interrupt
+from csm_jax.core.numbers import finite_float
 
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -54,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer.model from llama-models)")
     p.add_argument("--mimi", default=None, help="Mimi weights (.safetensors, or a .pt read as tensors only) or hub "
                    "id (default: kyutai/moshiko-pytorch-bf16); 'random' builds random weights, for tests only")
-    p.add_argument("--max-audio-length-ms", type=float, default=90_000, help="frame cap (default 90000)")
+    p.add_argument("--max-audio-length-ms", type=finite_float, default=90_000, help="frame cap (default 90000)")
     s = p.add_argument_group("sampling (codebook 0; the depth_ options default to the same values)")
-    s.add_argument("--temperature", type=float, default=0.9, help="0 = greedy (default 0.9)")
+    s.add_argument("--temperature", type=finite_float, default=0.9, help="0 = greedy (default 0.9)")
     s.add_argument("--topk", type=int, default=50, help="0 = off (default 50)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus mass, 1 = off")
-    s.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    s.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus mass, 1 = off")
+    s.add_argument("--min-p", type=finite_float, default=0.0, help="0 = off")
     s.add_argument("--greedy", action="store_true", help="argmax for every codebook")
-    for name, kind in (("temperature", float), ("topk", int), ("top-p", float), ("min-p", float)):
+    for name, kind in (("temperature", finite_float), ("topk", int), ("top-p", finite_float), ("min-p", finite_float)):
         s.add_argument(f"--depth-{name}", type=kind, default=None,
                        help=f"--{name} for the depth decoder's codebooks 1..31 (default: the same as --{name})")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed: the same seed gives the same audio")
@@ -126,6 +127,7 @@ def generate(argv: list[str] | None = None) -> int:
         check_seeds([args.seed], 1)
         sampling = sampling_from_args(args)
         out = audio.check_output_path(args.out) if args.out is not None else None
+        plan = generate_modes.plan(args, speaker) if generate_modes.wanted(args) else None
         context = context_from_args(args, speaker)
 
         import jax.numpy as jnp
@@ -136,8 +138,8 @@ def generate(argv: list[str] | None = None) -> int:
         generator = load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
                                 param_dtype=args.weights_dtype or args.dtype, tokenizer=args.tokenizer,
                                 mimi=mimi, watermark=not args.no_watermark, adapter=args.adapter)
-        if generate_modes.wanted(args):
-            return generate_modes.run(args, generator, sampling, context)
+        if plan is not None:
+            return generate_modes.run(args, plan, generator, sampling, context)
         end_of_speech = generate_modes.end_of_speech_from_args(args)
         chunks = generator.stream_codes(Request(args.text, speaker, context), args.max_audio_length_ms, sampling,
                                         args.seed, end_of_speech.processor(),

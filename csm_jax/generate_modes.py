@@ -10,12 +10,15 @@ audio is a recorded turn, used as context for the turns after it instead of bein
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from csm_jax.core.codec import FRAME_SECONDS
 from csm_jax.core.errors import UserError
+from csm_jax.core.numbers import finite_float
 
 MODES = ("text_file", "script", "batch_file")
 
@@ -32,15 +35,20 @@ def add_arguments(p) -> None:
     m.add_argument("--out-dir", default=None, help="folder for per-turn (--script) or per-line (--batch-file) wavs")
     m.add_argument("--batch-size", type=int, default=8, help="rows generated together with --batch-file (default 8)")
     m.add_argument("--max-words", type=int, default=40, help="words per utterance of --text-file (default 40)")
-    m.add_argument("--crossfade-ms", type=float, default=30.0, help="equal-power crossfade between utterances "
+    m.add_argument("--overwrite", action="store_true", help="replace per-turn or per-line wavs that already exist "
+                   "(without it such a run is refused before anything is generated)")
+    m.add_argument("--crossfade-ms", type=finite_float, default=30.0, help="equal-power crossfade between utterances "
                    "(default 30)")
     e = p.add_argument_group("end of speech (see docs/guides/end-of-speech.md)")
-    e.add_argument("--end-bias", type=float, default=0.0, help="added to codebook 0's logit of the end code from "
+    e.add_argument("--end-bias", type=finite_float, default=0.0,
+                   help="added to codebook 0's logit of the end code from "
                    "--min-frames on; a 0 there ends the utterance (default 0 = off)")
     e.add_argument("--min-frames", type=int, default=10, help="frames (80 ms) before --end-bias applies (default 10)")
-    e.add_argument("--stop-after-silence-ms", type=float, default=1200.0, help="stop an utterance after this much "
+    e.add_argument("--stop-after-silence-ms", type=finite_float, default=1200.0,
+                   help="stop an utterance after this much "
                    "near-silent decoded audio following speech (default 1200; 0 = off)")
-    e.add_argument("--silence-db", type=float, default=-45.0, help="RMS level (dBFS) below which audio counts as "
+    e.add_argument("--silence-db", type=finite_float, default=-45.0,
+                   help="RMS level (dBFS) below which audio counts as "
                    "near-silence (default -45)")
     e.add_argument("--trim-silence", action="store_true", help="cut trailing near-silent audio from each utterance")
 
@@ -66,8 +74,12 @@ def check_arguments(args, parser) -> None:
         parser.error("--batch-file writes one wav per line; give the folder with --out-dir")
     if args.batch_file is None and args.out is None:
         parser.error("give the output wav with --out")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for bad, message in [(args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+                         (args.max_words < 1, f"--max-words must be >= 1, got {args.max_words}"),
+                         (args.crossfade_ms < 0, f"--crossfade-ms must be >= 0 (0 = butt joins), got "
+                                                 f"{args.crossfade_ms:g}")]:
+        if bad:
+            parser.error(message)
     if args.stream and args.text is None:
         parser.error("--stream writes one utterance; use it with --text")
     for name in MODES:
@@ -80,13 +92,80 @@ def check_arguments(args, parser) -> None:
         parser.error(str(e))
 
 
-def read_script(path: str, mimi, num_codebooks: int):
-    """Dialogue turns from a JSON-lines file; recorded turns' audio is read and Mimi-encoded."""
-    from csm_jax.inference.longform import Turn
+@dataclasses.dataclass
+class Plan:
+    """What a mode will say and write, read and checked before the model loads."""
+
+    turns: list[tuple[int, str, Path | None]]  # --text-file and --script: (speaker, text, recorded audio or None)
+    lines: list[tuple[int, str]]  # --batch-file: (line number, text)
+    outputs: list[Path]  # the files written besides --out: per-turn or per-line wavs
+
+
+def plan(args, speaker: int) -> Plan:
+    """Reads the mode's file and checks the whole output set: every per-turn or per-line wav can be written, and
+    none replaces an existing file unless --overwrite was given."""
+    from csm_jax.inference.longform import split_text
+
+    turns, lines = [], []
+    if args.text_file is not None:
+        turns = [(speaker, t, None) for t in split_text(read_text(args.text_file, "--text-file"), args.max_words)]
+        if not turns:
+            raise UserError(f"{args.text_file} has no text; give the words to say")
+    elif args.script is not None:
+        turns = read_script(args.script)
+    else:
+        lines = [(number, line.strip()) for number, line in
+                 enumerate(read_text(args.batch_file, "--batch-file").splitlines(), 1) if line.strip()]
+        if not lines:
+            raise UserError(f"{args.batch_file} has no lines of text; write one utterance per line")
+    outputs = []
+    if args.script is not None:
+        outputs = [numbered(Path(args.out), args.out_dir, i, len(turns)) for i in range(1, len(turns) + 1)]
+    elif lines:
+        width = max(3, len(str(lines[-1][0])))
+        outputs = [Path(args.out_dir) / f"{number:0{width}d}.wav" for number, _ in lines]
+    check_outputs(args, outputs)
+    return Plan(turns, lines, outputs)
+
+
+def check_outputs(args, outputs: list[Path]) -> None:
     from csm_jax.io import audio
 
+    if not outputs:
+        return
+    if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UserError(f"--out-dir {args.out_dir} is a file; give a folder for the wavs (it is made when missing)")
+    where = f"--out-dir {args.out_dir}" if args.out_dir is not None else f"{Path(args.out).parent}"
+    if args.out is not None and Path(args.out).resolve() in {p.resolve() for p in outputs}:
+        raise UserError(f"--out {args.out} is also the name of a per-turn wav; give --out another name")
+    existing = [p for p in outputs if os.path.lexists(p)]
+    if existing and not args.overwrite:
+        names = ", ".join(p.name for p in existing[:5]) + (f" ... ({len(existing)} in all)" if len(existing) > 5
+                                                           else "")
+        raise UserError(f"{where} already holds {names}, which this run would replace; nothing was written. Pass "
+                        f"--overwrite to replace them, or give another "
+                        f"{'--out-dir' if args.out_dir is not None else '--out'}")
+    for path in [outputs[0], *existing]:
+        audio.check_output_path(path)
+
+
+def read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        f"give a plain text file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({e.strerror}); give a readable text file") from None
+
+
+def read_script(path: str) -> list[tuple[int, str, Path | None]]:
+    """Dialogue turns from a JSON-lines file: (speaker, text, recorded audio inside the script's folder or None)."""
+    from csm_jax.inference.prompt import speaker_id
+
+    folder = Path(path).resolve().parent
     turns = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path, "--script").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -100,13 +179,19 @@ def read_script(path: str, mimi, num_codebooks: int):
         unknown = set(item) - {"speaker", "text", "audio"}
         if unknown:
             raise UserError(f"{where} has unknown keys {sorted(unknown)}; the keys are speaker, text and audio")
-        codes = None
+        speaker = speaker_id(item.get("speaker", 0), f"{where}: speaker")
+        wav = None
         if item.get("audio") is not None:
-            wav = Path(path).parent / item["audio"]
+            if not isinstance(item["audio"], str):
+                raise UserError(f"{where}: audio {item['audio']!r} is not a path; give the recording's path relative "
+                                f"to the script as a string")
+            wav = (folder / item["audio"]).resolve()
+            if folder not in wav.parents:
+                raise UserError(f"{where}: audio {item['audio']!r} is outside the script's folder {folder}; put the "
+                                f"recording in that folder (or below it) and give its path relative to the script")
             if not wav.is_file():
                 raise UserError(f"{where}: audio {wav} does not exist; give a path relative to the script")
-            codes = audio.encode(mimi, audio.read_audio(wav))[:num_codebooks]
-        turns.append(Turn(item.get("speaker", 0), item["text"].strip(), codes))
+        turns.append((speaker, item["text"].strip(), wav))
     if not turns:
         raise UserError(f"{path} has no turns; write one JSON object per line")
     return turns
@@ -119,35 +204,29 @@ def numbered(out: Path, out_dir: str | None, index: int, count: int) -> Path:
     return out.with_name(f"{out.stem}_{index:0{width}d}{out.suffix or '.wav'}")
 
 
-def run(args, generator, sampling, context) -> int:
+def run(args, plan: Plan, generator, sampling, context) -> int:
     """Runs the mode the arguments ask for with a loaded generator; returns the exit code."""
     from tqdm import tqdm
 
-    from csm_jax.inference.longform import Turn, crossfade_join, generate_conversation, split_text
+    from csm_jax.inference.longform import Turn, crossfade_join, generate_conversation
     from csm_jax.io import audio
 
     eos = end_of_speech_from_args(args)
     n = generator.frames.config.num_codebooks
-    if args.batch_file is not None:
-        return run_batch(args, generator, sampling, eos)
-    if args.text_file is not None:
-        pieces = split_text(Path(args.text_file).read_text(encoding="utf-8"), args.max_words)
-        if not pieces:
-            raise UserError(f"{args.text_file} has no text; give the words to say")
-        turns = [Turn(args.speaker, t) for t in pieces]
-    else:
-        turns = read_script(args.script, generator.mimi, n)
-    bar = tqdm(total=len(turns), unit="utterance", file=sys.stderr, desc="generating")
+    if plan.lines:
+        return run_batch(args, plan, generator, sampling, eos)
+    turns = [Turn(speaker, text, None if wav is None else audio.encode(generator.mimi, audio.read_audio(wav))[:n])
+             for speaker, text, wav in plan.turns]
     out = Path(args.out)
+    with tqdm(total=len(turns), unit="utterance", file=sys.stderr, desc="generating") as bar:
+        def done(i, result):
+            bar.update(1)
+            if plan.outputs:
+                audio.write_audio(plan.outputs[i], result.audio)
 
-    def done(i, result):
-        bar.update(1)
-        if args.script is not None:
-            audio.write_audio(numbered(out, args.out_dir, i + 1, len(turns)), result.audio)
-
-    results = generate_conversation(generator, turns, context=context, max_audio_length_ms=args.max_audio_length_ms,
-                                    sampling=sampling, seed=args.seed, end_of_speech=eos, on_turn=done)
-    bar.close()
+        results = generate_conversation(generator, turns, context=context,
+                                        max_audio_length_ms=args.max_audio_length_ms, sampling=sampling,
+                                        seed=args.seed, end_of_speech=eos, on_turn=done)
     wave = crossfade_join([r.audio for r in results], args.crossfade_ms)
     audio.write_audio(out, wave)
     print(f"wrote {out}: {len(turns)} utterances, {len(wave) / audio.SAMPLE_RATE:.2f} s of 24 kHz audio",
@@ -155,30 +234,25 @@ def run(args, generator, sampling, context) -> int:
     return 0
 
 
-def run_batch(args, generator, sampling, eos) -> int:
+def run_batch(args, plan: Plan, generator, sampling, eos) -> int:
     from tqdm import tqdm
 
     from csm_jax.inference.generator import Request
     from csm_jax.io import audio
 
-    lines = [(number, line.strip()) for number, line in
-             enumerate(Path(args.batch_file).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    if not lines:
-        raise UserError(f"{args.batch_file} has no lines of text; write one utterance per line")
-    bar = tqdm(total=len(lines), unit="utterance", file=sys.stderr, desc="generating")
-    width = max(3, len(str(lines[-1][0])))
     frames = 0
-    for start in range(0, len(lines), args.batch_size):
-        chunk = lines[start:start + args.batch_size]
-        requests = [Request(text, args.speaker) for _, text in chunk]
-        codes = generator.generate_codes(requests, args.max_audio_length_ms, seeds=[args.seed + k for k, _ in chunk],
-                                         sampling=sampling, logits_processor=eos.processor())
-        for (number, _), row, wave in zip(chunk, codes, generator.decode(codes)):
-            row, wave = eos.finish(row, wave)
-            frames += row.shape[1]
-            audio.write_audio(Path(args.out_dir) / f"{number:0{width}d}.wav", generator.mark(wave))
-        bar.update(len(chunk))
-    bar.close()
-    print(f"wrote {len(lines)} wavs to {args.out_dir}: {frames * FRAME_SECONDS:.2f} s of 24 kHz audio",
+    with tqdm(total=len(plan.lines), unit="utterance", file=sys.stderr, desc="generating") as bar:
+        for start in range(0, len(plan.lines), args.batch_size):
+            chunk = plan.lines[start:start + args.batch_size]
+            requests = [Request(text, args.speaker) for _, text in chunk]
+            codes = generator.generate_codes(requests, args.max_audio_length_ms,
+                                             seeds=[args.seed + k for k, _ in chunk], sampling=sampling,
+                                             logits_processor=eos.processor())
+            for path, row, wave in zip(plan.outputs[start:start + args.batch_size], codes, generator.decode(codes)):
+                row, wave = eos.finish(row, wave)
+                frames += row.shape[1]
+                audio.write_audio(path, generator.mark(wave))
+            bar.update(len(chunk))
+    print(f"wrote {len(plan.lines)} wavs to {args.out_dir}: {frames * FRAME_SECONDS:.2f} s of 24 kHz audio",
           file=sys.stderr)
     return 0

@@ -14,8 +14,10 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from csm_jax.core.errors import UserError, run_main
+from csm_jax.core.numbers import finite_float
 
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -45,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer.model from llama-models)")
     p.add_argument("--mimi", default=None, help="Mimi weights (.safetensors) or hub id (default: "
                    "kyutai/moshiko-pytorch-bf16); 'random' builds random weights, for tests only")
-    p.add_argument("--max-audio-length-ms", type=float, default=90_000, help="longest audio a request may ask for")
+    p.add_argument("--max-audio-length-ms", type=finite_float, default=90_000,
+                   help="longest audio a request may ask for")
     p.add_argument("--max-input-chars", type=int, default=4096, help="longest input text (default 4096)")
-    p.add_argument("--max-body-mb", type=float, default=20, help="largest request body in MiB (default 20)")
-    p.add_argument("--request-timeout", type=float, default=300, help="seconds a request may take (default 300)")
+    p.add_argument("--max-body-mb", type=finite_float, default=20, help="largest request body in MiB (default 20)")
+    p.add_argument("--request-timeout", type=finite_float, default=300, help="seconds a request may take (default 300)")
     p.add_argument("--cache-length", type=int, default=None, help="a slot's KV-cache length in frames (default: "
                    "the model's max_seq_len + 64)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -120,16 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from csm_jax.io.hub import cache_dir
+    from csm_jax.io.locks import exclusive
     from csm_jax.serving.app import build_app
 
-    voices = args.voices or str(cache_dir() / "voices")
+    voices = Path(args.voices or cache_dir() / "voices")
     try:
-        app = build_app(load_generator(args), config, voices)
-    except (ValueError, OSError) as e:  # a bad checkpoint, tokenizer, Mimi or voices folder
-        raise UserError(str(e)) from None
-    logging.getLogger("csm_jax.serve").info("serving on http://%s:%d (%d slots, voices in %s)", args.host, args.port,
-                                            config.slots, voices)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        voices.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the voices folder {voices} ({e.strerror}); give --voices a folder you can "
+                        f"write to") from None
+    with exclusive(voices / ".lock", f"the voices folder {voices}", "give this server another --voices folder"):
+        try:
+            app = build_app(load_generator(args), config, str(voices))
+        except (ValueError, OSError) as e:  # a bad checkpoint, tokenizer, Mimi or voices folder
+            raise UserError(str(e)) from None
+        logging.getLogger("csm_jax.serve").info("serving on http://%s:%d (%d slots, voices in %s)", args.host,
+                                                args.port, config.slots, voices)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
 

@@ -240,3 +240,15 @@ def run_train(*overrides: str) -> subprocess.CompletedProcess:
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def truncated_adapter(directory: Path) -> Path:
+    """A LoRA adapter directory whose adapter_model.safetensors breaks off halfway (a download or copy cut short)."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    save_file({"x": np.zeros((64, 64), np.float32)}, directory / "adapter_model.safetensors")
+    whole = (directory / "adapter_model.safetensors").read_bytes()
+    (directory / "adapter_model.safetensors").write_bytes(whole[:len(whole) // 2])
+    return directory

@@ -20,6 +20,7 @@ from csm_jax.io.checkpoint import CheckpointError, load_model, save_model
 from csm_jax.io.frames import Segment
 from csm_jax.io.hub import resolve_checkpoint
 from csm_jax.io.text import TokenizerError, load_tokenizer
+from tests.helpers import truncated_adapter
 
 SPEECH_TEXT = "this is what came before"
 
@@ -314,3 +315,26 @@ def test_a_write_that_fails_midway_keeps_the_old_file_and_a_valid_partial(tmp_pa
         with audio.audio_writer(tmp_path / "empty.wav"):
             raise RuntimeError("nothing written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial.wav", "out.wav"]
+
+
+# ---- adapters ---------------------------------------------------------------------------------------------------
+
+
+def test_use_adapter_names_a_way_to_keep_the_base_and_a_damaged_adapter_file(model, generator, tmp_path):  # noqa: F811
+    import inspect
+
+    from csm_jax.inference.generator import Generator, load_csm_1b
+    from csm_jax.io.adapters import AdapterError
+
+    adapter = truncated_adapter(tmp_path / "adapter")
+    damaged = (adapter / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(AdapterError) as e:
+        generator.use_adapter(adapter)  # built without keep_base
+    assert "load_csm_1b(..., keep_base=True)" in str(e.value)
+    assert "keep_base" in inspect.signature(load_csm_1b).parameters  # the fix it names exists
+    keeping = Generator(model, generator.tokenizer, generator.mimi, keep_base=True)
+    with pytest.raises(AdapterError) as e:
+        keeping.use_adapter(adapter)
+    assert f"cannot read {adapter}/adapter_model.safetensors" in str(e.value)
+    assert "damaged or incomplete: export or download the adapter again" in str(e.value)
+    assert (adapter / "adapter_model.safetensors").read_bytes() == damaged

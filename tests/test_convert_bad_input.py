@@ -162,6 +162,26 @@ def test_sources_that_are_not_checkpoints_explain_the_fix(hf_tiny, earlier, tmp_
         assert fix in err
     err = refused([src, tmp_path / "out", "--config", tmp_path], capsys, tmp_path, src)  # a directory
     assert "--config" in err
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    err = refused([tmp_path / "adapter", tmp_path / "out", "--to", "transformers"], capsys, tmp_path)
+    assert "is a LoRA adapter, not a model checkpoint" in err and f"--adapter {tmp_path / 'adapter'}" in err
+    assert f"python -m convert SRC {tmp_path / 'adapter'}" not in err
+    (tmp_path / "adapter" / "adapter_config.json").unlink()
+    err = refused([tmp_path / "adapter", tmp_path / "out", "--to", "transformers"], capsys, tmp_path)
+    assert "Convert a PyTorch checkpoint first: python -m convert SRC NEW_DIR" in err
+
+
+def test_a_second_conversion_into_one_output_is_refused(hf_tiny, tmp_path, capsys):
+    from csm_jax.io.locks import exclusive
+
+    with exclusive(tmp_path / ".out.lock", "it", "wait"):
+        err = refused([hf_tiny[0], tmp_path / "out"], capsys, tmp_path)
+    assert f"the output {tmp_path / 'out'} is in use by pid {os.getpid()} on " in err
+    assert "wait for that run to end (or stop it), or write to another directory" in err
+    assert main([str(hf_tiny[0]), str(tmp_path / "out")]) == 0  # released: no lock file left to trip on
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_damaged_checkpoint_is_called_damaged(earlier, tmp_path, capsys):
@@ -283,7 +303,8 @@ def test_the_next_run_sweeps_what_a_killed_run_left(hf_tiny, tmp_path, capsys):
     for path in (alive, *lookalikes):
         path.mkdir()
     (tmp_path / ".out.old-1-0123abcd").write_text("a file, not our directory")
-    kept = {k: v for k, v in tree(tmp_path).items() if left not in k and reused.name not in k}
+    assert (tmp_path / ".out.lock").is_file()  # its lock file: the kernel released the lock itself
+    kept = {k: v for k, v in tree(tmp_path).items() if left not in k and reused.name not in k and ".out.lock" not in k}
     assert main([str(hf_tiny[0]), str(tmp_path / "out")]) == 0
     assert read_metadata(tmp_path / "out")["dtype"] == "float32"
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith(str(tmp_path / "out"))} == kept

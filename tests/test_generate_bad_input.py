@@ -3,6 +3,7 @@ any file; it replaces --out only with a complete file; SIGINT and SIGTERM while 
 a valid OUT.partial.wav and leave --out as it was."""
 
 import dataclasses
+import json
 import os
 import pickle
 import signal
@@ -21,6 +22,7 @@ from csm_jax.core.model import Csm
 from csm_jax.generate import main
 from csm_jax.io import audio
 from csm_jax.io.checkpoint import save_model
+from tests.helpers import truncated_adapter
 
 EXISTING = b"RIFF: the user's own file, which no failed or interrupted run may change"
 
@@ -92,12 +94,18 @@ EARLY = [
     (["--speaker", "1.5"], "--speaker '1.5' is not a speaker id"),
     (["--seed", "-1"], "seed -1 is not an integer in [0, 2**32)"),
     (["--seed", str(2 ** 32)], "seed 4294967296 is not an integer in [0, 2**32)"),
-    (["--max-audio-length-ms", "inf"], "max_audio_length_ms=inf is not a finite number"),
-    (["--max-audio-length-ms", "nan"], "max_audio_length_ms=nan is not a finite number"),
+    (["--max-audio-length-ms", "inf"], "argument --max-audio-length-ms: 'inf' is not a finite number"),
+    (["--max-audio-length-ms", "nan"], "argument --max-audio-length-ms: 'nan' is not a finite number"),
+    (["--stop-after-silence-ms", "nan"], "argument --stop-after-silence-ms: 'nan' is not a finite number; give a "
+                                         "number such as 1.5"),
+    (["--end-bias", "nan"], "argument --end-bias: 'nan' is not a finite number"),
+    (["--silence-db=-inf"], "argument --silence-db: '-inf' is not a finite number"),
+    (["--depth-min-p", "nan"], "argument --depth-min-p: 'nan' is not a finite number"),
+    (["--crossfade-ms", "-10"], "--crossfade-ms must be >= 0 (0 = butt joins), got -10"),
     (["--max-audio-length-ms", "-5"], "max_audio_length_ms=-5.0 is shorter than one 80 ms frame"),
     (["--max-audio-length-ms", "10"], "shorter than one 80 ms frame"),
     (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--temperature", "inf"], "temperature must be >= 0 and finite"),
+    (["--temperature", "inf"], "argument --temperature: 'inf' is not a finite number"),
     (["--depth-top-p", "2"], "top_p must be in"),
     (["--text", "  "], "--text is empty; give the words to say"),
     (["--context", "B/missing.wav", "words"], "audio file B/missing.wav does not exist"),
@@ -139,7 +147,9 @@ def test_bad_model_files_are_reported_by_name(checkpoint, bad_files, out, tmp_pa
     for f in (garbage / "params").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
+    truncated = truncated_adapter(tmp_path / "adapter")
     cases = [
+        (["--adapter", truncated], f"cannot read {truncated}/adapter_model.safetensors"),
         (["--mimi", bad_files / "adir"], "is a directory"),
         (["--mimi", bad_files / "notes.txt"], "neither .safetensors nor a PyTorch .pt file"),
         (["--mimi", bad_files / "text.safetensors"], "cannot read Mimi weights"),
@@ -231,3 +241,98 @@ def test_sigint_and_sigterm_keep_a_valid_partial_file_and_the_users_file(long_ch
         assert 0 < info.frames < 2000 * 1920 and info.frames % 1920 == 0
         assert os.path.getsize(partial) == 44 + 2 * info.frames
         assert len(sf.read(str(partial))[0]) == info.frames
+
+
+# ---- the output set of --script and --batch-file, checked before the model loads -----------------------------------
+
+
+def user_files(folder, names):
+    """The user's own files `names` in `folder`."""
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(EXISTING + name.encode())
+
+
+def snapshot(folder):
+    """Every path under `folder`, with the bytes of the files."""
+    return {p: p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def assert_untouched(code, err, message, folder, before):
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, err
+    assert snapshot(folder) == before
+
+
+def test_batch_and_script_outputs_never_replace_a_users_file(checkpoint, tmp_path, capsys):
+    (tmp_path / "lines.txt").write_text("First line.\n\nThird line.\n")
+    (tmp_path / "talk.jsonl").write_text('{"speaker": 0, "text": "Hi."}\n{"speaker": 1, "text": "Hello."}\n')
+    (tmp_path / "afile").write_bytes(EXISTING)
+    user_files(tmp_path / "lines", ["003.wav", "notes.txt"])
+    user_files(tmp_path / "talk", ["talk_002.wav"])
+    user_files(tmp_path / "turns", ["001.wav", "002.wav"])
+    (tmp_path / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "outside.wav").write_bytes(EXISTING)
+    for name, turn in [("abc", {"speaker": "abc", "text": "Hi."}), ("minus", {"speaker": -1, "text": "Hi."}),
+                       ("outside", {"speaker": 0, "text": "Hi.", "audio": "../outside.wav"}),
+                       ("absolute", {"speaker": 0, "text": "Hi.", "audio": str(tmp_path / "outside.wav")})]:
+        (tmp_path / "scripts" / f"{name}.jsonl").write_text(json.dumps(turn) + "\n")
+    batch = ["--batch-file", tmp_path / "lines.txt", "--checkpoint", checkpoint, "--mimi", "random", "--no-watermark"]
+    script = ["--script", tmp_path / "talk.jsonl", *batch[2:]]
+    out = ["--out", tmp_path / "new.wav"]
+    cases = [
+        ([*batch, "--out-dir", tmp_path / "lines"],
+         f"--out-dir {tmp_path / 'lines'} already holds 003.wav, which this run would replace; nothing was written. "
+         f"Pass --overwrite"),
+        ([*script, "--out", tmp_path / "talk" / "talk.wav"],
+         "already holds talk_002.wav, which this run would replace"),
+        ([*script, "--out", tmp_path / "talk.wav", "--out-dir", tmp_path / "turns"], "already holds 001.wav, 002.wav"),
+        ([*script, "--out", tmp_path / "turns" / "001.wav", "--out-dir", tmp_path / "turns", "--overwrite"],
+         "is also the name of a per-turn wav; give --out another name"),
+        ([*batch, "--out-dir", tmp_path / "afile"], f"--out-dir {tmp_path / 'afile'} is a file; give a folder"),
+        ([*batch, "--out-dir", "/proc/csm_lines"], "no permission to create files in /proc"),
+        ([*script, *out, "--script", tmp_path / "scripts" / "abc.jsonl"],
+         "abc.jsonl line 1: speaker 'abc' is not a speaker id; speaker ids are integers >= 0"),
+        ([*script, *out, "--script", tmp_path / "scripts" / "minus.jsonl"], "minus.jsonl line 1: speaker -1 is not"),
+        ([*script, *out, "--script", tmp_path / "scripts" / "outside.jsonl"],
+         "audio '../outside.wav' is outside the script's folder"),
+        ([*script, *out, "--script", tmp_path / "scripts" / "absolute.jsonl"], "put the recording in that folder"),
+        ([*script, *out, "--script", tmp_path / "binary.txt"], "is not UTF-8 text (byte 0x89 at offset 0); give a "
+                                                               "plain text file"),
+        ([*script[2:], *out, "--text-file", tmp_path / "binary.txt"], f"--text-file {tmp_path / 'binary.txt'} is "
+                                                                      f"not UTF-8 text"),
+        ([*batch, "--out-dir", tmp_path / "new", "--batch-file", tmp_path / "binary.txt"], "is not UTF-8 text"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "locked").mkdir(mode=0o555)
+        cases.append(([*batch, "--out-dir", tmp_path / "locked"], "no permission to create files in"))
+    before = snapshot(tmp_path)
+    for argv, message in cases:
+        code, err = run(argv, capsys)
+        assert_untouched(code, err, message, tmp_path, before)
+
+
+def test_overwrite_replaces_only_the_runs_own_outputs_and_errors_end_the_progress_line(checkpoint, tmp_path,
+                                                                                      shared_mimi, capsys):
+    (tmp_path / "lines.txt").write_text("First line.\n\nThird line.\n")
+    user_files(tmp_path / "lines", ["003.wav", "notes.txt"])
+    notes = (tmp_path / "lines" / "notes.txt").read_bytes()
+    argv = ["--batch-file", tmp_path / "lines.txt", "--out-dir", tmp_path / "lines", "--overwrite", "--checkpoint",
+            checkpoint, "--mimi", "random", "--no-watermark", "--max-audio-length-ms", "160"]
+
+    def disk_full(path, *args):
+        raise audio.AudioError(f"cannot write {path}: [Errno 28] No space left on device; free some space")
+
+    with pytest.MonkeyPatch.context() as patch:  # a mistake while the progress bar is drawn
+        patch.setattr(audio, "write_audio", disk_full)
+        code, err = run(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.rstrip("\n").split("\n")[-1].startswith("error: cannot write"), err  # not after the bar's \r
+    code, err = run(argv, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "lines").iterdir()) == ["001.wav", "003.wav", "notes.txt"]
+    assert (tmp_path / "lines" / "notes.txt").read_bytes() == notes
+    assert sf.info(str(tmp_path / "lines" / "003.wav")).samplerate == 24000

@@ -54,3 +54,60 @@ def test_workers_split_shards_skip_done_ones_and_training_reads_the_same_batches
     for a, b in zip(from_tar, from_prepared):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_long_clips_are_encoded_in_chunks_equal_to_one_streaming_pass():
+    import torch
+
+    from csm_jax.io import audio
+
+    mimi = audio.random_mimi(0)
+    clip = 0.1 * np.random.default_rng(1).standard_normal(3 * 1920 * 5 + 700).astype(np.float32)  # 16 frames
+    padded = np.pad(clip, (0, 16 * 1920 - len(clip)))[None, None]
+    with torch.no_grad():
+        whole = mimi._encode_to_unquantized_latent(torch.from_numpy(padded))
+        with mimi.streaming(1):
+            streamed = mimi._encode_to_unquantized_latent(torch.from_numpy(padded))
+        with mimi.streaming(1):
+            one_pass = mimi.encode(torch.from_numpy(padded)).numpy()[0]
+    # Mimi's streaming state carries the context across calls: float32 round-off only, relative to the latents' scale
+    assert (streamed - whole).abs().max() <= 1e-5 * whole.abs().max()
+    original = audio.ENCODE_CHUNK_FRAMES
+    try:
+        audio.ENCODE_CHUNK_FRAMES = 5  # 4 chunks, the last one short
+        chunked = audio.encode_batch(mimi, [clip[:1920 * 5], clip])
+    finally:
+        audio.ENCODE_CHUNK_FRAMES = original
+    np.testing.assert_array_equal(chunked[1], one_pass)
+    np.testing.assert_array_equal(chunked[0], audio.encode(mimi, clip[:1920 * 5]))  # not chunked: one call
+
+
+PEAK_MEMORY = """
+import resource, sys
+import numpy as np, soundfile as sf
+from pathlib import Path
+from csm_jax.io import audio
+from train.prepare import main
+
+audio.ENCODE_CHUNK_FRAMES = 13  # 1 s chunks instead of 20 s, so that short clips show the bound
+root, seconds = Path(sys.argv[1]), int(sys.argv[2])
+(root / "src").mkdir(parents=True)
+noise = 0.1 * np.random.default_rng(0).standard_normal(16000 * seconds)
+sf.write(root / "src" / "clip.wav", noise.astype(np.float32), 16000)
+(root / "src" / "clip.txt").write_text("a long clip")
+assert main([str(root / "src"), str(root / "out"), "--mimi", "random"]) == 0
+print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_prepare_memory_does_not_grow_with_a_clips_length(tmp_path):
+    runs = [subprocess.Popen([sys.executable, "-c", PEAK_MEMORY, str(tmp_path / str(seconds)), str(seconds)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seconds in (2, 8)]
+    peaks = []
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-3000:]
+        peaks.append(int(out.split("peak")[1]))
+    # Encoding the 8 s clip whole would add about 6 s x 24 MB/s (Mimi's activations on the CPU) = 140 MB to the
+    # peak of the 2 s clip; in 1 s chunks only its samples and codes grow (well under 1 MB per second)
+    assert peaks[1] - peaks[0] < 50 * 1024, peaks  # ru_maxrss is in kB

@@ -290,3 +290,24 @@ def test_command_line_refuses_bad_settings_and_a_missing_checkpoint(tmp_path, ca
     assert run_main(serve_main, ["--checkpoint", str(tmp_path / "missing"), "--mimi", "random",
                                  "--voices", str(tmp_path / "v")]) == 2
     assert "error: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--request-timeout", "nan"])
+    assert exit_info.value.code == 2 and "'nan' is not a finite number" in capsys.readouterr().err
+
+
+def test_a_second_server_on_one_voices_folder_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    import os
+
+    from csm_jax import serve
+    from csm_jax.core.errors import run_main
+    from csm_jax.io.locks import exclusive
+
+    (tmp_path / "v" / "alice").mkdir(parents=True)
+    (tmp_path / "v" / "alice" / "a.txt").write_text("hello")
+    monkeypatch.setattr(serve, "load_generator", lambda args: pytest.fail("loaded the model"))
+    with exclusive(tmp_path / "v" / ".lock", "it", "wait"):
+        assert run_main(serve_main, ["--mimi", "random", "--voices", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the voices folder {tmp_path / 'v'} is in use by pid {os.getpid()} on "), err
+    assert "give this server another --voices folder" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "v").rglob("*")) == ["a.txt", "alice"]

@@ -3,6 +3,7 @@ names the fix and no traceback, before anything existing is touched; corrupt sha
 counted, never fatal; data that gives no usable example stops after one pass instead of looping forever."""
 
 import dataclasses
+import os
 import json
 import shutil
 import signal
@@ -173,7 +174,7 @@ def config_file(tmp_path: Path, name: str, text: str) -> str:
     (lambda d, tmp: [*SMOKE], "no training data: set data.source=DIR"),
     (lambda d, tmp: [*SMOKE, "data.source="], "no training data: set data.source=DIR"),
     (lambda d, tmp: [*SMOKE, f"data.source={tmp}/missing"], "does not exist; give a directory of Emilia .tar"),
-    (lambda d, tmp: [*SMOKE, f"data.source={tmp}"], "no *.tar shards under"),
+    (lambda d, tmp: [*SMOKE, f"data.source={tmp}"], "no *.tar shards and no audio clips under"),
     (lambda d, tmp: [*SMOKE, f"data.source={d}", f"workdir={tmp}/file.txt"], "is a file; give a directory"),
     (lambda d, tmp: [*SMOKE, f"data.source={d}", f"workdir={tmp}/file.txt/run"], "is inside the file"),
     (lambda d, tmp: [*SMOKE, f"data.source={d}", "optim.learning_rate=abc"], "optim.learning_rate=1e-4"),
@@ -263,3 +264,114 @@ def test_prepare_mistakes_exit_2(corrupt, tmp_path, capsys, make_argv, fix):
     code, err = run(prepare_main, capsys, *make_argv(corrupt, tmp_path))
     assert code == 2 and err.startswith("error: ") and fix in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ---- one run per workdir, one writer per prepared shard ---------------------------------------------------------
+
+
+HOLD_LOCK = """
+import sys, time
+from csm_jax.io.locks import exclusive
+with exclusive(sys.argv[1], "it", "wait"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_in_a_workdir_is_refused_and_a_killed_run_leaves_no_lock(corrupt, trained, capsys):
+    lock = trained.parent / f".{trained.name}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = snapshot(trained)
+        argv = [*SMOKE, f"data.source={corrupt}", f"workdir={trained}", "steps=1"]
+        code, err = run(train_main, capsys, *argv)
+        assert code == 2 and err.startswith(f"error: the workdir {trained} is in use by pid {holder.pid} on "), err
+        assert "wait for that run to end (or stop it), or give another workdir" in err
+        assert snapshot(trained) == before
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its lock
+        holder.wait()
+    code, err = run(train_main, capsys, *argv)
+    assert code == 2 and "already holds step 2, past steps=1" in err, err  # past the lock, to the resume check
+    assert snapshot(trained) == before and not lock.exists()
+
+
+def test_a_resumed_run_drops_the_metrics_its_checkpoint_does_not_hold(corrupt, trained, tmp_path, capsys):
+    workdir = tmp_path / "workdir"
+    shutil.copytree(trained, workdir)
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    with open(workdir / "metrics.jsonl", "a") as f:  # a run killed after logging step 3, before checkpointing it
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    with bounded():
+        assert train_main([*SMOKE, f"data.source={corrupt}", f"workdir={workdir}", "steps=3", "log_every=1",
+                           "save_every=1"]) == 0
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [*steps, 3] and lines[-1]["loss"] != 1.0
+
+
+@pytest.fixture(scope="module")
+def shared_mimi():
+    """`--mimi random` of train.prepare in-process takes one random Mimi instead of building one per call."""
+    from csm_jax.io import audio
+
+    mimi = audio.random_mimi(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(audio, "random_mimi", lambda *args, **kwargs: mimi)
+        yield mimi
+
+
+def clip_folder(root: Path, clips: dict[str, float]) -> Path:
+    """A folder of noise clips of the given lengths in seconds, each with its transcript."""
+    import numpy as np
+    import soundfile as sf
+
+    root.mkdir()
+    for name, seconds in clips.items():
+        noise = 0.1 * np.random.default_rng(0).standard_normal(int(16000 * seconds))
+        sf.write(root / f"{name}.wav", noise.astype("float32"), 16000)
+        (root / f"{name}.txt").write_text("some words")
+    return root
+
+
+def test_prepare_refuses_data_where_nothing_survives_with_the_skip_counts(tmp_path, shared_mimi, capsys):
+    short = clip_folder(tmp_path / "short", {"blip": 0.01, "tick": 0.1})
+    spans = tmp_path / "spans.jsonl"
+    spans.write_text("".join(json.dumps({"audio": str(short / "blip.wav"), "text": "words", "start": s, "end": e})
+                             + "\n" for s, e in [(2.0, 1.0), (0.0, 99.0), ("x", 1.0)]))
+    columns = tmp_path / "columns.csv"
+    columns.write_text(f"path,words\n{short / 'blip.wav'},some words\n")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("no audio here")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".part-00000-of-00001.array_record.partial-999999"  # what an OOM-killed worker left
+    stale.write_bytes(b"half a shard")
+    cases = [
+        (short, "no usable example in", "shorter than 0.2 s 2"),
+        (spans, "no usable example in", "bad start/end 3"),
+        (columns, "no usable example in", "missing audio 1"),
+        (tmp_path / "texts", "no *.tar shards and no audio clips under", "a folder of clips with a transcript "
+                                                                          "beside each (speaker/clip.wav and "),
+    ]
+    for source, message, fix in cases:
+        code, err = run(prepare_main, capsys, str(source), str(out), "--mimi", "random")
+        assert code == 2 and err.startswith("error: ") and message in err and fix in err, err
+        assert sorted(p.name for p in out.iterdir()) == [], err  # no part, no report, no lock, no stale partial
+
+
+def test_a_second_prepare_worker_on_the_same_part_is_refused(tmp_path, shared_mimi, capsys):
+    from csm_jax.io.locks import exclusive
+
+    source = clip_folder(tmp_path / "clips", {"one": 1.0})
+    out = tmp_path / "out"
+    out.mkdir()
+    with exclusive(out / ".part-00000-of-00001.array_record.lock", "it", "wait"):
+        code, err = run(prepare_main, capsys, str(source), str(out), "--mimi", "random")
+    assert code == 2 and f"error: the shard {out}/part-00000-of-00001.array_record is in use by pid {os.getpid()}" \
+        in err and "give each worker its own --worker" in err, err
+    assert sorted(p.name for p in out.iterdir()) == []
+    code, err = run(prepare_main, capsys, str(source), str(out), "--mimi", "random")
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == ["part-00000-of-00001.array_record",
+                                                                    "part-00000-of-00001.json"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import itertools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,13 +76,16 @@ def _mimi(weights: str | None, seed: int, num_codebooks: int):
 
 
 class MetricsLog:
-    """metrics.jsonl on process 0 (and TensorBoard when tensorboardX is installed)."""
+    """metrics.jsonl on process 0 (and TensorBoard when tensorboardX is installed). A run that starts at step
+    `start` (resumed from that checkpoint) first drops the lines after it: they were written by a run that was
+    stopped before its next checkpoint, and this run writes those steps again."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, start: int = 0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         workdir.mkdir(parents=True, exist_ok=True)
+        _drop_metrics_after(workdir / "metrics.jsonl", start)
         self.file = open(workdir / "metrics.jsonl", "a")
         try:
             from tensorboardX import SummaryWriter
@@ -102,6 +107,25 @@ class MetricsLog:
         if self.enabled and self.tb is not None and len(wave):
             self.tb.add_audio(tag, np.clip(wave, -1.0, 1.0), step, sample_rate=sample_rate)
             self.tb.flush()
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Rewrites the JSON lines of `path` without those of steps after `step` (through a temporary sibling)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def after(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError, TypeError):
+            return False
+
+    kept = [line for line in lines if not after(line)]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 SampleHook = Callable[[int, dict, MetricsLog], None]
@@ -188,6 +212,25 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
     With `cfg.sample_every`, `sample_hook(step, params, log)` runs on process 0 at step 0 of a fresh run and every
     `sample_every` steps, with the model's current parameters (default: a `VoiceSampler`); a fresh run with eval
     also logs the eval loss of step 0."""
+    from csm_jax.io.locks import exclusive
+
+    validate(cfg)
+    workdir = Path(cfg.workdir)
+    if jax.process_index() != 0:  # process 0 holds the workdir's lock for the run
+        return _train(cfg, workdir, sample_hook)
+    lock = Path(os.path.abspath(workdir))
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()][::-1]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(lock.parent / f".{lock.name}.lock", f"the workdir {workdir}", "give another workdir"):
+            return _train(cfg, workdir, sample_hook)
+    finally:
+        for directory in reversed(made):  # made only for the lock: a run refused before writing leaves none
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> Path:
     from tqdm import tqdm
 
     from csm_jax.core.config import preset
@@ -196,9 +239,7 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
     from train.lora import make_trainer
     from train.trainer import checkpoint_manager, checkpoint_meta, save_checkpoint
 
-    validate(cfg)
     model_config = preset(cfg.model)
-    workdir = Path(cfg.workdir)
     try:
         mesh = make_mesh(*cfg.mesh)
     except ValueError as e:
@@ -229,7 +270,7 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
         state = (trainer.init_from_checkpoint(cfg.init, cfg.seed) if cfg.init and not cfg.lora.rank
                  else trainer.init_state(cfg.seed))
     start = int(state.step)
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, start)
     rows = cfg.optim.accumulation * cfg.data.batch_size * jax.process_count()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=jax.process_index() != 0)
     if start == 0 and cfg.eval_every:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from csm_jax.core.errors import UserError
+from csm_jax.core.numbers import is_finite_number
 from train.data import DataConfig
 from train.lora import LoraConfig
 from train.trainer import OptimConfig
@@ -164,7 +165,7 @@ def parse_value(text: str, hint: Any, key: str) -> Any:
             number = float(text)
         except ValueError:
             number = math.nan
-        if not math.isfinite(number):
+        if not is_finite_number(number):
             raise TrainConfigError(f"{key}={text}: expected a finite number (e.g. {key}=1e-4)")
         return number
     raise AssertionError(f"no parser for the field type {hint!r} of {key}")
@@ -213,7 +214,7 @@ def _is_instance(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return is_finite_number(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)

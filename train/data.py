@@ -40,7 +40,7 @@ from csm_jax.io.frames import Frames, Segment, segment_frames
 from csm_jax.io.hub import looks_like_hub_id
 from train import sources
 from train.records import SUFFIX, deserialize, key_of
-from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip
+from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip, skip_counts
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,10 @@ def list_shards(source: str, suffix: str = ".tar") -> list[Path]:
                             f"and the network, or download its shards and give their directory") from None
     shards = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file()) if path.is_dir() else [path]
     if not shards:
-        raise DataError(f"no *{suffix} shards under {source}; give a directory holding Emilia .tar shards "
-                        f"(EN/EN-B000000.tar, ...) or python -m train.prepare output")
+        raise DataError(f"no *{suffix} shards and no audio clips under {source}; give a directory holding Emilia "
+                        f".tar shards (EN/EN-B000000.tar, ...), python -m train.prepare output, or a folder of clips "
+                        f"with a transcript beside each (speaker/clip.wav and speaker/clip.txt), or a .jsonl/.csv "
+                        f"manifest")
     return shards
 
 
@@ -266,8 +268,12 @@ def keep(example: dict[str, Any] | None, cfg: DataConfig, split: str | None = No
     return False
 
 
+MIN_CLIP_SECONDS = 0.2  # shorter audio holds no word to learn from (and Mimi codes it as 1 or 2 frames)
+
+
 def decode_audio(example: dict[str, Any]) -> np.ndarray | None:
-    """The member's audio as 24 kHz mono float32; None (counted) when it is missing, undecodable or not finite."""
+    """The member's audio as 24 kHz mono float32; None (counted) when it is missing, undecodable, not finite,
+    silent or shorter than `MIN_CLIP_SECONDS`."""
     import sphn
 
     from csm_jax.io.audio import SAMPLE_RATE, resample
@@ -295,6 +301,8 @@ def decode_audio(example: dict[str, Any]) -> np.ndarray | None:
         return skip("non-finite audio", example["key"])
     if not np.abs(mono).max() > 1e-4:
         return skip("silent audio", example["key"])
+    if len(mono) < MIN_CLIP_SECONDS * rate:
+        return skip(f"shorter than {MIN_CLIP_SECONDS} s", example["key"])
     return resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono.astype(np.float32)
 
 
@@ -497,7 +505,7 @@ class _PassIterator(grain.DatasetIterator):
 
 def _nothing_usable(share: list[Path], cfg: DataConfig) -> Callable[[collections.Counter], DataError]:
     def error(skipped: collections.Counter) -> DataError:
-        counts = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "nothing (no members)"
+        counts = skip_counts(skipped, "nothing (no members)")
         return DataError(
             f"no usable example in a full pass over this process's {len(share)} shard(s) under "
             f"{os.path.commonpath([str(p) for p in share])}: skipped {counts}; the filters were "
@@ -612,7 +620,7 @@ def examples_dataset(examples: Sequence, cfg: DataConfig, featurizer: Featurizer
                 .map(lambda x: sample(x, featurizer, turns.context, cfg, split)))
 
     def error(skipped: collections.Counter) -> DataError:
-        counts = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "nothing"
+        counts = skip_counts(skipped)
         return DataError(f"no usable example in a full pass over this process's {len(share)} example(s): skipped "
                          f"{counts}; the filters were data.min_duration={cfg.min_duration}, data.max_duration="
                          f"{cfg.max_duration}, data.max_frames={cfg.max_frames}; widen the filters that rejected "

@@ -22,6 +22,7 @@ into clips (`--clip-seconds`) before encoding.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -30,9 +31,11 @@ from pathlib import Path
 
 
 from csm_jax.core.errors import UserError, run_main
-from train.data import (SKIPPED, DataConfig, TarShard, check_metadata, decode_audio, list_shards,
+from csm_jax.core.numbers import finite_float
+from train.data import (SKIPPED, DataConfig, DataError, TarShard, check_metadata, decode_audio, list_shards,
                         parse_metadata)
 from train.records import SUFFIX, serialize
+from train.skips import skip_counts
 from train.sources import FORMATS, detect_format
 
 
@@ -43,14 +46,29 @@ def prepare_shard(tar: Path, output: Path, mimi, num_codebooks: int = 32, batch_
                          batch_size)
 
 
-def write_records(examples, source: str, output: Path, mimi, num_codebooks: int = 32, batch_size: int = 16) -> dict:
+def write_records(examples, source: str, output: Path, mimi, num_codebooks: int = 32, batch_size: int = 16,
+                  require_records: bool = False) -> dict:
     """Parsed examples (None where skipped) -> one ArrayRecord shard (atomically); returns the report written next
-    to it, with the `SKIPPED` counts (cleared by the caller). The decoded duration is stored in the metadata so the duration filters apply at training time."""
+    to it, with the `SKIPPED` counts (cleared by the caller). The decoded duration is stored in the metadata so the
+    duration filters apply at training time. One writer per shard: a second one is refused (`exclusive`), and the
+    partial files of killed writers are removed. With `require_records`, a shard that would hold no record is not
+    written: a DataError names the skip counts."""
+    from csm_jax.io.locks import exclusive
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(output.with_name(f".{output.name}.lock"), f"the shard {output}",
+                   "give each worker its own --worker"):
+        for stale in output.parent.glob(f".{output.name}.partial-*"):
+            stale.unlink()
+        return _write_records(examples, source, output, mimi, num_codebooks, batch_size, require_records)
+
+
+def _write_records(examples, source: str, output: Path, mimi, num_codebooks: int, batch_size: int,
+                   require_records: bool) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from csm_jax.io.audio import SAMPLE_RATE, encode_batch
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     writer = ArrayRecordWriter(str(partial), "group_size:1")
     written, pending = 0, []
@@ -64,14 +82,22 @@ def write_records(examples, source: str, output: Path, mimi, num_codebooks: int 
                 written += 1
             pending.clear()
 
-    for example in examples:
-        audio = decode_audio(example) if example is not None else None
-        if audio is not None:
-            pending.append(({**example, "meta": {"duration": len(audio) / SAMPLE_RATE, **example["meta"]}}, audio))
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    writer.close()
+    try:
+        for example in examples:
+            audio = decode_audio(example) if example is not None else None
+            if audio is not None:
+                pending.append(({**example, "meta": {"duration": len(audio) / SAMPLE_RATE, **example["meta"]}},
+                                audio))
+            if len(pending) == batch_size:
+                flush()
+        flush()
+    finally:
+        writer.close()
+    if require_records and not written:
+        partial.unlink()
+        raise DataError(f"no usable example in {source} for {output.name}: skipped {skip_counts(SKIPPED)}; fix "
+                        f"what the skip counts name (transcripts, columns such as --audio-column/--text-column, "
+                        f"start/end times, clip lengths) and run again")
     report = {"source": source, "records": written, "skipped": dict(SKIPPED)}
     output.with_suffix(".json").write_text(json.dumps(report))
     os.replace(partial, output)  # the shard appears only when complete
@@ -81,7 +107,7 @@ def write_records(examples, source: str, output: Path, mimi, num_codebooks: int 
 def prepare_examples(source: str, fmt: str, out: Path, mimi, worker: int, workers: int, num_codebooks: int = 32,
                      batch_size: int = 16, cfg: DataConfig = DataConfig()) -> dict | None:
     """This worker's every workers-th example of a folder, manifest or `datasets` source -> one ArrayRecord shard;
-    None when that shard exists already."""
+    None when that shard exists already; a DataError when no example survives."""
     from train.sources import examples
 
     output = out / f"part-{worker:05d}-of-{workers:05d}{SUFFIX}"
@@ -91,7 +117,7 @@ def prepare_examples(source: str, fmt: str, out: Path, mimi, worker: int, worker
     found = examples(source, fmt, cfg)  # what listing skipped is counted in the report too
     mine = (found[i] for i in range(worker, len(found), workers))
     report = write_records((check_metadata(x) if x is not None else None for x in mine), source, output, mimi,
-                           num_codebooks, batch_size)
+                           num_codebooks, batch_size, require_records=True)
     return {"output": str(output), **report}
 
 
@@ -132,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conversation-column", default=defaults.conversation_column,
                    help="manifest/hf: the conversation a turn belongs to")
     p.add_argument("--order-column", default=defaults.order_column, help="manifest/hf: a turn's place in it")
-    p.add_argument("--clip-seconds", type=float, nargs=2, default=defaults.clip_seconds, metavar=("MIN", "MAX"),
+    p.add_argument("--clip-seconds", type=finite_float, nargs=2, default=defaults.clip_seconds, metavar=("MIN", "MAX"),
                    help="clip lengths for long recordings with segment or word times")
     p.add_argument("out", help="output directory; mirrors the source's layout with .array_record shards")
     p.add_argument("--worker", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
@@ -176,13 +202,19 @@ def _main(argv) -> int:
                                   args.num_codebooks, args.batch_size, cfg)
         print(json.dumps(report) if report else f"worker {args.worker}/{args.workers}: already prepared", flush=True)
         return 0
-    broken = 0
+    broken, records, skipped = 0, 0, collections.Counter()
     for tar, output in todo:
         report = prepare_shard(tar, output, mimi, args.num_codebooks, args.batch_size)
         broken += any(reason.endswith(" shard") for reason in report["skipped"])
+        records += report["records"]
+        skipped.update(report["skipped"])
         print(json.dumps({"output": str(output), **report}), flush=True)
     note = f" ({broken} unreadable or truncated: see their .json reports)" if broken else ""
     print(f"worker {args.worker}/{args.workers}: {len(todo)} shards prepared{note}", flush=True)
+    if todo and not records:
+        raise DataError(f"no usable example in this worker's {len(todo)} shards of {args.source}: skipped "
+                        f"{skip_counts(skipped)}; see the shards' .json reports and give shards with readable audio "
+                        f"and metadata")
     return 0
 
 

@@ -22,3 +22,8 @@ def skip(reason: str, key: str, warn: bool = True) -> None:
     SKIPPED[reason] += 1
     if warn:
         log.warning("skipping %s: %s", key, reason)
+
+
+def skip_counts(skipped: collections.Counter, none: str = "nothing") -> str:
+    """"reason n, ..." most frequent first, for the error that says why no example was usable."""
+    return ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or none

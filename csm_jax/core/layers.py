@@ -138,17 +138,42 @@ def write_slots(cache: jax.Array, x: jax.Array, index: jax.Array | int) -> jax.A
 ATTENTION_ENV = "CSM_JAX_ATTENTION"
 
 
-def attention_implementation(dtype: DType, head_dim: int) -> str:
-    """`jax.nn.dot_product_attention`'s implementation: "cudnn" (flash attention, which takes the segment/causal
-    mask as a bias) on a GPU for bfloat16/float16 with a head size it supports, else "xla" (float32 on GPU, CPU).
-    $CSM_JAX_ATTENTION=xla|cudnn overrides the choice."""
+def cudnn_attention_fits(dtype: DType, head_dim: int, q_len: int, kv_len: int) -> bool:
+    """Whether cuDNN's flash attention takes these operands with our mask (passed as its bias): bfloat16/float16,
+    a head size that is a multiple of 8 up to 128, and even lengths (its training kernels refuse a bias with odd
+    ones)."""
+    return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+            and q_len % 2 == 0 and kv_len % 2 == 0)
+
+
+def _jax_has_cudnn() -> bool:
+    """Whether this JAX can build cuDNN attention at all: its CUDA plugin (with cuDNN) is installed."""
+    try:
+        from jax._src.lib import cuda_versions  # what jax.nn.dot_product_attention(implementation="cudnn") checks
+    except ImportError:
+        return False
+    return cuda_versions is not None
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`jax.nn.dot_product_attention` of q (B, T, H, hd) against k, v (B, S, K, hd) under mask (B, T, S): cuDNN's
+    flash attention where the program runs on a CUDA GPU and the operands fit (`cudnn_attention_fits`), XLA's
+    everywhere else (CPU, TPU, float32). The platform's choice is made as the program is lowered
+    (`lax.platform_dependent`), so one traced program, or one `jax.export` for several platforms, takes each
+    platform's own. $CSM_JAX_ATTENTION=xla|cudnn overrides the choice."""
     forced = os.environ.get(ATTENTION_ENV, "").strip().lower()
-    if forced in ("xla", "cudnn"):
-        return forced
-    if forced:
+    if forced and forced not in ("xla", "cudnn"):
         raise ValueError(f"{ATTENTION_ENV}={forced!r} is not an attention implementation; set xla or cudnn (or unset)")
-    cudnn_fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if cudnn_fits and jax.default_backend() == "gpu" else "xla"
+
+    def attend(implementation: str):
+        return lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
+                                                                   implementation=implementation)
+
+    if forced:
+        return attend(forced)(q, k, v, mask)
+    if cudnn_attention_fits(q.dtype, q.shape[-1], q.shape[1], k.shape[1]) and _jax_has_cudnn():
+        return jax.lax.platform_dependent(q, k, v, mask, cuda=attend("cudnn"), default=attend("xla"))
+    return attend("xla")(q, k, v, mask)
 
 
 def dense(x: jax.Array, w: jax.Array | LoraWeight, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
@@ -210,8 +235,7 @@ class Attention(nnx.Module):
             new_kv = None
         b, t, h, hd = q.shape
         if t > 1:  # prefill and training: one fused attention (cuDNN flash attention on GPU where it applies)
-            out = jax.nn.dot_product_attention(q, k, v, mask=inputs.mask[:, None],
-                                               implementation=attention_implementation(q.dtype, hd))
+            out = dot_product_attention(q, k, v, inputs.mask)
         else:  # a decode step: one query row against the cache
             groups = h // k.shape[2]
             q = q.reshape(b, t, k.shape[2], groups, hd)

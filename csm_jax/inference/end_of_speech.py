@@ -23,6 +23,7 @@ import numpy as np
 
 from csm_jax.core.codec import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_jax.core.errors import UserError
+from csm_jax.core.numbers import is_finite_number
 from csm_jax.inference.sampling import LogitsProcessor
 
 TRIM_WINDOW = SAMPLE_RATE // 100  # 10 ms
@@ -40,7 +41,11 @@ class EndOfSpeech:
     trim_silence: bool = False
 
     def __post_init__(self):
-        problems = []
+        problems = [f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)!r}"
+                    for name in ("end_bias", "stop_after_silence_ms", "silence_db")
+                    if not is_finite_number(getattr(self, name))]
+        if problems:
+            raise UserError("; ".join(problems))
         if self.end_bias < 0:
             problems.append(f"end bias must be >= 0 (0 = off), got {self.end_bias}")
         if self.min_frames < 0:

@@ -76,7 +76,8 @@ class Generator:
 
         if self.base is None:
             raise AdapterError("this Generator did not keep its base weights, so it cannot switch adapters: build it "
-                               "with keep_base=True (or load_csm_1b(..., adapter=...))")
+                               "with load_csm_1b(..., keep_base=True) (or adapter=DIR there), or Generator(..., "
+                               "keep_base=True)")
         graphdef, state = self.base
         if adapter is not None and not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter, self.config)
@@ -215,7 +216,7 @@ class Generator:
 def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_dtype=None,
                 tokenizer: str | None = None, mimi=None, mimi_device: str | None = None, watermark: bool = True,
                 cache_dir: str | None = None, cpu_kernels: bool | None = None,
-                adapter: str | os.PathLike | None = None) -> Generator:
+                adapter: str | os.PathLike | None = None, keep_base: bool = False) -> Generator:
     """A ready `Generator`, like the original's `load_csm_1b`.
 
     checkpoint: a csm-jax checkpoint directory, or anything the converter reads (a hub id such as
@@ -227,8 +228,8 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     tokenizer: a path or hub id (default: the offline Llama-3 tokenizer). mimi: a moshi Mimi model, a weights
     path or hub id (default: kyutai's Mimi from the hub). mimi_device: torch's device for Mimi and the watermarker
     (default: the GPU JAX computes on, if torch sees it, else the CPU). cpu_kernels: the decode layout's kernel
-    switch (see `csm_jax.inference.decode_model`). adapter: a LoRA adapter directory (ours or PEFT's) merged into the weights;
-    the Generator then keeps the base to switch adapters with `use_adapter`.
+    switch (see `csm_jax.inference.decode_model`). adapter: a LoRA adapter directory (ours or PEFT's) merged into the
+    weights; the Generator then keeps the base to switch adapters with `use_adapter`, as it does with `keep_base`.
     """
     from csm_jax.io import audio
     from csm_jax.io.checkpoint import load_model, read_config
@@ -248,4 +249,5 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
         mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=config.num_codebooks)
     model = load_model(path, dtype=dtype, param_dtype=load_dtype)
     return Generator(model, text_tokenizer, mimi, load_watermarker(mimi_device) if watermark else None,
-                     cpu_kernels=cpu_kernels, adapter=adapter, weights_dtype="int8" if int8 else None)
+                     cpu_kernels=cpu_kernels, adapter=adapter, keep_base=keep_base,
+                     weights_dtype="int8" if int8 else None)

@@ -120,13 +120,17 @@ def _read_peft_config(path: Path) -> dict:
 
 def load_adapter(path: str | os.PathLike, config: CsmConfig) -> Adapter:
     """Reads an adapter directory (ours or PEFT's) for a base model of `config`; checks that it fits."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     cfg = _read_peft_config(path)
-    with safe_open(str(path / WEIGHTS_FILE), framework="flax") as f:
-        header = f.metadata() or {}
-        tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="flax") as f:
+            header = f.metadata() or {}
+            tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"cannot read {path / WEIGHTS_FILE} ({e}); it is damaged or incomplete: export or "
+                           f"download the adapter again") from None
     trained_for = CsmConfig.from_dict(json.loads(header["csm_config"])) if "csm_config" in header else None
     if trained_for is not None and trained_for != config:
         diff = [f"{k}: {v} != {config.to_dict()[k]}" for k, v in trained_for.to_dict().items()

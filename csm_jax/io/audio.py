@@ -2,16 +2,20 @@
 
 Mimi: 24 kHz mono, 12.5 frames/s (1920 samples a frame), 32 codebooks of 2048 codes for CSM. Arrays cross
 between JAX and torch through DLPack (no copy) when both live on the same kind of device, else through host
-memory. Files of any sample rate and channel count are read, down-mixed to mono and resampled to 24 kHz with a
-logged notice; output is written as 24 kHz mono 16-bit PCM.
+memory. Mimi computes the same on a GPU as on the CPU, for any frame count in any call: moshi's CUDA graphs are
+off in our calls, and so is its torch.compile where the machine cannot compile (`moshi_switches`). Files of any
+sample rate and channel count are read, down-mixed to mono and resampled to 24 kHz with a logged notice; output
+is written as 24 kHz mono 16-bit PCM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -170,6 +174,73 @@ def random_mimi(seed: int = 0, device: str = "cpu", num_codebooks: int = 32):
     return mimi
 
 
+# moshi behaves differently on a CUDA device: it captures Mimi's streaming encoder and decoder as CUDA graphs at the
+# second call of a streaming block and then refuses any other frame count (ValueError), where our callers change it
+# all the time (the server's batched streams, streamed and long-form chunks); and it torch.compiles Mimi's transformer
+# pieces, which needs Triton, a C compiler and Python's headers when they first run. So every Mimi call here runs
+# inside `moshi_switches`. Both switches are process-wide flags of moshi, held while any of our calls runs (counted,
+# so that one thread leaving does not switch them back under another).
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switched: contextlib.ExitStack | None = None
+
+
+@contextlib.contextmanager
+def moshi_switches(mimi) -> Iterator[None]:
+    """moshi's CUDA graphs off (`no_cuda_graph`), and its torch.compile off where it cannot work here
+    (`torch_compile_works`), for the block: Mimi then computes the same on a GPU as on the CPU, for any frame
+    count in any call."""
+    global _switch_users, _switched
+    from moshi.utils import compile as moshi_compile
+
+    compile_off = not torch_compile_works()
+    if compile_off and _device_of(mimi).type == "cuda":
+        _say_compile_is_off()
+    with _switch_lock:
+        if _switch_users == 0:
+            _switched = contextlib.ExitStack()
+            _switched.enter_context(moshi_compile.no_cuda_graph())
+            if compile_off:  # moshi compiles only on CUDA: on the CPU this changes nothing
+                _switched.enter_context(moshi_compile.no_compile())
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                _switched.close()
+                _switched = None
+
+
+@functools.cache
+def torch_compile_works() -> bool:
+    """Whether torch.compile can build GPU kernels on this machine: Triton, a C compiler ($CC, else gcc or clang,
+    where Triton looks) and Python's headers (Triton builds its kernel launcher against them)."""
+    return not _compile_toolchain_missing()
+
+
+def _compile_toolchain_missing() -> list[str]:
+    import importlib.util
+    import shutil
+    import sysconfig
+
+    missing = []
+    if importlib.util.find_spec("triton") is None:
+        missing.append("Triton")
+    if not any(shutil.which(cc) for cc in (os.environ.get("CC"), "gcc", "clang") if cc):
+        missing.append("a C compiler (gcc, clang or $CC)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append("Python's headers (Python.h, e.g. the python3-dev package)")
+    return missing
+
+
+@functools.cache
+def _say_compile_is_off() -> None:
+    log.warning("Mimi runs without torch.compile (slower on the GPU): %s missing on this machine",
+                " and ".join(_compile_toolchain_missing()))
+
+
 def encode(mimi, audio: np.ndarray) -> np.ndarray:
     """24 kHz mono float audio (T,) -> codes (num_codebooks, ceil(T / 1920)) int32."""
     audio = np.asarray(audio, np.float32)
@@ -179,25 +250,54 @@ def encode(mimi, audio: np.ndarray) -> np.ndarray:
     return encode_batch(mimi, [audio])[0]
 
 
+# Mimi's working memory grows with the audio of one call (about 35 MB per second of audio on the CPU), so longer clips
+# are encoded in chunks of this many frames (20 s) through Mimi's streaming state, which carries the convolutions'
+# and the transformer's context from one chunk to the next.
+ENCODE_CHUNK_FRAMES = 250
+
+
 def encode_batch(mimi, audios: list[np.ndarray]) -> list[np.ndarray]:
-    """Mimi codes of several utterances in one call, zero-padded to the longest; Mimi is causal, so each
-    utterance's codes equal encoding it alone (checked in tests/test_prepare.py)."""
+    """Mimi codes of several utterances: those up to `ENCODE_CHUNK_FRAMES` in one call, zero-padded to the longest
+    (Mimi is causal, so each utterance's codes equal encoding it alone; checked in tests/test_prepare.py), longer
+    ones one at a time in chunks of that length, so that memory does not grow with a clip's length."""
     import torch
 
     frames = [frames_for_samples(len(a)) for a in audios]
-    batch = np.zeros((len(audios), 1, max(frames) * FRAME_SAMPLES), np.float32)
-    for i, a in enumerate(audios):
-        batch[i, 0, :len(a)] = a
-    with torch.no_grad():
-        codes = mimi.encode(torch.from_numpy(batch).to(_device_of(mimi))).to(torch.int32).cpu().numpy()
-    return [c[:, :n] for c, n in zip(codes, frames)]
+    codes: list[np.ndarray | None] = [None] * len(audios)
+    short = [i for i, n in enumerate(frames) if n <= ENCODE_CHUNK_FRAMES]
+    if short:
+        batch = np.zeros((len(short), 1, max(frames[i] for i in short) * FRAME_SAMPLES), np.float32)
+        for row, i in enumerate(short):
+            batch[row, 0, :len(audios[i])] = audios[i]
+        with torch.no_grad(), moshi_switches(mimi):
+            encoded = mimi.encode(torch.from_numpy(batch).to(_device_of(mimi))).to(torch.int32).cpu().numpy()
+        for row, i in enumerate(short):
+            codes[i] = encoded[row, :, :frames[i]]
+    for i, n in enumerate(frames):
+        if codes[i] is None:
+            codes[i] = _encode_in_chunks(mimi, audios[i], n)
+    return codes
+
+
+def _encode_in_chunks(mimi, audio: np.ndarray, frames: int) -> np.ndarray:
+    import torch
+
+    step = ENCODE_CHUNK_FRAMES * FRAME_SAMPLES
+    parts = []
+    with torch.no_grad(), moshi_switches(mimi), mimi.streaming(1):
+        for start in range(0, frames * FRAME_SAMPLES, step):
+            piece = np.zeros((1, 1, min(step, frames * FRAME_SAMPLES - start)), np.float32)
+            chunk = audio[start:start + step]
+            piece[0, 0, :len(chunk)] = chunk
+            parts.append(mimi.encode(torch.from_numpy(piece).to(_device_of(mimi))).to(torch.int32).cpu().numpy()[0])
+    return np.concatenate(parts, axis=1)
 
 
 def decode(mimi, codes) -> np.ndarray:
     """codes (B, num_codebooks, F) (a JAX array, numpy or torch; int) -> audio (B, F * 1920) float32 numpy."""
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), moshi_switches(mimi):
         audio = mimi.decode(to_torch(codes, _device_of(mimi)).long())[:, 0]
     return audio.float().cpu().numpy()
 
@@ -205,8 +305,9 @@ def decode(mimi, codes) -> np.ndarray:
 @contextlib.contextmanager
 def streaming_decoder(mimi, batch_size: int = 1) -> Iterator:
     """Mimi in streaming mode: inside the block, `decode(mimi, codes)` on successive frames (B, K, n) returns
-    successive audio chunks (B, n * 1920) that together equal decoding all frames at once (up to float error)."""
-    with mimi.streaming(batch_size):
+    successive audio chunks (B, n * 1920) that together equal decoding all frames at once (up to float error),
+    whatever the number of frames in each call."""
+    with moshi_switches(mimi), mimi.streaming(batch_size):
         yield mimi
 
 

@@ -70,9 +70,14 @@ def write_config_and_metadata(directory: Path, config: CsmConfig, metadata: dict
 def read_config(path: str | os.PathLike) -> CsmConfig:
     path = Path(path)
     missing = [name for name in ("config.json", "metadata.json", "params") if not (path / name).exists()]
+    if missing and (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path} is a LoRA adapter, not a model checkpoint; it is already in PEFT's format. "
+                              f"Use it with its base checkpoint (python -m csm_jax.generate --checkpoint BASE "
+                              f"--adapter {path}, or PEFT over CsmForConditionalGeneration); convert BASE instead")
     if missing:
+        target = path if not path.exists() or (path.is_dir() and not any(path.iterdir())) else "NEW_DIR"
         raise CheckpointError(f"{path} is not a csm-jax checkpoint: it lacks {', '.join(missing)}. Convert a "
-                              f"PyTorch checkpoint first: python -m convert SRC {path}")
+                              f"PyTorch checkpoint first: python -m convert SRC {target}")
     config = _read_json(path / "config.json")
     try:
         return CsmConfig.from_dict(config)

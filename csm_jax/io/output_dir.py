@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from csm_jax.core.errors import CheckpointError, raise_interrupted, signals_handled
+from csm_jax.io.locks import exclusive
 
 FORMAT = "csm-jax"
 EXPORT_FORMAT = "csm-jax-export"
@@ -116,7 +117,8 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, sources
                      needed_bytes: int | None = None) -> Iterator[Path]:
     """Yields a fresh temporary directory beside `out`; on success it takes the place of `out` by renaming.
 
-    `out` is checked first (`check_output`); on any exception, SIGINT or SIGTERM the temporary directory (and
+    `out` is checked first (`check_output`); a second writer of the same `out` is refused while one writes
+    (`csm_jax.io.locks.exclusive`); on any exception, SIGINT or SIGTERM the temporary directory (and
     any parent directory made for it) is removed and `out` is left as it was. Running out of disk space becomes
     a CheckpointError that says how much was needed and how much is free.
     """
@@ -125,7 +127,8 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False, sources
     made = _make_parents(final.parent)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with _signals_raise():
+        with _signals_raise(), exclusive(final.parent / f".{final.name}.lock", f"the output {out}",
+                                         "write to another directory"):
             tmp.mkdir()
             yield tmp
             check_output(out, overwrite=overwrite, sources=sources)  # what is there may have changed meanwhile
