@@ -16,6 +16,7 @@ import os
 import sys
 
 from csm_jax.core.errors import UserError, run_main
+from csm_jax.core.logs import configure_logging
 
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -114,7 +115,7 @@ def serve_in_background(app, host: str = "127.0.0.1"):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level, "%(asctime)s %(levelname)s %(name)s %(message)s")
     config = config_from_args(args, parser)
 
     import uvicorn

@@ -206,6 +206,38 @@ def tiny_server(tmp_path_factory, **overrides):
 
 # ---- our model and command lines -----------------------------------------------------------------------------
 
+class WatchedProcess:
+    """A command line in a subprocess (from the repository root), its stderr collected as it comes. The waits are
+    bounds that catch a hang, generous for a loaded machine; they claim nothing about speed."""
+
+    def __init__(self, argv: list[str]):
+        import threading
+
+        self.process = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stderr=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL)
+        self.err = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for chunk in iter(lambda: self.process.stderr.read1(4096), b""):
+            self.err += chunk
+
+    def wait_for(self, text: str, timeout: float = 900):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.err:
+            assert self.process.poll() is None, self.err.decode(errors="replace")
+            assert time.monotonic() < deadline, self.err.decode(errors="replace")
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        code = self.process.wait(timeout)
+        self.reader.join(10)
+        return code, self.err.decode(errors="replace")
+
+
 def our_logits(model, tokens, mask, codes):
     """Our model's codebook-0 logits of every position and depth logits of the last, as numpy."""
     c0, hidden = model(tokens, mask)

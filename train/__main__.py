@@ -20,6 +20,7 @@ from flax import nnx
 
 from csm_jax.core.errors import UserError, run_main
 from csm_jax.core.host_memory import keep_freed_memory
+from csm_jax.core.logs import configure_logging
 from train.config import TrainConfig, TrainConfigError, load_config, validate
 
 
@@ -306,7 +307,7 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO, "%(levelname)s %(name)s: %(message)s")
     logging.getLogger("train").info("host malloc: %s", keep_freed_memory())  # before JAX starts its backend
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
         from train.distributed import initialize
