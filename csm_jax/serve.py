@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV})")
     p.add_argument("--voices", default=None, help="voices folder: one subfolder per voice with audio clips and a "
                    ".txt transcript beside each; new voices are saved here (default ~/.cache/csm_jax/voices)")
+    p.add_argument("--voice-map", default=None, help="JSON file of voice names a request may send without a saved "
+                   "voice of that name -> a saved voice's name or a speaker id, e.g. {\"alloy\": \"narrator\", "
+                   "\"echo\": 3}; OpenAI's names (alloy, ash, ballad, coral, echo, fable, nova, onyx, sage, "
+                   "shimmer, verse, marin, cedar) stand for speaker ids 0-12 unless the file says otherwise")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype the weights are held in (default: --dtype)")
@@ -72,6 +76,7 @@ def load_generator(args):
 
 def config_from_args(args, parser):
     from csm_jax.serving.app import ServeConfig
+    from csm_jax.serving.voices import DEFAULT_ALIASES, read_aliases
 
     for name in ("slots", "max_queue", "chunk_frames", "max_input_chars"):
         if getattr(args, name) < 1:
@@ -82,7 +87,8 @@ def config_from_args(args, parser):
                        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_input_chars=args.max_input_chars,
                        max_audio_ms=args.max_audio_length_ms, request_timeout=args.request_timeout,
-                       cache_length=args.cache_length)
+                       cache_length=args.cache_length,
+                       voice_aliases=read_aliases(args.voice_map) if args.voice_map else dict(DEFAULT_ALIASES))
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""The playground page in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium): make a
-voice from an uploaded clip, type text, press play, and check that streamed audio arrives and plays."""
+"""The playground page in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium): it asks
+for the API key, then makes a voice from an uploaded clip, takes text, plays, and streamed audio arrives and plays."""
 
 import shutil
 import time
@@ -51,6 +51,10 @@ def test_playground_makes_a_voice_and_streams_audio_that_plays(server, browser, 
 
     browser.get(server.url + "/")
     assert "CSM speech playground" in browser.title
+    # the server needs a key: the page asks for it first, instead of failing to list the voices without one
+    wait_for(browser, "document.getElementById('status').textContent.includes('needs an API key')")
+    assert browser.execute_script("return [document.getElementById('status').className, "
+                                  "document.activeElement.id]") == ["", "key"]
     browser.find_element(By.ID, "key").send_keys(KEY)
     browser.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
     wait_for(browser, "document.querySelector('#voice option[value=narrator]') !== null")
