@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 from flax import nnx
@@ -56,18 +57,6 @@ def random_adapter(params: dict, spec: LoraSpec, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: np.asarray(x) if x.any() else rng.normal(0, 0.2, x.shape).astype(np.float32),
                         weights)
-
-
-@pytest.fixture(scope="module")
-def peft_without_torchao():
-    """peft 0.21 refuses to build beside torchao 0.14 (torchtune's pin): make it see no torchao."""
-    import peft.import_utils
-    import peft.tuners.lora.torchao
-
-    saved = peft.import_utils.is_torchao_available, peft.tuners.lora.torchao.is_torchao_available
-    peft.import_utils.is_torchao_available = peft.tuners.lora.torchao.is_torchao_available = lambda: False
-    yield peft
-    peft.import_utils.is_torchao_available, peft.tuners.lora.torchao.is_torchao_available = saved
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +126,14 @@ def test_training_form_equals_the_merged_weights_and_skips_the_full_weight_gradi
     assert flops[adapted] < flops[merge], flops
 
 
-def test_exported_adapter_loads_in_peft_and_matches_our_merged_model(reference, peft_without_torchao, tmp_path):
+def test_exported_adapter_loads_in_peft_and_matches_our_merged_model(reference, tmp_path):
     hf, ours, config, (tokens, mask, codes) = reference
     spec = LoraSpec(rank=4, alpha=8.0, targets=tuple(TARGETS))  # both stacks, every projection
     weights = random_adapter(params_of(ours), spec, seed=1)
     path = save_adapter(tmp_path / "adapter", weights, spec, config)
     assert json.loads((path / "adapter_config.json").read_text())["target_modules"].startswith("(backbone_model|")
 
-    peft_model = peft_without_torchao.PeftModel.from_pretrained(copy.deepcopy(hf), str(path)).eval()
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(path)).eval()
     adapted = peft_model.get_base_model()
     lora_layers = [n for n, _ in adapted.named_modules() if n.endswith("lora_A.default")]
     assert len(lora_layers) == 7 * (config.backbone.num_layers + config.decoder.num_layers)
@@ -157,12 +146,12 @@ def test_exported_adapter_loads_in_peft_and_matches_our_merged_model(reference, 
     assert_relative_close(our_logits(merged, tokens, mask, codes), want)
 
 
-def test_peft_adapter_imports_and_matches_peft(reference, peft_without_torchao, tmp_path, caplog):
+def test_peft_adapter_imports_and_matches_peft(reference, tmp_path, caplog):
     """An adapter trained with PEFT in PyTorch, with the plain module names people use (so it also wraps the Mimi
     codec, whose LoRA keys we skip with a warning), rsLoRA scaling and non-zero B."""
     hf, ours, config, (tokens, mask, codes) = reference
-    lora = peft_without_torchao.LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS, use_rslora=True)
-    peft_model = peft_without_torchao.get_peft_model(copy.deepcopy(hf), lora)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS, use_rslora=True)
+    peft_model = peft.get_peft_model(copy.deepcopy(hf), lora)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
