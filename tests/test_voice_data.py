@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from tests.helpers import ENGLISH, espeak_wav
-from train.data import SKIPPED, DataConfig, DataError, Featurizer, dataset, in_split, padding_fraction
+from train.data import SKIPPED, SKIPPED_ONCE, DataConfig, DataError, Featurizer, dataset, in_split, padding_fraction
 from train.sources import detect_format
 
 LONG = "This sentence is spoken slowly and goes on for quite a while, much longer than every other clip here."
@@ -83,6 +83,27 @@ def test_folder_yields_every_good_clip_and_counts_the_bad_ones(folder, featurize
     assert dict(SKIPPED) == {"missing transcript": 1, "empty text": 1, "silent audio": 1, "non-finite audio": 1,
                              "bad audio": 1, "duration filter": 1}
     assert len(padded) == len(ENGLISH) + 1  # the long clip is skipped, never truncated
+
+
+def test_passes_after_the_first_meet_the_bad_items_again_but_count_them_once(folder, featurizer):
+    """`SKIPPED_ONCE` (the training metrics' `skipped/*`) counts each bad item once however many passes meet it,
+    also after the iterator is restored from its state."""
+    import dataclasses
+    SKIPPED.clear()
+    SKIPPED_ONCE.clear()
+    cfg = DataConfig(max_frames=128, batch_size=1, max_duration=3.5)
+    ds = dataset(str(folder), cfg, dataclasses.replace(featurizer, cfg=cfg))  # endless passes
+    it = iter(ds)
+    for _ in range(3 * len(ENGLISH) + 1):  # three passes and the first row of a fourth
+        next(it)
+    once = {"missing transcript": 1, "empty text": 1, "silent audio": 1, "non-finite audio": 1, "bad audio": 1,
+            "duration filter": 1}
+    assert dict(SKIPPED_ONCE) == once
+    assert SKIPPED["silent audio"] >= 3  # met by every pass
+    state = it.get_state()
+    SKIPPED_ONCE.clear()  # as in a new process
+    iter(ds).set_state(state)
+    assert dict(SKIPPED_ONCE) == once
 
 
 def test_manifest_rows_resolve_relative_paths_and_skip_bad_rows(manifest, folder, featurizer):

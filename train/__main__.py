@@ -193,7 +193,7 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
 
     from csm_jax.core.config import preset
     from csm_jax.core.sharding import make_mesh
-    from train.data import SKIPPED, padding_fraction
+    from train.data import SKIPPED_ONCE, padding_fraction
     from train.lora import make_trainer
     from train.trainer import checkpoint_manager, checkpoint_meta, save_checkpoint
 
@@ -248,7 +248,7 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
             last = now
             metrics |= {"step_time": step_time, "frames_per_s": rows * cfg.data.max_frames / step_time,
                         "data/padding_fraction": padding,
-                        **{f"skipped/{k}": v for k, v in SKIPPED.items()}}
+                        **{f"skipped/{k}": v for k, v in SKIPPED_ONCE.items()}}  # each item once, whatever the passes
             log.write(step + 1, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", c0=f"{metrics['c0_loss']:.3f}",
                             frames_s=f"{metrics['frames_per_s']:.0f}", step_s=f"{step_time:.2f}")
@@ -259,8 +259,8 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
             take_sample(trainer, state, step + 1, sample_hook, log)
     save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
     manager.wait_until_finished()
-    if SKIPPED:
-        logging.warning("skipped corrupt or filtered members: %s", dict(SKIPPED))
+    if SKIPPED_ONCE:
+        logging.warning("skipped corrupt or filtered items (each counted once): %s", dict(SKIPPED_ONCE))
     return trainer.export(state, workdir / "export", {"config": cfg.model})
 
 
