@@ -1,8 +1,11 @@
 """The command lines' logging (`csm_jax.core.logs`) takes effect after a library has configured the root logger."""
 
+import io
+import logging
 import subprocess
 import sys
 
+from csm_jax.core.logs import configure_logging
 from tests.helpers import ROOT
 
 PROGRAM = """
@@ -22,3 +25,16 @@ def test_the_level_and_format_given_replace_a_handler_that_a_library_left():
                           timeout=120)
     assert done.stderr.splitlines() == ["WARNING:root:a library, at import", "ours ERROR x at the level",
                                         "ours DEBUG x lower now"]
+
+
+def test_records_go_to_the_stderr_of_the_moment(monkeypatch):
+    """A command line's `main` run in a notebook or a test, which replace sys.stderr: later records follow it."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # put back afterwards, with the level
+    monkeypatch.setattr(root, "level", root.level)
+    configure_logging("info", "%(message)s")
+    streams = [io.StringIO(), io.StringIO()]
+    for i, stream in enumerate(streams):
+        monkeypatch.setattr(sys, "stderr", stream)
+        logging.getLogger("x").info("record %d", i)
+    assert [s.getvalue() for s in streams] == ["record 0\n", "record 1\n"]

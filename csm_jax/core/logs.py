@@ -9,8 +9,23 @@ such handlers.
 from __future__ import annotations
 
 import logging
+import sys
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each record, not as it was when the handler was made: a command line's
+    `main` called in a notebook or a test (which replace sys.stderr) never writes to a stream closed since."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass  # always sys.stderr
 
 
 def configure_logging(level: int | str, fmt: str) -> None:
     """Logs of `level` and above go to stderr as `fmt`; handlers already on the root logger are removed."""
-    logging.basicConfig(level=level.upper() if isinstance(level, str) else level, format=fmt, force=True)
+    logging.basicConfig(level=level.upper() if isinstance(level, str) else level, format=fmt,
+                        handlers=[StderrHandler()], force=True)
