@@ -204,8 +204,10 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
         mesh = make_mesh(*cfg.mesh)
     except ValueError as e:
         raise TrainConfigError(f"mesh={cfg.mesh}: {e}") from None
-    iterator = iter(build_pipeline(cfg, model_config, cfg.data.source, split="train" if held_out(cfg) else None))
     held_out_batches = read_eval_batches(cfg, model_config) if cfg.eval_every else []
+    if cfg.eval_every and not held_out_batches:  # eval_optional, and too little held-out data
+        cfg = dataclasses.replace(cfg, eval_every=0)
+    iterator = iter(build_pipeline(cfg, model_config, cfg.data.source, split="train" if held_out(cfg) else None))
     if jax.process_index() != 0:
         sample_hook = None  # the other processes only take part in gathering the weights
     elif cfg.sample_every and sample_hook is None:
@@ -280,7 +282,8 @@ def resume(manager, trainer, iterator, checkpoints: Path):
 
 def read_eval_batches(cfg: TrainConfig, model_config) -> list[dict[str, np.ndarray]]:
     """The `eval_batches` held-out batches every eval scores, read once per run (unprepared audio is Mimi-encoded
-    once, not at every eval); a DataError when the held-out data gives not even one batch."""
+    once, not at every eval); a DataError when the held-out data gives not even one batch, or with `eval_optional`
+    and a share of data.source, a notice and no batches."""
     from train.data import DataError
 
     try:
@@ -290,8 +293,12 @@ def read_eval_batches(cfg: TrainConfig, model_config) -> list[dict[str, np.ndarr
     if not batches:
         what = (f"the held-out data.eval_fraction={cfg.data.eval_fraction} of data.source" if held_out(cfg)
                 else f"eval_source={cfg.eval_source}")
-        raise DataError(f"{what} gives fewer usable examples than one batch (data.batch_size x optim.accumulation)"
-                        f"{why}; raise data.eval_fraction, give eval_source=DIR, or set eval_every=0")
+        problem = f"{what} gives fewer usable examples than one batch (data.batch_size x optim.accumulation){why}"
+        if cfg.eval_optional and held_out(cfg):
+            logging.warning("no eval in this run: %s; training on all of data.source (give eval_source=DIR for an "
+                            "eval)", problem)
+            return []
+        raise DataError(f"{problem}; raise data.eval_fraction, give eval_source=DIR, or set eval_every=0")
     return batches
 
 
