@@ -207,6 +207,9 @@ def config_file(tmp_path: Path, name: str, text: str) -> str:
      "failed (line 2): NameError"),
     (lambda d, tmp: ["--config", config_file(tmp, "c.py", "def get_config():\n    return {}\n")],
      "returned dict, not a TrainConfig"),
+    (lambda d, tmp: ["--config", config_file(tmp, "c.py", "from train.configs.smoke import get_config\n"
+                                                       "def finalize(cfg):\n    cfg.steps\n")],
+     "returned NoneType, not a TrainConfig"),
     (lambda d, tmp: ["--config", config_file(tmp, "c.py", "from train.config import TrainConfig\n"
                                                        "def get_config():\n    return TrainConfig(steps='20')\n")],
      "steps='20' is not a valid whole number"),
