@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from csm_jax.core.logs import configure_logging
-from tests.helpers import ROOT
+from tests.helpers import HANG_SECONDS, ROOT
 
 PROGRAM = """
 import logging
@@ -22,7 +22,7 @@ logging.getLogger("x").debug("lower now")
 
 def test_the_level_and_format_given_replace_a_handler_that_a_library_left():
     done = subprocess.run([sys.executable, "-c", PROGRAM], cwd=ROOT, capture_output=True, text=True, check=True,
-                          timeout=120)
+                          timeout=HANG_SECONDS)
     assert done.stderr.splitlines() == ["WARNING:root:a library, at import", "ours ERROR x at the level",
                                         "ours DEBUG x lower now"]
 

@@ -21,7 +21,7 @@ from csm_jax.io import audio
 from csm_jax.io.frames import Segment
 from csm_jax.serve import main as serve_main
 from csm_jax.serving.voices import VoiceStore
-from tests.helpers import KEY, NARRATOR, best_lag, espeak_wav, libsndfile_encoding, sox_decode
+from tests.helpers import HANG_SECONDS, KEY, NARRATOR, best_lag, espeak_wav, libsndfile_encoding, sox_decode
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=HANG_SECONDS) as c:
         yield c
 
 
@@ -350,7 +350,7 @@ def test_the_command_line_logs_its_start_and_each_request_and_answers_openai_voi
                              "--api-key", KEY, "--log-level", "info"])
     try:
         server.wait_for(f"serving on http://127.0.0.1:{port}")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=600)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=HANG_SECONDS)
         for voice in ("alloy", "shimmer"):
             speech = client.audio.speech.create(model="csm-1b", voice=voice, input="Hello.", response_format="wav",
                                                 extra_body={"max_audio_length_ms": 160, "seed": 1})

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.helpers import KEY, espeak_wav
+from tests.helpers import HANG_SECONDS, KEY, espeak_wav
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # the page's progress record without its AudioContext (which does not serialise)
@@ -28,12 +28,12 @@ def browser(tmp_path_factory):
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_script_timeout(120)
+    driver.set_script_timeout(HANG_SECONDS)
     yield driver
     driver.quit()
 
 
-def wait_for(driver, script: str, seconds: float = 180):
+def wait_for(driver, script: str, seconds: float = HANG_SECONDS):
     """Polls a JS expression until it is truthy (a bound on waiting, not a timing claim)."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
