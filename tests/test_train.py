@@ -116,6 +116,7 @@ def test_gradient_clipping_matches_optax():
         g = jax.tree.map(lambda x: x * scale, grads)
         ours, _ = clip_by_global_norm(1.0).update(g, None)
         theirs, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+        # per element: each is the gradient times the same factor, so the relative error is the factor's
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=0), ours, theirs)
         assert float(optax.global_norm(ours)) <= 1.0 + 1e-6
 
@@ -199,6 +200,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(shards, tmp_pat
     assert multi["process_count"] == other["process_count"] == 2 and multi["local_devices"] == 4
     assert len(multi["shards_read"]) == len(other["shards_read"]) == 1  # each process its own share
     assert sorted(multi["shards_read"] + other["shards_read"]) == sorted(single["shards_read"])
+    # losses and sums of squared parameters: positive scalars, each its own scale
     np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
     np.testing.assert_allclose(multi["trained"], single["trained"], rtol=1e-5)
     assert multi["restored"] == multi["trained"]  # the checkpoint both processes wrote restores exactly
