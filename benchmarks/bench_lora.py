@@ -26,11 +26,9 @@ PEFT_TARGETS = r"(backbone_model|depth_decoder\.model)\.layers\.\d+\.(self_attn\
 
 
 def peft_model(hf, rank: int, alpha: float):
-    """transformers' CSM with PEFT LoRA on the same projections as ours (peft made blind to torchao 0.14)."""
-    import peft.import_utils
-    import peft.tuners.lora.torchao
+    """transformers' CSM with PEFT LoRA on the same projections as ours."""
+    import peft
 
-    peft.import_utils.is_torchao_available = peft.tuners.lora.torchao.is_torchao_available = lambda: False
     wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=PEFT_TARGETS))
     return wrapped.get_base_model()
 

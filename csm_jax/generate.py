@@ -26,6 +26,7 @@ from pathlib import Path
 from csm_jax import generate_modes
 from csm_jax.core.codec import FRAME_SAMPLES, FRAME_SECONDS
 from csm_jax.core.errors import ArgumentParser, UserError, run_main, signals_interrupt
+from csm_jax.core.logs import configure_logging
 from csm_jax.core.numbers import finite_float
 
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
@@ -114,7 +115,7 @@ def generate(argv: list[str] | None = None) -> int:
     budget before generating; writes the output through a temporary file (`csm_jax.io.audio.audio_writer`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    configure_logging(logging.WARNING, "%(message)s")
     generate_modes.check_arguments(args, parser)
     with signals_interrupt():
         from csm_jax.inference.prompt import check_seeds, check_text, max_frames_for, speaker_id

@@ -1,5 +1,7 @@
 """The training run's configuration: one frozen dataclass tree, read from a Python config file
-(`train/configs/*.py`, each with `get_config()`) and overridden from the command line with `a.b=value`.
+(`train/configs/*.py`, each with `get_config()`) and overridden from the command line with `a.b=value`. A config file
+may also define `finalize(cfg) -> TrainConfig`, applied after the overrides: a recipe's values that follow others
+(the voice recipes cap their warm-up by `steps`).
 
 Every value is checked against its field's type and range (`validate`) before anything is built, so a mistake
 is one sentence naming the fix instead of an error deep in a compiled step.
@@ -50,6 +52,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = no eval
     eval_source: str = ""  # held-out data; empty = data.eval_fraction of data.source, split by example id
     eval_batches: int = 4
+    eval_optional: bool = False  # held-out data too small for one eval batch: train without eval (a notice), not stop
     sample_every: int = 0  # speak sample_text with the current weights every N steps (and at step 0); 0 = off
     sample_text: str = "Hello! This is how my voice sounds after fine-tuning."
     sample_speaker: int = 0
@@ -68,17 +71,21 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """The config file's `get_config()` (or the defaults) with `key=value` overrides applied and type-checked."""
-    cfg = TrainConfig() if path is None else _run_config_file(Path(path))
+    cfg, finalize = (TrainConfig(), None) if path is None else _run_config_file(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise TrainConfigError(f"override {item!r} is not of the form key=value (e.g. optim.learning_rate=1e-4)")
         cfg = _replace(cfg, key.split("."), value, key)
     check_types(cfg)
+    if finalize is not None:
+        cfg = _returned(path, "finalize", _in_config_file(path, finalize, cfg))
+        check_types(cfg)
     return cfg
 
 
-def _run_config_file(path: Path) -> TrainConfig:
+def _run_config_file(path: Path):
+    """(`get_config()`, the `finalize` function or None) of the config file `path`."""
     what = (f"a config file is a Python file whose get_config() returns a train.config.TrainConfig "
             f"(e.g. {EXAMPLE_CONFIG}); single fields are set on the command line as key=value")
     if path.suffix != ".py":
@@ -96,12 +103,18 @@ def _run_config_file(path: Path) -> TrainConfig:
         raise TrainConfigError(f"config file {path} cannot be read ({e}); {what}") from None
     module = types.ModuleType("csm_train_config")
     module.__file__ = str(path)
+    _in_config_file(path, exec, code, module.__dict__)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise TrainConfigError(f"config file {path} defines no get_config(); {what}")
+    finalize = getattr(module, "finalize", None)
+    return _returned(path, "get_config", _in_config_file(path, get_config)), finalize if callable(finalize) else None
+
+
+def _in_config_file(path: Path, function, *args):
+    """`function(*args)` of the config file `path`: a mistake in the file is a `TrainConfigError` naming its line."""
     try:
-        exec(code, module.__dict__)  # noqa: S102 - the user's own config file
-        get_config = getattr(module, "get_config", None)
-        if not callable(get_config):
-            raise TrainConfigError(f"config file {path} defines no get_config(); {what}")
-        cfg = get_config()
+        return function(*args)
     except TrainConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - a mistake in the user's file: name the line, not our stack
@@ -109,8 +122,13 @@ def _run_config_file(path: Path) -> TrainConfig:
         where = f" (line {lines[-1]})" if lines else ""
         raise TrainConfigError(f"config file {path} failed{where}: {type(e).__name__}: {e}; fix the file "
                                f"(compare with {EXAMPLE_CONFIG})") from None
+
+
+def _returned(path: Path, name: str, cfg) -> TrainConfig:
     if not isinstance(cfg, TrainConfig):
-        raise TrainConfigError(f"get_config() in {path} returned {type(cfg).__name__}, not a TrainConfig; {what}")
+        raise TrainConfigError(f"{name}() in {path} returned {type(cfg).__name__}, not a TrainConfig; a config file "
+                               f"is a Python file whose get_config() returns a train.config.TrainConfig (e.g. "
+                               f"{EXAMPLE_CONFIG})")
     return cfg
 
 
