@@ -31,6 +31,9 @@ class RopeScaling:
     original_max_position: int = 8192
 
 
+CACHE_LENGTHS = ("max_seq_len",)  # TransformerConfig fields that bound the cache, not the weights or the math
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     num_layers: int
@@ -75,6 +78,22 @@ class CsmConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def differences(self, other: CsmConfig) -> list[str]:
+        """What makes `self` and `other` different models ("decoder.dim: 32 != 64"): every field that sets a
+        weight's shape or the model's numbers. Cache lengths (`max_seq_len`) are left out: they only bound how
+        long a prompt may grow, and checkpoints disagree on them (transformers says 33 for the depth decoder)."""
+        def fields(config: CsmConfig) -> dict[str, Any]:
+            flat = {}
+            for key, value in config.to_dict().items():
+                if isinstance(value, dict):
+                    flat |= {f"{key}.{k}": v for k, v in value.items() if k not in CACHE_LENGTHS}
+                else:
+                    flat[key] = value
+            return flat
+
+        mine, theirs = fields(self), fields(other)
+        return [f"{k}: {mine[k]} != {theirs[k]}" for k in mine if mine[k] != theirs[k]]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CsmConfig:
