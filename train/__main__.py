@@ -20,7 +20,7 @@ from flax import nnx
 
 from csm_jax.core.errors import UserError, run_main
 from csm_jax.core.host_memory import keep_freed_memory
-from train.config import TrainConfig, TrainConfigError, load_config, validate
+from train.config import DEFAULT_MODEL, TrainConfig, TrainConfigError, load_config, resolve_model, validate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -190,14 +190,13 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
     also logs the eval loss of step 0."""
     from tqdm import tqdm
 
-    from csm_jax.core.config import preset
     from csm_jax.core.sharding import make_mesh
     from train.data import SKIPPED, padding_fraction
     from train.lora import make_trainer
     from train.trainer import checkpoint_manager, checkpoint_meta, save_checkpoint
 
     validate(cfg)
-    model_config = preset(cfg.model)
+    model_config = resolve_model(cfg)
     workdir = Path(cfg.workdir)
     try:
         mesh = make_mesh(*cfg.mesh)
@@ -215,7 +214,7 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
         trainer.load_base(cfg.init, cfg.seed)
     checkpoints = workdir / "checkpoints"
     manager = checkpoint_manager(checkpoints, cfg.keep_checkpoints, cfg.save_every) if checkpoints.is_dir() else None
-    if manager is not None and cfg.lora.rank:  # resumed adapters must have been trained over this base
+    if manager is not None:  # resumed for the same model (and adapters over the same base)
         trainer.check_resume(checkpoint_meta(manager))
     state = resume(manager, trainer, iterator, checkpoints) if manager is not None else None
     if state is not None and int(state.step) > cfg.steps:
@@ -260,7 +259,8 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
     manager.wait_until_finished()
     if SKIPPED:
         logging.warning("skipped corrupt or filtered members: %s", dict(SKIPPED))
-    return trainer.export(state, workdir / "export", {"config": cfg.model})
+    started = {"init": str(Path(cfg.init).absolute())} if cfg.init else {"preset": cfg.model or DEFAULT_MODEL}
+    return trainer.export(state, workdir / "export", started, base=cfg.init)
 
 
 def resume(manager, trainer, iterator, checkpoints: Path):

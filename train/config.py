@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from csm_jax.core.config import CsmConfig
 from csm_jax.core.errors import UserError
 from train.data import DataConfig
 from train.lora import LoraConfig
@@ -26,6 +27,7 @@ EXAMPLE_CONFIG = "train/configs/smoke.py"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine")
 LOSS_ON = ("target", "all")
+DEFAULT_MODEL = "csm_1b"  # the preset of a run from scratch that names none
 
 
 class TrainConfigError(UserError):
@@ -34,7 +36,7 @@ class TrainConfigError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str = "csm_1b"  # a CsmConfig preset name
+    model: str | None = None  # a CsmConfig preset for a run from scratch; None = init's config, else csm_1b
     init: str | None = None  # an inference checkpoint (python -m convert output) to start from; None = random
     workdir: str = "runs/default"  # checkpoints/, metrics.jsonl, tensorboard/ and export/ go here
     steps: int = 1000  # optimizer steps of the run; the cosine schedule decays over them
@@ -279,7 +281,8 @@ def validate(cfg: TrainConfig) -> None:
                                f"0 < shortest < longest, e.g. data.clip_seconds=\"(3,15)\"")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise TrainConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1) (e.g. 0.02)")
-    preset(cfg.model)  # ConfigError listing the presets
+    if cfg.model is not None:
+        preset(cfg.model)  # ConfigError listing the presets
     workdir = Path(cfg.workdir).absolute()
     existing = next(p for p in (workdir, *workdir.parents) if p.exists())
     if not existing.is_dir():
@@ -299,6 +302,23 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"init={cfg.init} is not a csm-jax checkpoint directory (params/ and metadata.json); "
                                f"convert PyTorch weights first (python -m convert SRC OUT, then init=OUT) or give an "
                                f"earlier run's workdir/export")
+
+
+def resolve_model(cfg: TrainConfig) -> CsmConfig:
+    """The model a run trains: init's own config.json (the one the converter recorded) when init is set, else the
+    preset `model` (csm_1b when unset). A preset given beside init must describe the same model."""
+    from csm_jax.core.config import preset
+    from csm_jax.io.checkpoint import read_config
+
+    if cfg.init is None:
+        return preset(cfg.model or DEFAULT_MODEL)
+    config = read_config(cfg.init)
+    differences = preset(cfg.model).differences(config) if cfg.model is not None else []
+    if differences:
+        raise TrainConfigError(f"model={cfg.model} is another model than init={cfg.init} (preset != checkpoint: "
+                               f"{'; '.join(differences)}); the checkpoint's config.json gives the model, so leave "
+                               f"model unset (model=none), or give init a checkpoint of the {cfg.model} model")
+    return config
 
 
 def _check_samples(cfg: TrainConfig) -> None:
