@@ -46,6 +46,18 @@ def hf_tiny_orbax(hf_tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def peft_without_torchao():
+    """peft 0.21 refuses to build beside torchao 0.14 (torchtune's pin): make it see no torchao."""
+    import peft.import_utils
+    import peft.tuners.lora.torchao
+
+    saved = peft.import_utils.is_torchao_available, peft.tuners.lora.torchao.is_torchao_available
+    peft.import_utils.is_torchao_available = peft.tuners.lora.torchao.is_torchao_available = lambda: False
+    yield peft
+    peft.import_utils.is_torchao_available, peft.tuners.lora.torchao.is_torchao_available = saved
+
+
+@pytest.fixture(scope="module")
 def model():
     """A random `tiny_full_vocab` model: CSM's real vocabularies, so it fits the real tokenizer and Mimi."""
     from flax import nnx

@@ -59,18 +59,6 @@ def random_adapter(params: dict, spec: LoraSpec, seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def peft_without_torchao():
-    """peft 0.21 refuses to build beside torchao 0.14 (torchtune's pin): make it see no torchao."""
-    import peft.import_utils
-    import peft.tuners.lora.torchao
-
-    saved = peft.import_utils.is_torchao_available, peft.tuners.lora.torchao.is_torchao_available
-    peft.import_utils.is_torchao_available = peft.tuners.lora.torchao.is_torchao_available = lambda: False
-    yield peft
-    peft.import_utils.is_torchao_available, peft.tuners.lora.torchao.is_torchao_available = saved
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(transformers CSM, our model converted from its checkpoint, config, inputs) at random float32 weights."""
     config = preset("tiny")
