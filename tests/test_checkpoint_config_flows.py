@@ -30,9 +30,10 @@ DEPTH_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
 ORIGINAL = {"backbone_flavor": dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128),
             "decoder_flavor": dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64),
             "text_vocab_size": 128_256, "audio_vocab_size": 2051, "audio_num_codebooks": 32}
-# the README's own-voice recipes, shrunk to two offline steps on the test shards
-SHORT_RUN = ["mimi=random", "steps=2", "save_every=1", "log_every=1", "eval_every=0", "sample_every=0",
-             "compute_dtype=float32", "optim.warmup_steps=0", "data.max_frames=128", "data.batch_size=2"]
+# the README's own-voice recipes, shrunk to two offline steps on the test shards' Mimi codes
+SHORT_RUN = ["mimi=random", "steps=2", "save_every=2", "log_every=1", "eval_every=0", "sample_every=0",
+             "compute_dtype=float32", "optim.warmup_steps=0", "data.max_frames=128", "data.batch_size=2",
+             "data.shuffle_window=4", "data.packing_bins=2"]
 # float32 logits of the adapted model, ours against PEFT + transformers (or torchtune): bound 1e-5 of the largest
 # logit, as in tests/test_lora.py
 RELATIVE = 1e-5
@@ -45,8 +46,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return out
 
 
-def train(recipe: str, init, shards, workdir, *overrides: str):
-    run("train", "--config", f"train/configs/{recipe}.py", f"init={init}", f"data.source={shards}",
+def train(recipe: str, init, data, workdir, *overrides: str):
+    run("train", "--config", f"train/configs/{recipe}.py", f"init={init}", f"data.source={data}",
         f"workdir={workdir}", *SHORT_RUN, *overrides)
     return workdir
 
@@ -82,6 +83,16 @@ def assert_records(workdir, config: CsmConfig):
 
 
 @pytest.fixture(scope="module")
+def prepared(shards, tmp_path_factory):
+    """The test shards' Mimi codes (random Mimi), computed once for every run here."""
+    from train.prepare import main
+
+    out = tmp_path_factory.mktemp("prepared")
+    assert main([str(shards), str(out), "--mimi", "random"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
 def hf_default(tmp_path_factory):
     """transformers' default CSM at tiny sizes, randomly initialised (weights redrawn to order-1 logits) and saved
     with save_pretrained; its Mimi codec is tiny too."""
@@ -104,23 +115,23 @@ def hf_ckpt(hf_default):
     return out
 
 
-def test_init_gives_the_model_and_a_preset_that_disagrees_is_named(hf_ckpt, shards, tmp_path):
+def test_init_gives_the_model_and_a_preset_that_disagrees_is_named(hf_ckpt, tmp_path):
     from train.config import TrainConfigError, load_config, resolve_model
 
     config = read_config(hf_ckpt)
     assert (config.backbone.max_seq_len, config.decoder.max_seq_len) == (2048, 33)  # transformers' defaults
     assert config.backbone.rope_scaling is None and config.text_vocab_size == 128_256
-    common = [f"init={hf_ckpt}", f"data.source={shards}", f"workdir={tmp_path}"]
+    common = [f"init={hf_ckpt}", f"data.source={tmp_path}", f"workdir={tmp_path}"]
     assert resolve_model(load_config("train/configs/lora_voice.py", common)) == config
     with pytest.raises(TrainConfigError, match=r"model=tiny is another model than init=.* \(preset != checkpoint: "
                                                r"backbone.num_layers: 3 != 2; .*text_vocab_size: 300 != 128256"):
         resolve_model(load_config("train/configs/lora_voice.py", [*common, "model=tiny"]))
 
 
-def test_full_fine_tune_goes_back_to_transformers_with_the_base_codec(hf_default, hf_ckpt, shards, tmp_path):
+def test_full_fine_tune_goes_back_to_transformers_with_the_base_codec(hf_default, hf_ckpt, prepared, tmp_path):
     from transformers import CsmForConditionalGeneration
 
-    work = train("full_voice", hf_ckpt, shards, tmp_path / "run")
+    work = train("full_voice", hf_ckpt, prepared, tmp_path / "run")
     assert_records(work, read_config(hf_ckpt))
     assert read_metadata(work / "export")["codec"] == "codec"
     run("convert", str(work / "export"), str(tmp_path / "hf"), "--to", "transformers")
@@ -138,10 +149,10 @@ def test_full_fine_tune_goes_back_to_transformers_with_the_base_codec(hf_default
     assert_close_to_scale(our_logits(load_model(work / "export"), *inputs), want)
 
 
-def test_lora_adapter_generates_on_its_base_and_loads_in_peft(hf_default, hf_ckpt, shards, peft_without_torchao,
+def test_lora_adapter_generates_on_its_base_and_loads_in_peft(hf_default, hf_ckpt, prepared, peft_without_torchao,
                                                               tmp_path):
     config = read_config(hf_ckpt)
-    work = train("lora_voice", hf_ckpt, shards, tmp_path / "run", "lora.rank=4", "lora.alpha=8",
+    work = train("lora_voice", hf_ckpt, prepared, tmp_path / "run", "lora.rank=4", "lora.alpha=8",
                  "optim.learning_rate=3e-2")
     assert_records(work, config)
     adapter = load_adapter(work / "adapter", config)
@@ -160,14 +171,14 @@ def test_lora_adapter_generates_on_its_base_and_loads_in_peft(hf_default, hf_ckp
     assert_close_to_scale(our_logits(with_adapter(load_model(hf_ckpt), adapter), *inputs), want)
 
 
-def test_original_layout_lora_and_export_back(shards, tmp_path):
+def test_original_layout_lora_and_export_back(prepared, tmp_path):
     config = CsmConfig.from_original(ORIGINAL)
     src = save_original(original_model(config, seed=1), tmp_path / "original", "safetensors")
     ckpt = tmp_path / "ckpt"
     run("convert", str(src), str(ckpt))
     assert read_config(ckpt) == config and config.decoder.max_seq_len == 2048  # the flavors' default
 
-    work = train("lora_voice", ckpt, shards, tmp_path / "run", "lora.rank=4", "lora.alpha=8",
+    work = train("lora_voice", ckpt, prepared, tmp_path / "run", "lora.rank=4", "lora.alpha=8",
                  "optim.learning_rate=3e-2")
     assert_records(work, config)
     adapter = load_adapter(work / "adapter", config)  # what generate --adapter does over ckpt

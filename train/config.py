@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 import math
 import os
 import traceback
@@ -306,18 +307,25 @@ def validate(cfg: TrainConfig) -> None:
 
 def resolve_model(cfg: TrainConfig) -> CsmConfig:
     """The model a run trains: init's own config.json (the one the converter recorded) when init is set, else the
-    preset `model` (csm_1b when unset). A preset given beside init must describe the same model."""
+    preset `model` (csm_1b when unset). A preset given beside init must have the checkpoint's weight shapes; where
+    it differs otherwise (norm eps, RoPE), the checkpoint's numbers are the ones its weights were trained with."""
     from csm_jax.core.config import preset
     from csm_jax.io.checkpoint import read_config
 
     if cfg.init is None:
         return preset(cfg.model or DEFAULT_MODEL)
     config = read_config(cfg.init)
-    differences = preset(cfg.model).differences(config) if cfg.model is not None else []
-    if differences:
+    if cfg.model is None:
+        return config
+    shapes = preset(cfg.model).differences(config, shapes_only=True)
+    if shapes:
         raise TrainConfigError(f"model={cfg.model} is another model than init={cfg.init} (preset != checkpoint: "
-                               f"{'; '.join(differences)}); the checkpoint's config.json gives the model, so leave "
+                               f"{'; '.join(shapes)}); the checkpoint's config.json gives the model, so leave "
                                f"model unset (model=none), or give init a checkpoint of the {cfg.model} model")
+    numbers = preset(cfg.model).differences(config)
+    if numbers:
+        logging.getLogger(__name__).warning("model=%s differs from init=%s in %s: training with the checkpoint's "
+                                            "config", cfg.model, cfg.init, "; ".join(numbers))
     return config
 
 
