@@ -179,8 +179,8 @@ class Trainer:
         differences = CsmConfig.from_dict(meta["model"]).differences(self.config)
         if differences:
             raise ResumeMismatchError(f"the checkpoints were written for another model than this run's (checkpoints "
-                                      f"!= this run: {'; '.join(differences)}); resume with that run's init= and "
-                                      f"model=, or give a new workdir")
+                                      f"!= this run: {'; '.join(differences)}); resume with that run's config, or "
+                                      f"give a new workdir")
 
     # ---- the step -----------------------------------------------------------------------------------------
 
