@@ -82,6 +82,32 @@ def assert_records(workdir, config: CsmConfig):
     assert CsmConfig.from_dict(meta["model"]) == config
 
 
+def test_model_differences_leave_out_cache_lengths_and_compare_rope_maps(tmp_path):
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from csm_jax.core.config import RopeScaling, preset
+    from csm_jax.core.lora import LoraSpec, init_adapters
+    from csm_jax.io.adapters import save_adapter
+    from csm_jax.io.checkpoint import abstract_model
+
+    ours = preset("tiny_full_vocab")
+    transformers_spelling = dataclasses.replace(  # transformers' llama3 numbers for the same frequencies
+        ours, decoder=dataclasses.replace(ours.decoder, max_seq_len=33,
+                                          rope_scaling=RopeScaling(32.0, 0.125, 0.5, 1024)))
+    assert ours.differences(transformers_spelling) == []
+    no_scaling = dataclasses.replace(ours, decoder=dataclasses.replace(ours.decoder, rope_scaling=None, dim=64))
+    assert ours.differences(no_scaling, shapes_only=True) == ["decoder.dim: 32 != 64"]
+    assert ours.differences(no_scaling)[1].startswith("decoder.rope_scaling: {'factor': 32.0")
+
+    spec = LoraSpec(rank=2)
+    weights = init_adapters(jax.random.key(0), nnx.to_pure_dict(nnx.state(abstract_model(ours), nnx.Param)), spec)
+    adapter = save_adapter(tmp_path / "a", weights, spec, ours)
+    assert load_adapter(adapter, transformers_spelling).config == ours  # a cache length is no other model
+
+
 @pytest.fixture(scope="module")
 def prepared(shards, tmp_path_factory):
     """The test shards' Mimi codes (random Mimi), computed once for every run here."""

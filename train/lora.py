@@ -158,7 +158,8 @@ class LoraTrainer(Trainer):
                 f"(fingerprint {now.get('fingerprint', '')[:12]}); set init= to the run's base, or use a new workdir")
         if meta.get("lora") != self.checkpoint_meta()["lora"]:
             raise ResumeMismatchError(f"the checkpoints hold adapters with LoRA settings {meta.get('lora')}, not "
-                                    f"{dataclasses.asdict(self.spec)}; use the same lora.* settings or a new workdir")
+                                      f"{dataclasses.asdict(self.spec)}; use the same lora.* settings or a new "
+                                      f"workdir")
 
     # ---- export -------------------------------------------------------------------------------------------
 

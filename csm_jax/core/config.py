@@ -92,16 +92,16 @@ class CsmConfig:
         prompt may grow, and checkpoints disagree on them (transformers says 33 for the depth decoder)."""
         def fields(config: CsmConfig) -> dict[str, Any]:
             flat = {}
-            for name, value in config.to_dict().items():
-                if not isinstance(value, dict):
-                    flat[name] = value
+            for field in dataclasses.fields(config):
+                value = getattr(config, field.name)
+                if not isinstance(value, TransformerConfig):
+                    flat[field.name] = value
                     continue
-                stack = getattr(config, name)
-                for field in dataclasses.fields(stack):
-                    if field.name in CACHE_LENGTHS or (shapes_only and field.name not in SHAPE_FIELDS):
+                for name in (f.name for f in dataclasses.fields(value)):
+                    if name in CACHE_LENGTHS or (shapes_only and name not in SHAPE_FIELDS):
                         continue
-                    value = getattr(stack, field.name)
-                    flat[f"{name}.{field.name}"] = value.as_map() if isinstance(value, RopeScaling) else value
+                    number = getattr(value, name)
+                    flat[f"{field.name}.{name}"] = number.as_map() if isinstance(number, RopeScaling) else number
             return flat
 
         mine, theirs = fields(self), fields(other)
