@@ -23,7 +23,7 @@ from flax import nnx
 from csm_jax.core.errors import UserError, run_main
 from csm_jax.core.host_memory import keep_freed_memory
 from csm_jax.core.logs import configure_logging
-from train.config import TrainConfig, TrainConfigError, load_config, validate
+from train.config import DEFAULT_MODEL, TrainConfig, TrainConfigError, load_config, resolve_model, validate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -234,13 +234,12 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
 def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> Path:
     from tqdm import tqdm
 
-    from csm_jax.core.config import preset
     from csm_jax.core.sharding import make_mesh
     from train.data import SKIPPED_ONCE, padding_fraction
     from train.lora import make_trainer
     from train.trainer import checkpoint_manager, checkpoint_meta, save_checkpoint
 
-    model_config = preset(cfg.model)
+    model_config = resolve_model(cfg)
     try:
         mesh = make_mesh(*cfg.mesh)
     except ValueError as e:
@@ -259,7 +258,7 @@ def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> P
         trainer.load_base(cfg.init, cfg.seed)
     checkpoints = workdir / "checkpoints"
     manager = checkpoint_manager(checkpoints, cfg.keep_checkpoints, cfg.save_every) if checkpoints.is_dir() else None
-    if manager is not None and cfg.lora.rank:  # resumed adapters must have been trained over this base
+    if manager is not None:  # resumed for the same model (and adapters over the same base)
         trainer.check_resume(checkpoint_meta(manager))
     state = resume(manager, trainer, iterator, checkpoints) if manager is not None else None
     if state is not None and int(state.step) > cfg.steps:
@@ -304,7 +303,8 @@ def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> P
     manager.wait_until_finished()
     if SKIPPED_ONCE:
         logging.warning("skipped corrupt or filtered items (each counted once): %s", dict(SKIPPED_ONCE))
-    return trainer.export(state, workdir / "export", {"config": cfg.model})
+    started = {"init": str(Path(cfg.init).absolute())} if cfg.init else {"preset": cfg.model or DEFAULT_MODEL}
+    return trainer.export(state, workdir / "export", started, base=cfg.init)
 
 
 def resume(manager, trainer, iterator, checkpoints: Path):

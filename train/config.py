@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 import math
 import os
 import traceback
@@ -19,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from csm_jax.core.config import CsmConfig
 from csm_jax.core.errors import UserError
 from csm_jax.core.numbers import is_finite_number
 from train.data import DataConfig
@@ -29,6 +31,7 @@ EXAMPLE_CONFIG = "train/configs/smoke.py"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine")
 LOSS_ON = ("target", "all")
+DEFAULT_MODEL = "csm_1b"  # the preset of a run from scratch that names none
 
 
 class TrainConfigError(UserError):
@@ -37,7 +40,7 @@ class TrainConfigError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str = "csm_1b"  # a CsmConfig preset name
+    model: str | None = None  # a CsmConfig preset for a run from scratch; None = init's config, else csm_1b
     init: str | None = None  # an inference checkpoint (python -m convert output) to start from; None = random
     workdir: str = "runs/default"  # checkpoints/, metrics.jsonl, tensorboard/ and export/ go here
     steps: int = 1000  # optimizer steps of the run; the cosine schedule decays over them
@@ -298,7 +301,8 @@ def validate(cfg: TrainConfig) -> None:
                                f"0 < shortest < longest, e.g. data.clip_seconds=\"(3,15)\"")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise TrainConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1) (e.g. 0.02)")
-    preset(cfg.model)  # ConfigError listing the presets
+    if cfg.model is not None:
+        preset(cfg.model)  # ConfigError listing the presets
     workdir = Path(cfg.workdir).absolute()
     existing = next(p for p in (workdir, *workdir.parents) if p.exists())
     if not existing.is_dir():
@@ -318,6 +322,30 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"init={cfg.init} is not a csm-jax checkpoint directory (params/ and metadata.json); "
                                f"convert PyTorch weights first (python -m convert SRC OUT, then init=OUT) or give an "
                                f"earlier run's workdir/export")
+
+
+def resolve_model(cfg: TrainConfig) -> CsmConfig:
+    """The model a run trains: init's own config.json (the one the converter recorded) when init is set, else the
+    preset `model` (csm_1b when unset). A preset given beside init must have the checkpoint's weight shapes; where
+    it differs otherwise (norm eps, RoPE), the checkpoint's numbers are the ones its weights were trained with."""
+    from csm_jax.core.config import preset
+    from csm_jax.io.checkpoint import read_config
+
+    if cfg.init is None:
+        return preset(cfg.model or DEFAULT_MODEL)
+    config = read_config(cfg.init)
+    if cfg.model is None:
+        return config
+    shapes = preset(cfg.model).differences(config, shapes_only=True)
+    if shapes:
+        raise TrainConfigError(f"model={cfg.model} is another model than init={cfg.init} (preset != checkpoint: "
+                               f"{'; '.join(shapes)}); the checkpoint's config.json gives the model, so leave "
+                               f"model unset (model=none), or give init a checkpoint of the {cfg.model} model")
+    numbers = preset(cfg.model).differences(config)
+    if numbers:
+        logging.getLogger(__name__).warning("model=%s differs from init=%s in %s: training with the checkpoint's "
+                                            "config", cfg.model, cfg.init, "; ".join(numbers))
+    return config
 
 
 def _check_samples(cfg: TrainConfig) -> None:

@@ -21,13 +21,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from csm_jax.core.errors import UserError
 from csm_jax.core.lora import (STACKS, TARGETS, LoraSpec, adapted, adapter_axes, adapter_shapes, frozen_base,
                                get_path, init_adapters, merge, weight_path)
 from csm_jax.core.quant import Int8Weight, is_int8
 from csm_jax.core.sharding import logical_to_spec
 from csm_jax.io.adapters import save_adapter
-from train.trainer import TrainState, Trainer
+from train.trainer import ResumeMismatchError, TrainState, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +57,6 @@ class LoraConfig:
 def _names(x: tuple[str, ...] | str) -> tuple[str, ...]:
     """("q", "v") or "q,v" (a command-line override) -> ("q", "v")."""
     return tuple(n.strip() for n in x.split(",") if n.strip()) if isinstance(x, str) else tuple(x)
-
-
-class BaseMismatchError(UserError):
-    """Resuming a LoRA run on another base model than the one it started from."""
 
 
 def params_fingerprint(params: dict) -> str:
@@ -147,28 +142,32 @@ class LoraTrainer(Trainer):
         return self.init_state(seed)
 
     def checkpoint_meta(self) -> dict:
-        return {"base": self.base_info or {}, "lora": json.loads(json.dumps(dataclasses.asdict(self.spec)))}
+        return {**super().checkpoint_meta(), "base": self.base_info or {},
+                "lora": json.loads(json.dumps(dataclasses.asdict(self.spec)))}
 
     def check_resume(self, meta: dict | None) -> None:
         """Refuses to resume adapters trained over another base (or with other LoRA settings)."""
+        super().check_resume(meta)
         if meta is None:
             return
         saved, now = meta.get("base", {}), self.base_info or {}
         if saved.get("fingerprint") != now.get("fingerprint"):
-            raise BaseMismatchError(
+            raise ResumeMismatchError(
                 f"the checkpoints were trained over the base {saved.get('path')!r} (fingerprint "
                 f"{saved.get('fingerprint', '')[:12]}), but this run's base {now.get('path')!r} has other weights "
                 f"(fingerprint {now.get('fingerprint', '')[:12]}); set init= to the run's base, or use a new workdir")
         if meta.get("lora") != self.checkpoint_meta()["lora"]:
-            raise BaseMismatchError(f"the checkpoints hold adapters with LoRA settings {meta.get('lora')}, not "
-                                    f"{dataclasses.asdict(self.spec)}; use the same lora.* settings or a new workdir")
+            raise ResumeMismatchError(f"the checkpoints hold adapters with LoRA settings {meta.get('lora')}, not "
+                                      f"{dataclasses.asdict(self.spec)}; use the same lora.* settings or a new "
+                                      f"workdir")
 
     # ---- export -------------------------------------------------------------------------------------------
 
-    def export(self, state: TrainState, path: str | Path, metadata: dict | None = None) -> Path:
-        """The merged model as an inference checkpoint at `path`, and the adapter alone beside it
-        (`path`/../adapter, PEFT's format)."""
-        merged = super().export(state, path, {"lora": dataclasses.asdict(self.spec), **(metadata or {})})
+    def export(self, state: TrainState, path: str | Path, metadata: dict | None = None,
+               base: str | Path | None = None) -> Path:
+        """The merged model as an inference checkpoint at `path` (carrying what `base` carries, as `Trainer.export`),
+        and the adapter alone beside it (`path`/../adapter, PEFT's format)."""
+        merged = super().export(state, path, {"lora": dataclasses.asdict(self.spec), **(metadata or {})}, base)
         adapters = state.params
         if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
             from jax.experimental import multihost_utils

@@ -28,7 +28,7 @@ from train.trainer import OptimConfig
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model="csm_1b", steps=300, mesh=(-1, 1, 1), mimi=None, save_every=50, eval_every=50, eval_batches=4,
+        steps=300, mesh=(-1, 1, 1), mimi=None, save_every=50, eval_every=50, eval_batches=4,
         eval_optional=True, sample_every=50,
         data=DataConfig(max_duration=20.0, max_frames=512, batch_size=4, packing=True, shuffle_window=256,
                         eval_fraction=0.05, speaker=0),
