@@ -26,8 +26,11 @@ fi
 # JAX and PyTorch (transformers, Mimi) share the card: JAX allocates on demand instead of taking 75% of the memory
 # at start-up. Each step runs in its own process, so one step's memory is free again for the next.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-# moshi torch.compiles parts of Mimi on CUDA, which needs a C compiler at run time
-command -v cc >/dev/null || command -v gcc >/dev/null || export NO_TORCH_COMPILE=1
+# moshi torch.compiles parts of Mimi on CUDA, which needs a C compiler and Python's headers at run time
+if ! command -v cc >/dev/null || ! "$python" -c 'import os, sysconfig
+assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null; then
+  export NO_TORCH_COMPILE=1
+fi
 if [[ $smoke == --smoke ]]; then
   export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""
 fi
