@@ -7,18 +7,30 @@
 # Builds once a Python 3.12 environment from REQUIREMENTS under .cache/gpu_rehearsal/ (CPU jax of the same version;
 # torch from PyPI, several GB), keeps it for later rehearsals (a changed REQUIREMENTS builds a new one), downloads the
 # wheels the GPU run carries (benchmarks/gpu_wheels.sh .whl) if .whl/ is missing, then runs gpu_check.sh --smoke
-# with those wheels installed exactly as on the GPU machine, without network (unshare -n, else the hub switched
-# off and every proxy pointed at a closed port) and with nothing of another virtual environment on the path.
-# Writes OUT_DIR (default .cache/gpu_rehearsal/out): what gpu_check.sh writes.
+# with those wheels installed exactly as on the GPU machine, without network (unshare -n with loopback up, else the
+# hub switched off and every proxy pointed at a closed port) and with nothing of another virtual environment on the
+# path.
+# Writes OUT_DIR (a new or empty folder; default .cache/gpu_rehearsal/out, emptied first): what gpu_check.sh writes.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 env_only=0
 if [[ ${1:-} == --env-only ]]; then env_only=1; shift; fi
-req=${1:-../shared/gpu/image-requirements.txt}
-if [[ $# == 0 && ! -f $req ]] && common=$(git rev-parse --git-common-dir 2>/dev/null); then
-  req=$(dirname "$(cd "$common" && pwd)")/../shared/gpu/image-requirements.txt  # beside the main checkout
+req=${1:+$(realpath -m "$1")}  # paths given are relative to where the script is called from
+out=${2:+$(realpath -m "$2")}
+cd "$(dirname "$0")/.."
+own_out=0
+if [[ -z $out ]]; then
+  out=.cache/gpu_rehearsal/out own_out=1
+elif [[ -e $out && -n $(ls -A "$out") ]]; then
+  echo "error: OUT_DIR '$out' is not empty; give a new folder (a rehearsal starts without the compile caches of an" \
+       "earlier run, as a GPU machine does)" >&2
+  exit 2
 fi
-out=${2:-.cache/gpu_rehearsal/out}
+if [[ -z $req ]]; then
+  req=../shared/gpu/image-requirements.txt
+  if [[ ! -f $req ]] && common=$(git rev-parse --git-common-dir 2>/dev/null); then
+    req=$(dirname "$(cd "$common" && pwd)")/../shared/gpu/image-requirements.txt  # beside the main checkout
+  fi
+fi
 if [[ ! -f $req ]]; then
   echo "error: no requirements file at '$req'; pass the GPU image's pip requirements as the first argument" >&2
   exit 2
@@ -57,16 +69,21 @@ IFS=: read -ra parts <<<"$PATH"
 for p in "${parts[@]}"; do
   [[ $p == *.venv* || $p == "${VIRTUAL_ENV:-/nonexistent}"* || $p == *pyenv* ]] || path+=:$p
 done
-rm -rf "$base/site" "$out"
+rm -rf "$base/site"
+# this script's own output folder is emptied: a GPU machine starts bare, without compile caches of an earlier run
+[[ $own_out == 0 ]] || rm -rf "$out"
 mkdir -p "$base/hf-empty"
 vars=(HOME="$HOME" PATH="$path" LANG=C.UTF-8 TMPDIR="${TMPDIR:-/tmp}" HF_HOME="$PWD/$base/hf-empty" HF_HUB_OFFLINE=1
       TRANSFORMERS_OFFLINE=1 GPU_CHECK_WHEELS=.whl GPU_CHECK_SITE="$base/site")
-offline=(unshare -n)
-if ! unshare -n true 2>/dev/null; then  # no network namespace here: every proxy points at a closed port
+# a network namespace of its own with only loopback, which the serving step's load test uses
+offline=(unshare -n sh -c 'ip link set lo up && exec "$@"' sh)
+how="a network namespace with loopback only (unshare -n)"
+if ! unshare -n ip link set lo up 2>/dev/null; then  # no such namespace here: all but loopback goes to a closed port
   closed=http://127.0.0.1:9
-  vars+=(http_proxy=$closed https_proxy=$closed HTTP_PROXY=$closed HTTPS_PROXY=$closed all_proxy=$closed no_proxy=
-         NO_PROXY=)
+  vars+=(http_proxy=$closed https_proxy=$closed HTTP_PROXY=$closed HTTPS_PROXY=$closed all_proxy=$closed
+         no_proxy=127.0.0.1,localhost NO_PROXY=127.0.0.1,localhost)
   offline=()
+  how="the hub switched off and every proxy pointed at a closed port (unshare -n is not available here)"
 fi
-echo "offline: ${offline[*]:-hub switched off, proxies pointed at a closed port (unshare -n is not available)}"
+echo "offline: $how"
 nice "${offline[@]}" env -i "${vars[@]}" bash benchmarks/gpu_check.sh "$out" --smoke
