@@ -7,6 +7,7 @@
 # and their time budgets: benchmarks/gpu_check/plan.py.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [--smoke]}
+out=$(realpath -m "$out")  # given relative to where the script is called from
 smoke=${2:-}
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}

@@ -8,7 +8,7 @@ SIZES = {
                 serve=dict(config="small", slots=16, clients=(1, 4, 16), frames=24, requests=2, chunk_frames=2,
                            max_seconds=20),
                 lora=(("small", 4, 128, "float32"), ("csm_1b", 2, 256, "bfloat16"))),
-    "smoke": dict(full="tiny", tiny="tiny", first_batch=1, more_batches=(2,), frames=6, transformers_frames=2,
+    "smoke": dict(full="tiny", tiny="tiny", first_batch=1, more_batches=(2,), frames=6, transformers_frames=1,
                   train_batch=2, train_frames=32, read_mib=16, matmul=256, repeats=2, mimi_seconds=0.5,
                   serve=dict(config="tiny_full_vocab", slots=2, clients=(1, 2), frames=4, requests=1, chunk_frames=2,
                              max_seconds=60),
@@ -23,13 +23,13 @@ STEPS = [
     ("env", "env:step", 20),                                        # versions, read bandwidth, matmul rate
     ("decode_bf16", "decode:step_bf16", 60),                        # CSM-1B batch 1 ms/frame, time to first audio
     ("decode_int8", "decode:step_int8", 45),                        # the same, int8 weights, batch 1
-    ("transformers_eager", "transformers_generate:step_eager", 40),  # transformers' generate, batch 1, eager
+    ("transformers_eager", "transformers_generate:step_eager", 35),  # transformers' generate, batch 1, eager
     ("correctness", "correctness:step", 40),                        # tiny configs against transformers and the CPU
     ("mimi", "mimi:step", 15),                                      # the codec on the card
-    ("decode_batches", "decode:step_batches", 50),                  # batches 8 and 64, bf16 and int8
-    ("command_buffer", "command_buffer:step", 70),                  # XLA command-buffer settings, batch 1
-    ("train", "train:step", 45),                                    # one CSM-1B training step
-    ("serve", "serve:step", 40),                                    # the streaming server's load test
+    ("decode_batches", "decode:step_batches", 45),                  # batches 8 and 64, bf16 and int8
+    ("command_buffer", "command_buffer:step", 90),                  # XLA command-buffer settings, batch 1
+    ("train", "train:step", 40),                                    # one CSM-1B training step
+    ("serve", "serve:step", 35),                                    # the streaming server's load test
     ("lora", "lora:step", 30),                                      # our LoRA step against transformers + PEFT
     ("transformers_compiled", "transformers_generate:step_compiled", 25),  # static cache + torch.compile
 ]
