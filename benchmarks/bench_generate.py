@@ -54,14 +54,14 @@ def weight_bytes_per_frame(config: CsmConfig, itemsize: int) -> int:
 REPEATS = 3
 
 
-def read_bandwidth() -> float:
-    """Bytes per second a jitted float32 sum over 1 GiB reads (the best of REPEATS), i.e. what streaming weights
-    from memory can reach on this machine."""
-    data = jnp.ones((1 << 28,), jnp.float32)
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = REPEATS) -> float:
+    """Bytes per second a jitted float32 sum over `nbytes` reads (the best of `repeats`), i.e. what streaming
+    weights from memory can reach on this machine: the bandwidth floor of batch-1 decoding."""
+    data = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(data).block_until_ready()
     best = float("inf")
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         total(data).block_until_ready()
         best = min(best, time.perf_counter() - start)

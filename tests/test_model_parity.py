@@ -39,6 +39,23 @@ def transformers_checkpoint(request, tmp_path_factory):
     return reference, convert_to_orbax(src, src.parent / f"{src.name}_orbax"), config
 
 
+def test_reference_builder_ties_the_codebook_embeddings_where_transformers_does_not(monkeypatch, tmp_path, rng):
+    """transformers before 5.21 builds CSM with the depth decoder's codebook embeddings apart from the backbone's
+    (its CsmConfig forces tie_word_embeddings=False); the reference builder ties them on every version, as the
+    published checkpoint has them and the converter expects. Emulated by switching transformers' own tying off."""
+    from transformers import CsmForConditionalGeneration
+
+    monkeypatch.setattr(CsmForConditionalGeneration, "tie_weights", lambda self, *args, **kwargs: None)
+    config = preset("tiny")
+    reference = transformers_model(config, seed=4)
+    assert (reference.depth_decoder.model.embed_tokens.weight
+            is reference.backbone_model.embed_tokens.embed_audio_tokens.weight)
+    reference.save_pretrained(tmp_path / "hf")
+    tokens, mask, codes = logits_inputs(rng, config)
+    assert_logits_close(our_logits(load_model(convert_to_orbax(tmp_path / "hf", tmp_path / "orbax")), tokens, mask,
+                                   codes), transformers_logits(reference, tokens, mask, codes)[:2], FLOAT32_ATOL)
+
+
 def test_transformers_checkpoint_matches_transformers_logits(transformers_checkpoint, rng):
     reference, converted, config = transformers_checkpoint
     tokens, mask, codes = logits_inputs(rng, config)
