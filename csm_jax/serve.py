@@ -16,6 +16,7 @@ import os
 import sys
 
 from csm_jax.core.errors import UserError, run_main
+from csm_jax.generate import add_dtype_arguments
 
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -38,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV})")
     p.add_argument("--voices", default=None, help="voices folder: one subfolder per voice with audio clips and a "
                    ".txt transcript beside each; new voices are saved here (default ~/.cache/csm_jax/voices)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="dtype the weights are held in (default: --dtype)")
+    add_dtype_arguments(p)
     p.add_argument("--tokenizer", default=None, help="Llama-3 tokenizer directory or hub id (default: offline "
                    "tokenizer.model from llama-models)")
     p.add_argument("--mimi", default=None, help="Mimi weights (.safetensors) or hub id (default: "
@@ -65,7 +64,7 @@ def load_generator(args):
 
     mimi = audio.random_mimi(0) if args.mimi == "random" else args.mimi
     return load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
-                       param_dtype=jnp.dtype(args.weights_dtype or args.dtype), tokenizer=args.tokenizer, mimi=mimi,
+                       param_dtype=args.weights_dtype or args.dtype, tokenizer=args.tokenizer, mimi=mimi,
                        watermark=False)
 
 

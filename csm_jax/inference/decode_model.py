@@ -28,7 +28,7 @@ from csm_jax.core.layers import Attention, Block, DType, KVCache, MLP, Matmul, R
 from csm_jax.core.model import Csm
 from csm_jax.inference import kernels
 from csm_jax.inference.products import decode_dense, faster_kinds, kernel_matmul, KINDS
-from csm_jax.inference.quantize import QUANTIZED, quantize_decode_params
+from csm_jax.inference.quantize import QUANTIZED, product_kinds, quantize_decode_params
 
 KERNELS_ENV = "CSM_JAX_CPU_KERNELS"
 
@@ -178,8 +178,8 @@ def decode_model(model: Csm, cpu_kernels: bool | None = None, weights_dtype: str
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     param_dtype = model.text_embeddings[...].dtype
     use = use_cpu_kernels(cpu_kernels)
-    kind = weights_dtype or jnp.dtype(param_dtype).name
-    kinds = kernel_kinds(cpu_kernels, [kind]) if use and jnp.dtype(model.dtype) == jnp.float32 else frozenset()
+    used = product_kinds(weights_dtype or jnp.dtype(param_dtype).name)
+    kinds = kernel_kinds(cpu_kernels, used) if use and jnp.dtype(model.dtype) == jnp.float32 else frozenset()
     abstract = nnx.eval_shape(lambda: DecodeCsm(model.config, dtype=model.dtype, param_dtype=param_dtype,
                                                 rngs=nnx.Rngs(0), cpu_kernels=use, kernel_kinds=kinds))
     graphdef, state = nnx.split(abstract)

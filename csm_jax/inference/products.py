@@ -105,7 +105,8 @@ def _weights(kind: str) -> list:
     else:
         groups = k // INT4_GROUP
         one = Int4Weight(jnp.asarray(rng.integers(0, 256, (k // 2, n), np.uint8)),
-                         jnp.full((groups, n), 1e-3, jnp.float16), jnp.full((groups, n), -8e-3, jnp.float16), (k,), (n,))
+                         jnp.full((groups, n), 1e-3, jnp.float16), jnp.full((groups, n), -8e-3, jnp.float16),
+                         (k,), (n,))
     nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(one))
     return [jax.tree.map(jnp.copy, one) for _ in range(-(-CALIBRATION_BYTES // nbytes))]
 

@@ -3,9 +3,10 @@
 
 Compiled on first use with the system C++ compiler (g++ or c++) for this CPU, cached under
 $CSM_JAX_CACHE/kernels (default ~/.cache/csm_jax/kernels), and registered as an XLA FFI target. Whether decoding
-uses them is the decode layout's switch (`csm_jax.inference.decode_model.use_cpu_kernels`: off on GPUs, and never
-compiled there; on a CPU, per product kind, whichever of kernel and XLA measured faster on this CPU, see
-`csm_jax.inference.products`). Without a compiler everything still works, through XLA's slower path, after a one-time warning.
+uses them is the decode layout's switch (`csm_jax.inference.decode_model.use_cpu_kernels`: off on GPUs, and
+never compiled there; on a CPU, per product kind, whichever of kernel and XLA measured faster on this CPU, see
+`csm_jax.inference.products`). Without a compiler everything still works, through XLA's slower path, after a
+one-time warning.
 """
 
 from __future__ import annotations
