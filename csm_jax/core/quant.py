@@ -58,10 +58,6 @@ def quantize_int8(w: jax.Array, input_axes: tuple[int, ...] = (0,)) -> Int8Weigh
     return Int8Weight(*symmetric_int8(w, input_axes))
 
 
-def is_int8(x) -> bool:
-    return isinstance(x, Int8Weight)
-
-
 # ---- 4-bit weights ------------------------------------------------------------------------------------------
 
 INT4_GROUPS = (32, 64, 128)  # the group sizes offered along the input axis
