@@ -150,3 +150,20 @@ def test_int4_keeps_the_teacher_forced_log_prob_of_float32_greedy_frames(model):
     int4 = np.mean([s.mean() for s in score_codes(FrameGenerator(model, weights_dtype="int4").model, prompts, frames)])
     print(f"\nmean log-prob of float32's greedy frames: {f32:.4f} under float32, {int4:.4f} under int4")
     assert abs(int4 - f32) <= 0.05 * abs(f32), f"mean log-prob {int4:.3f} under int4 against {f32:.3f}"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_the_server_command_line_loads_quantized_weights(tmp_path, dtype):
+    from csm_jax.core.model import Csm
+    from csm_jax.core.quant import Int8Weight
+    from csm_jax.generate import WEIGHT_DTYPES
+    from csm_jax.inference.quantize import QUANTIZED
+    from csm_jax.io.checkpoint import save_model
+    from csm_jax.serve import build_parser, load_generator
+
+    assert WEIGHT_DTYPES == ("float32", "bfloat16", *QUANTIZED)
+    ckpt = save_model(Csm(preset("tiny_full_vocab"), rngs=nnx.Rngs(1)), tmp_path / "ckpt")
+    args = build_parser().parse_args(["--checkpoint", str(ckpt), "--mimi", "random", "--weights-dtype", dtype])
+    model = load_generator(args).frames.model
+    assert isinstance(model.backbone.blocks[0].mlp.w_down[...], Int4Weight if dtype == "int4" else Int8Weight)
+    assert isinstance(model.codebook0_head[...], Int8Weight)
