@@ -8,6 +8,8 @@
 // row by row (long contiguous reads), widens bfloat16 to float32 exactly (a 16-bit shift) and accumulates in
 // float32 into y held in L1/L2. Work is split over XLA's own intra-op thread pool.
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -268,7 +270,8 @@ inline Vec codes(const uint8_t* p, Vec& high) {  // 8 bytes -> low and high code
 
 constexpr int64_t kChunkFloats = 16384;  // accumulators per chunk of columns (all rows): 64 KB, held in L2
 
-// acc[r, :] += x[r, 2i] * low codes + x[r, 2i + 1] * high codes of packed rows [i0, i1), columns [c0, c1).
+// acc[r, :] += x[r, 2i] * low codes + x[r, 2i + 1] * high codes of packed rows [i0, i1), columns [c0, c1): one row
+// streams whole packed rows (long contiguous reads); several rows take int4_block when SIMD is compiled in.
 void accumulate_int4(const Task& t, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* acc) {
   const uint8_t* w = static_cast<const uint8_t*>(t.w);
   const int64_t cw = c1 - c0;
@@ -296,21 +299,9 @@ void accumulate_int4(const Task& t, int64_t i0, int64_t i1, int64_t c0, int64_t 
     }
   }
 #endif
-  for (; i < i1; ++i) {
+  for (; i < i1; ++i) {  // what is left: a last odd row, and without SIMD everything
     const uint8_t* row = w + i * t.n;
-    int64_t j = c0;
-#if defined(CSM_INT4_SIMD)
-    for (; j < simd_end; j += kLanes) {
-      Vec high;
-      const Vec low = codes(row + j, high);
-      for (int64_t r = 0; r < t.m; ++r) {
-        float* a = acc + r * cw + j - c0;
-        const float* x = t.x + r * t.k + 2 * i;
-        vstore(a, vfma(vset(x[1]), high, vfma(vset(x[0]), low, vload(a))));
-      }
-    }
-#endif
-    for (; j < c1; ++j) {
+    for (int64_t j = c0; j < c1; ++j) {
       const float low = row[j] & 15, high = row[j] >> 4;
       for (int64_t r = 0; r < t.m; ++r) {
         const float* x = t.x + r * t.k + 2 * i;
@@ -320,8 +311,68 @@ void accumulate_int4(const Task& t, int64_t i0, int64_t i1, int64_t c0, int64_t 
   }
 }
 
+#if defined(CSM_INT4_SIMD)
+constexpr int64_t kBlock = 64;  // columns per block: a cache line of each packed row
+
+// Several rows of x (M, at most 16) against the columns [c0, c1) of one block: per group and strip of kLanes columns,
+// the M accumulators stay in registers while the group's packed rows are decoded once each; the block's lines of
+// the group (group / 2 x 64 bytes) stay in L1 across its strips, and the next group's are prefetched (its rows are
+// n bytes apart, too far for the hardware prefetchers).
+template <int M>
+void int4_block(const Task& t, int64_t c0, int64_t c1, const float* xs) {
+  const uint8_t* w = static_cast<const uint8_t*>(t.w);
+  const int64_t groups = t.k / t.group, half = t.group / 2;
+  for (int64_t g = 0; g < groups; ++g) {
+    if (g + 1 < groups)
+      for (int64_t i = 0; i < half; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(w + ((g + 1) * half + i) * t.n + c0), _MM_HINT_T0);
+    for (int64_t j = c0; j < c1; j += kLanes) {
+      Vec acc[M];
+      for (int r = 0; r < M; ++r) acc[r] = vset(0.0f);
+      const uint8_t* p = w + g * half * t.n + j;
+      const float* x = t.x + g * t.group;
+      for (int64_t i = 0; i < half; ++i, p += t.n, x += 2) {
+        Vec high;
+        const Vec low = codes(p, high);
+        for (int r = 0; r < M; ++r) acc[r] = vfma(vset(x[r * t.k + 1]), high, vfma(vset(x[r * t.k]), low, acc[r]));
+      }
+      const Vec scale = vhalf(t.gscale + g * t.n + j), bias = vhalf(t.gbias + g * t.n + j);
+      for (int r = 0; r < M; ++r) {
+        float* y = t.y + r * t.n + j;
+        vstore(y, vfma(scale, acc[r], vfma(bias, vset(xs[r * groups + g]), vload(y))));
+      }
+    }
+  }
+}
+
+template <int... Ms>
+constexpr std::array<void (*)(const Task&, int64_t, int64_t, const float*), sizeof...(Ms)> int4_blocks(
+    std::integer_sequence<int, Ms...>) {
+  return {int4_block<Ms + 1>...};
+}
+constexpr auto kInt4Blocks = int4_blocks(std::make_integer_sequence<int, 16>());
+#endif
+
 void run_slab_int4(const Task& t, int64_t s) {
-  const int64_t n0 = s * t.slab, n1 = std::min(t.n, n0 + t.slab);
+  int64_t n0 = s * t.slab;
+  const int64_t n1 = std::min(t.n, n0 + t.slab);
+#if defined(CSM_INT4_SIMD)
+  if (t.m > 1 && t.m <= 16) {  // one row streams whole packed rows instead (accumulate_int4), measured 2x faster
+    const int64_t groups = t.k / t.group;
+    std::unique_ptr<float[]> xs(new float[t.m * groups]);  // each row's sum of x per group, which the bias multiplies
+    for (int64_t r = 0; r < t.m; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        float sum = 0.0f;
+        for (int64_t kk = g * t.group; kk < (g + 1) * t.group; ++kk) sum += t.x[r * t.k + kk];
+        xs[r * groups + g] = sum;
+      }
+    const int64_t blocked = n0 + (n1 - n0) / kLanes * kLanes;
+    for (int64_t r = 0; r < t.m; ++r) std::fill(t.y + r * t.n + n0, t.y + r * t.n + blocked, 0.0f);
+    for (int64_t c0 = n0; c0 < blocked; c0 += kBlock)
+      kInt4Blocks[t.m - 1](t, c0, std::min(blocked, c0 + kBlock), xs.get());
+    n0 = blocked;  // the last columns (fewer than kLanes) below
+  }
+#endif
   const int64_t chunk = std::max<int64_t>(64, kChunkFloats / t.m / 64 * 64);
   const int64_t groups = t.k / t.group;
   std::unique_ptr<float[]> acc(new float[t.m * std::min(chunk, n1 - n0)]);
