@@ -105,7 +105,7 @@ def test_calibration_measures_both_paths_once_per_cpu_and_keeps_the_faster(calib
     timings = {"float32": (2.0, 1.0), "bfloat16": (1.0, 3.0), "int8": (1.0, 1.5), "int4": (5.0, 4.0)}
     calls = []
 
-    def fake(kind):
+    def fake(kind, weights=None):
         calls.append(kind)
         return dict(zip(("kernel", "xla"), timings[kind]))
 
@@ -124,7 +124,7 @@ def test_calibration_measures_both_paths_once_per_cpu_and_keeps_the_faster(calib
 def test_the_switch_forces_either_path_and_auto_takes_the_measured_kinds(calibration_cache, monkeypatch):
     from csm_jax.inference import decode_model as dm
 
-    monkeypatch.setattr(dm, "faster_kinds", lambda kinds: frozenset(kinds) & {"int8"})
+    monkeypatch.setattr(dm, "faster_kinds", lambda kinds, params=None: frozenset(kinds) & {"int8"})
     monkeypatch.delenv(dm.KERNELS_ENV, raising=False)
     assert dm.kernel_kinds(None, ["int8", "bfloat16"]) == {"int8"}
     assert dm.kernel_kinds(True, ["int8", "bfloat16"]) == {"int8", "bfloat16"}
@@ -139,10 +139,33 @@ def test_the_switch_forces_either_path_and_auto_takes_the_measured_kinds(calibra
     assert auto.cpu_kernels and auto.kernel_kinds == frozenset()
 
 
-@pytest.mark.parametrize("kind", ["bfloat16", "int4"])
-def test_calibration_times_both_real_paths(kind):
+def test_calibration_times_both_real_paths():
     """The real measurement, on the weights it builds (no bound on the times: which path wins is the CPU's)."""
     from csm_jax.inference import products
 
-    t = products.calibrate(kind)
+    t = products.calibrate("int4")
     assert set(t) == {"kernel", "xla"} and all(v > 0 for v in t.values())
+
+
+def test_a_decode_layout_measures_its_own_products_once(calibration_cache, monkeypatch):
+    from csm_jax.inference import products
+    from csm_jax.inference.decode_model import KERNELS_ENV, decode_model
+
+    seen = []
+
+    def fake(kind, weights=None):
+        seen.append((kind, weights))
+        return {"kernel": 1.0, "xla": 2.0}
+
+    monkeypatch.setattr(products, "calibrate", fake)
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    model = Csm(preset("tiny"), rngs=nnx.Rngs(0))
+    assert decode_model(model, weights_dtype="int4").kernel_kinds == {"int4", "int8"}
+    c = model.config
+    counts = {kind: len(weights) for kind, weights in seen}
+    # int4: the four matrices of every block of both stacks and the projection; int8: the codebook heads
+    assert counts == {"int4": 4 * (c.backbone.num_layers + c.decoder.num_layers) + 1, "int8": c.num_codebooks}
+    keys = json.loads(products.calibration_path().read_text())["kinds"]
+    assert sorted(key.split()[0] for key in keys) == ["int4", "int8"]  # each kind under its shapes' hash
+    decode_model(model, weights_dtype="int4")
+    assert len(seen) == 2  # the second layout of the same shapes reads the cache

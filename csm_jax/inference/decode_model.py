@@ -132,12 +132,13 @@ def use_cpu_kernels(requested: bool | None = None) -> bool:
     return kernel_switch(requested) is not False and jax.default_backend() == "cpu" and kernels.available()
 
 
-def kernel_kinds(requested: bool | None = None, kinds=KINDS) -> frozenset[str]:
+def kernel_kinds(requested: bool | None = None, kinds=KINDS, params: dict | None = None) -> frozenset[str]:
     """The product kinds among `kinds` that go through the kernels: all when the switch is on, none when it is
-    off or the kernels are not on (`use_cpu_kernels`), else those measured faster here (`faster_kinds`)."""
+    off or the kernels are not on (`use_cpu_kernels`), else those measured faster here (`faster_kinds`, over the
+    products of `params`, `decode_params`' tree, if given)."""
     if not use_cpu_kernels(requested):
         return frozenset()
-    return frozenset(kinds) if kernel_switch(requested) else faster_kinds(kinds)
+    return frozenset(kinds) if kernel_switch(requested) else faster_kinds(kinds, params)
 
 
 def _fused_stack(blocks: dict, norm: dict, num_layers: int) -> dict:
@@ -178,13 +179,13 @@ def decode_model(model: Csm, cpu_kernels: bool | None = None, weights_dtype: str
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     param_dtype = model.text_embeddings[...].dtype
     use = use_cpu_kernels(cpu_kernels)
-    used = product_kinds(weights_dtype or jnp.dtype(param_dtype).name)
-    kinds = kernel_kinds(cpu_kernels, used) if use and jnp.dtype(model.dtype) == jnp.float32 else frozenset()
-    abstract = nnx.eval_shape(lambda: DecodeCsm(model.config, dtype=model.dtype, param_dtype=param_dtype,
-                                                rngs=nnx.Rngs(0), cpu_kernels=use, kernel_kinds=kinds))
-    graphdef, state = nnx.split(abstract)
     params = decode_params(params, model.config)
     if weights_dtype is not None:
         params = quantize_decode_params(params, weights_dtype)
+    used = product_kinds(weights_dtype or jnp.dtype(param_dtype).name)
+    kinds = kernel_kinds(cpu_kernels, used, params) if use and jnp.dtype(model.dtype) == jnp.float32 else frozenset()
+    abstract = nnx.eval_shape(lambda: DecodeCsm(model.config, dtype=model.dtype, param_dtype=param_dtype,
+                                                rngs=nnx.Rngs(0), cpu_kernels=use, kernel_kinds=kinds))
+    graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

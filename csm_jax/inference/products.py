@@ -3,13 +3,15 @@ of the two is faster on this CPU, per product kind (`KINDS`: the weights' float3
 
 Whether a kernel pays depends on the CPU: on the Intel machines with AVX-512 the kernels were 2-3x faster than
 XLA's CPU products, on a 2-core AMD EPYC with AVX2 they were 2-2.6x slower. So `faster_kinds` measures both paths
-once per CPU and kind (`calibrate`: a single-row product over weights larger than the caches, the regime of
-decoding; under a second per kind) and caches the result beside the compiled kernels, keyed by the CPU model,
-its flags and the kernels' build.
+once per CPU and kind (`calibrate`: single-row products as a decode step makes them; about a second per kind) and caches the result beside the compiled kernels, keyed by the CPU model,
+its flags and the kernels' build. A decode layout measures its own products (the real shapes and weights, up to
+CALIBRATION_BYTES of them), cached under their shapes, so a small model whose layers fit the caches and CSM-1B
+each get their own answer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -111,21 +113,48 @@ def _weights(kind: str) -> list:
     return [jax.tree.map(jnp.copy, one) for _ in range(-(-CALIBRATION_BYTES // nbytes))]
 
 
-def calibrate(kind: str) -> dict:
-    """Seconds per call of both paths over the same weights ({"kernel": s, "xla": s}): medians of interleaved
-    rounds (compiled first), up to CALIBRATION_ROUNDS, fewer once one path is twice as fast as the other."""
+def decode_products(params: dict, kind: str) -> list:
+    """The (K, N) weights of `kind` that a batch-1 decode step of `decode_params`' tree would send to the kernel,
+    in the tree's order, as many as add up to CALIBRATION_BYTES, but at least one of each shape."""
+    def matrices(stack):
+        for block in stack["blocks"].values():
+            yield from (block["attn"]["wqkv"], block["attn"]["wo"], block["mlp"]["w_gate_up"], block["mlp"]["w_down"])
+
+    every = [*matrices(params["backbone"]), params["codebook0_head"], *matrices(params["decoder"]),
+             params["projection"], *params["audio_head"].values()]
+    row = jnp.zeros((1, 1), jnp.float32)
+    picked, shapes, total = [], set(), 0
+    for w in every:
+        if kind_of(w) != kind:
+            continue
+        w = w if isinstance(w, (Int8Weight, Int4Weight)) else w.reshape(-1, w.shape[-1])
+        if not _kernel_takes(jnp.broadcast_to(row, (1, w.shape[0])), w, jnp.float32):
+            continue
+        nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(w))
+        if total < CALIBRATION_BYTES or w.shape not in shapes:
+            picked.append(w)
+            shapes.add(w.shape)
+            total += nbytes
+    return picked
+
+
+def calibrate(kind: str, weights: list | None = None) -> dict:
+    """Seconds per call of both paths over the same single-row products ({"kernel": s, "xla": s}): medians of
+    interleaved rounds (compiled first), up to CALIBRATION_ROUNDS, fewer once one path is twice as fast as the other.
+    weights: the (K, N) weights to multiply (default: `_weights(kind)`)."""
     if not kernels.available():
         raise RuntimeError("the CPU kernels are not built here: nothing to calibrate")
-    weights = _weights(kind)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, weights[0].shape[0]), np.float32))
-    products = {"kernel": lambda x, ws: sum(kernel_product(x, w) for w in ws),
-                "xla": lambda x, ws: sum(decode_dense(x, w, jnp.float32) for w in ws)}
+    weights = weights or _weights(kind)
+    rng = np.random.default_rng(1)
+    x = [jnp.asarray(rng.standard_normal((1, w.shape[0]), np.float32)) for w in weights]
+    products = {"kernel": lambda x, ws: [kernel_product(a, w) for a, w in zip(x, ws)],
+                "xla": lambda x, ws: [decode_dense(a, w, jnp.float32) for a, w in zip(x, ws)]}
     paths = {name: jax.jit(f).lower(x, weights).compile() for name, f in products.items()}
     times: dict[str, list[float]] = {name: [] for name in paths}
     for round_ in range(CALIBRATION_ROUNDS):
         for name, f in paths.items():
             start = time.perf_counter()
-            f(x, weights).block_until_ready()
+            jax.block_until_ready(f(x, weights))
             times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(t[1:] if len(t) > 1 else t) for name, t in times.items()}
         if round_ >= 2 and max(medians.values()) > 2 * min(medians.values()):
@@ -141,21 +170,30 @@ def _read(path: Path) -> dict:
         return {}
 
 
-def measurements(kinds=KINDS) -> dict[str, dict]:
-    """{kind: {"kernel": s, "xla": s}} for this CPU: from the cache, measuring (and caching) the kinds missing."""
+def measurements(kinds=KINDS, params: dict | None = None) -> dict[str, dict]:
+    """{kind: {"kernel": s, "xla": s}} for this CPU: from the cache, measuring (and caching) the kinds missing. With
+    `params` (`decode_params`' tree) over that model's own products (`decode_products`; cached under the kind and
+    a hash of their shapes), else over `_weights(kind)`; a kind with no product for the kernel is left out."""
     path = calibration_path()
-    record = _read(path)
-    measured = record.get("kinds", {})
-    missing = [k for k in kinds if not isinstance(measured.get(k), dict) or not {"kernel", "xla"} <= measured[k].keys()]
+    measured = _read(path).get("kinds", {})
+    weights = {kind: decode_products(params, kind) if params is not None else None for kind in kinds}
+    keys = {kind: kind if w is None else f"{kind} {_shapes_digest(w)}" for kind, w in weights.items() if w != []}
+    missing = [k for k, key in keys.items()
+               if not isinstance(measured.get(key), dict) or not {"kernel", "xla"} <= measured[key].keys()]
     if missing:
-        measured = {**measured, **{kind: calibrate(kind) for kind in missing}}
+        measured = {**measured, **{keys[kind]: calibrate(kind, weights[kind]) for kind in missing}}
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         partial.write_text(json.dumps({"cpu": _cpu_model(), "kinds": measured}, indent=1))
         partial.replace(path)
-    return {kind: measured[kind] for kind in kinds}
+    return {kind: measured[key] for kind, key in keys.items()}
 
 
-def faster_kinds(kinds=KINDS) -> frozenset[str]:
-    """The kinds among `kinds` whose kernel measured faster than XLA on this CPU (needs the kernels built)."""
-    return frozenset(kind for kind, t in measurements(kinds).items() if t["kernel"] < t["xla"])
+def _shapes_digest(weights: list) -> str:
+    return hashlib.sha256(repr([tuple(w.shape) for w in weights]).encode()).hexdigest()[:12]
+
+
+def faster_kinds(kinds=KINDS, params: dict | None = None) -> frozenset[str]:
+    """The kinds among `kinds` whose kernel measured faster than XLA on this CPU (needs the kernels built), over
+    the products of `params` if given (see `measurements`)."""
+    return frozenset(kind for kind, t in measurements(kinds, params).items() if t["kernel"] < t["xla"])
