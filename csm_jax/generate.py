@@ -33,6 +33,18 @@ from csm_jax.core.numbers import finite_float
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4")  # int8 and int4: csm_jax.inference.quantize
+
+
+def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
+    """--dtype and --weights-dtype, shared with the server's command line."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--weights-dtype", choices=WEIGHT_DTYPES, default=None,
+                   help="dtype the weights are held in (default: --dtype); int8: weight-only, per-channel scales; "
+                        "int4: weight-only, 4-bit in groups of 32 input rows with a scale and bias each; on CPU "
+                        "'--dtype float32' with int4, int8 or bfloat16 weights is the fastest")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m csm_jax.generate", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,10 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (python -m train ... lora.rank=N "
                    "writes WORKDIR/adapter; PEFT adapters of CsmForConditionalGeneration work too), merged into the "
                    "--checkpoint weights it was trained on")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--weights-dtype", choices=["float32", "bfloat16", "int8"], default=None,
-                   help="dtype the weights are held in (default: --dtype); int8: weight-only, per-channel scales; on "
-                        "CPU '--dtype float32 --weights-dtype bfloat16' or 'int8' is the fastest")
+    add_dtype_arguments(p)
     p.add_argument("--tokenizer", default=None, help="Llama-3 tokenizer directory or hub id (default: offline "
                    "tokenizer.model from llama-models)")
     p.add_argument("--mimi", default=None, help="Mimi weights (.safetensors, or a .pt read as tensors only) or hub "

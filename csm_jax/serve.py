@@ -19,6 +19,7 @@ from pathlib import Path
 from csm_jax.core.errors import UserError, run_main
 from csm_jax.core.logs import configure_logging
 from csm_jax.core.numbers import finite_float
+from csm_jax.generate import add_dtype_arguments
 
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -45,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "voice of that name -> a saved voice's name or a speaker id, e.g. {\"alloy\": \"narrator\", "
                    "\"echo\": 3}; OpenAI's names (alloy, ash, ballad, coral, echo, fable, nova, onyx, sage, "
                    "shimmer, verse, marin, cedar) stand for speaker ids 0-12 unless the file says otherwise")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="dtype the weights are held in (default: --dtype)")
+    add_dtype_arguments(p)
     p.add_argument("--tokenizer", default=None, help="Llama-3 tokenizer directory or hub id (default: offline "
                    "tokenizer.model from llama-models)")
     p.add_argument("--mimi", default=None, help="Mimi weights (.safetensors) or hub id (default: "
@@ -73,7 +72,7 @@ def load_generator(args):
 
     mimi = audio.random_mimi(0) if args.mimi == "random" else args.mimi
     return load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
-                       param_dtype=jnp.dtype(args.weights_dtype or args.dtype), tokenizer=args.tokenizer, mimi=mimi,
+                       param_dtype=args.weights_dtype or args.dtype, tokenizer=args.tokenizer, mimi=mimi,
                        watermark=False)
 
 

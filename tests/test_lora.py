@@ -93,7 +93,7 @@ def test_merge_is_w_plus_scaled_product_and_int8_is_per_channel():
     assert (err <= np.asarray(q.scale) / 2 + 1e-6).all()  # rounding error at most half a step per channel
 
 
-@pytest.mark.parametrize("base_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("base_dtype", ["float32", "int8", "int4"])
 def test_training_form_equals_the_merged_weights_and_skips_the_full_weight_gradient(base_dtype):
     """The step's `LoraWeight` form (x @ W + scale * (x @ a) @ b) gives the loss and adapter gradients of the merged
     W + scale * a @ b, and its compiled gradient does fewer FLOPs, because no full-size dW = x^T dy is formed."""
