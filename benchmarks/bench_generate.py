@@ -4,7 +4,7 @@
     python -m benchmarks.bench_generate --config csm_1b --dtype bfloat16 --frames 8 \
         --ours-dtype bfloat16-weights
     python -m benchmarks.bench_generate --config small --batch 1 8 --frames 64
-    python -m benchmarks.bench_generate --config small --ours-dtype int8 --frames 64
+    python -m benchmarks.bench_generate --config small --ours-dtype float32 int8 int4 --frames 64
 
 Both sample with the reference settings (temperature 0.9, top-k 50, every codebook) from the same prompt (text
 and audio frames). Per-frame time = (time for 2N frames - time for N frames) / N, so the prompt's prefill (shown
@@ -35,6 +35,8 @@ from convert.io import StateDictReader
 from convert.layouts import detect_layout
 from csm_jax.io.checkpoint import abstract_model
 from csm_jax.core.config import CsmConfig, preset
+from csm_jax.core.quant import INT4_GROUP
+from csm_jax.inference.decode_model import KERNELS_ENV
 from csm_jax.inference.loop import FrameGenerator
 from csm_jax.inference.sampling import FrameSampling
 from tests.helpers import random_prompt
@@ -45,23 +47,26 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
-def weight_bytes_per_frame(config: CsmConfig, itemsize: int) -> int:
+def weight_bytes_per_frame(config: CsmConfig, itemsize: float, head_itemsize: float | None = None) -> float:
+    """Bytes of weights one frame reads, at `itemsize` bytes per weight (the codebook heads at `head_itemsize`)."""
     b, d, v, n = config.backbone.dim, config.decoder.dim, config.audio_vocab_size, config.num_codebooks
-    per_depth_step = config.decoder.num_params + b * d + d * v
-    return itemsize * (config.backbone.num_params + b * v + (n - 1) * per_depth_step)
+    heads = b * v + (n - 1) * d * v
+    head_itemsize = itemsize if head_itemsize is None else head_itemsize
+    body = config.backbone.num_params + (n - 1) * (config.decoder.num_params + b * d)
+    return itemsize * body + head_itemsize * heads
 
 
 REPEATS = 3
 
 
-def read_bandwidth() -> float:
-    """Bytes per second a jitted float32 sum over 1 GiB reads (the best of REPEATS), i.e. what streaming weights
-    from memory can reach on this machine."""
-    data = jnp.ones((1 << 28,), jnp.float32)
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = REPEATS) -> float:
+    """Bytes per second a jitted float32 sum over `nbytes` reads (the best of `repeats`), i.e. what streaming
+    weights from memory can reach on this machine: the bandwidth floor of batch-1 decoding."""
+    data = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(data).block_until_ready()
     best = float("inf")
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         total(data).block_until_ready()
         best = min(best, time.perf_counter() - start)
@@ -103,13 +108,21 @@ def time_transformers(hf, prompts, frames: int, dtype) -> tuple[float, float]:
     return per_frame(run, frames)
 
 
+QUANTIZED = ("int8", "int4")
+
+
 def weight_dtype(dtype: str) -> str:
-    """The dtype our weights are filled in: int8 is quantized from float32 when the decode layout is built."""
-    return {"bfloat16-weights": "bfloat16", "int8": "float32"}.get(dtype, dtype)
+    """The dtype our weights are filled in: int8 and int4 are quantized from float32 when the decode layout is
+    built."""
+    return "bfloat16" if dtype == "bfloat16-weights" else "float32" if dtype in QUANTIZED else dtype
 
 
-def weight_itemsize(dtype: str) -> int:
-    return 1 if dtype == "int8" else NP_DTYPES[weight_dtype(dtype)].itemsize
+def frame_bytes(config: CsmConfig, dtype: str) -> float:
+    """Weight bytes per frame of our dtype (int4: half a byte and a float16 scale and bias per group of INT4_GROUP
+    weights, the codebook heads int8)."""
+    if dtype == "int4":
+        return weight_bytes_per_frame(config, 0.5 + 4 / INT4_GROUP, 1)
+    return weight_bytes_per_frame(config, 1 if dtype == "int8" else NP_DTYPES[weight_dtype(dtype)].itemsize)
 
 
 def ours_from_transformers(hf, config: CsmConfig, dtype: str):
@@ -119,7 +132,7 @@ def ours_from_transformers(hf, config: CsmConfig, dtype: str):
 
 
 def build_ours(params, config, dtype: str):
-    compute = jnp.float32 if dtype in ("bfloat16-weights", "int8") else jnp.dtype(dtype)
+    compute = jnp.float32 if dtype in ("bfloat16-weights", *QUANTIZED) else jnp.dtype(dtype)
     abstract = abstract_model(config, dtype=compute, param_dtype=jnp.dtype(weight_dtype(dtype)))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
@@ -149,22 +162,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=["small", "csm_1b", "tiny"])
     p.add_argument("--dtype", default="float32", choices=list(NP_DTYPES), help="both models' dtype")
-    p.add_argument("--ours-dtype", default=None, choices=[*NP_DTYPES, "bfloat16-weights", "int8"],
-                   help="ours only (default: --dtype); bfloat16-weights = bfloat16 weights, float32 compute; int8 = "
-                        "int8 weights (per-channel scales, from float32), float32 compute")
+    p.add_argument("--ours-dtype", default=None, nargs="+", choices=[*NP_DTYPES, "bfloat16-weights", *QUANTIZED],
+                   help="ours only, one or several, timed one after the other (default: --dtype); bfloat16-weights = "
+                        "bfloat16 weights, float32 compute; int8 = int8 weights (per-channel scales, from float32), "
+                        "int4 = 4-bit weights (groups of 32), both with float32 compute")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--skip-transformers", action="store_true")
     args = p.parse_args()
     config = preset(args.config)
-    ours_dtype = args.ours_dtype or args.dtype
+    ours_dtypes = args.ours_dtype or [args.dtype]
     print(f"{args.config}: {config.num_params / 1e6:.1f} M parameters; jax {jax.__version__} on "
           f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
           f"{os.cpu_count()} cores", flush=True)
     bandwidth = read_bandwidth()
-    for name, itemsize in [(args.dtype, NP_DTYPES[args.dtype].itemsize),
-                           (ours_dtype, weight_itemsize(ours_dtype))][: 1 + (ours_dtype != args.dtype)]:
-        floor = weight_bytes_per_frame(config, itemsize) / bandwidth
+    for name in dict.fromkeys([args.dtype, *ours_dtypes]):
+        floor = frame_bytes(config, name) / bandwidth
         print(f"memory reads {bandwidth / 1e9:.1f} GB/s: one frame's {name} weights take at least {floor * 1e3:.1f} ms "
               f"at batch 1 (unless caches hold them)", flush=True)
 
@@ -176,22 +189,36 @@ def main():
             step, prefill = time_transformers(hf, prompts, args.frames, args.dtype)
             theirs[batch] = report(f"transformers {args.dtype}", step, prefill, batch,
                                    weight_bytes_per_frame(config, NP_DTYPES[args.dtype].itemsize), bandwidth)
-    params = ours_from_transformers(hf, config, ours_dtype)
-    del hf
-    gc.collect()
-    generator = FrameGenerator(build_ours(params, config, ours_dtype),  # keeps only its per-layer copy
-                               weights_dtype="int8" if ours_dtype == "int8" else None)
-    del params
-    gc.collect()
-    for batch in args.batch:
-        prompts = [prompt(config, seed) for seed in range(batch)]
-        step, prefill = time_ours(generator, prompts, args.frames)
-        ours = report(f"csm-jax {ours_dtype}", step, prefill, batch,
-                      weight_bytes_per_frame(config, weight_itemsize(ours_dtype)), bandwidth)
-        if batch in theirs:
-            print(f"{'':28s} batch {batch:2d}: csm-jax is {theirs[batch] / ours:.2f}x faster than transformers",
-                  flush=True)
+    for ours_dtype in ours_dtypes:
+        params = ours_from_transformers(hf, config, ours_dtype)
+        if ours_dtype == ours_dtypes[-1]:
+            del hf
+        gc.collect()
+        generator = FrameGenerator(build_ours(params, config, ours_dtype),  # keeps only its per-layer copy
+                                   weights_dtype=ours_dtype if ours_dtype in QUANTIZED else None)
+        del params
+        gc.collect()
+        print(f"csm-jax {ours_dtype}: {products_path(generator.model, ours_dtype)}", flush=True)
+        for batch in args.batch:
+            prompts = [prompt(config, seed) for seed in range(batch)]
+            step, prefill = time_ours(generator, prompts, args.frames)
+            ours = report(f"csm-jax {ours_dtype}", step, prefill, batch,
+                          frame_bytes(config, ours_dtype), bandwidth)
+            if batch in theirs:
+                print(f"{'':28s} batch {batch:2d}: csm-jax is {theirs[batch] / ours:.2f}x faster than transformers",
+                      flush=True)
+        del generator
+        gc.collect()
 
+
+def products_path(model, dtype: str) -> str:
+    """Which path the decode step's matrix products took (the CPU kernel or XLA), and why."""
+    kind = weight_dtype(dtype) if dtype not in QUANTIZED else dtype
+    if not model.cpu_kernels:
+        return "matrix products through XLA (CPU kernels off)"
+    how = "forced by $CSM_JAX_CPU_KERNELS" if os.environ.get(KERNELS_ENV) else "measured faster on this CPU"
+    path = "the CPU kernel" if kind in model.kernel_kinds else "XLA"
+    return f"{kind} matrix products through {path} ({how})"
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from flax import nnx
 from benchmarks.bench_train import bench_batch, host_malloc, our_step, step_arguments, transformers_step
 from benchmarks.timing import median_times
 from csm_jax.core.config import preset
+from csm_jax.core.lora import BASE_DTYPES
 from csm_jax.core.sharding import make_mesh
 from tests.references import csm_from_transformers, transformers_model
 from train.lora import LoraConfig, make_trainer
@@ -26,11 +27,9 @@ PEFT_TARGETS = r"(backbone_model|depth_decoder\.model)\.layers\.\d+\.(self_attn\
 
 
 def peft_model(hf, rank: int, alpha: float):
-    """transformers' CSM with PEFT LoRA on the same projections as ours (peft made blind to torchao 0.14)."""
-    import peft.import_utils
-    import peft.tuners.lora.torchao
+    """transformers' CSM with PEFT LoRA on the same projections as ours."""
+    import peft
 
-    peft.import_utils.is_torchao_available = peft.tuners.lora.torchao.is_torchao_available = lambda: False
     wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=PEFT_TARGETS))
     return wrapped.get_base_model()
 
@@ -63,6 +62,9 @@ def main():
     p.add_argument("--memory-batch", type=int, default=2)
     p.add_argument("--memory-frames", type=int, default=256)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--bases", nargs="+", default=list(BASE_DTYPES), choices=BASE_DTYPES,
+                   help="the frozen base dtypes of the memory comparison (default all)")
+    p.add_argument("--skip-full", action="store_true", help="leave full fine-tuning out of the memory comparison")
     args = p.parse_args()
     malloc = host_malloc(args)
 
@@ -89,9 +91,9 @@ def main():
     print(f"\n{args.memory_config}, batch {args.memory_batch} x {args.memory_frames} frames, bfloat16 compute, "
           f"AdamW (GB; peak = arguments + outputs - donated + temporaries of the compiled step)")
     print(f"{'':28s}{'optimizer':>10s}{'trained':>10s}{'frozen':>10s}{'peak':>10s}")
-    for name, lora in [("full fine-tune", LoraConfig()),
+    for name, lora in [*[("full fine-tune", LoraConfig())][:not args.skip_full],
                        *[(f"LoRA r={args.rank}, {d} base", LoraConfig(rank=args.rank, base_dtype=d))
-                         for d in ("float32", "bfloat16", "int8")]]:
+                         for d in args.bases]]:
         m = step_memory(config, lora, args.memory_batch, args.memory_frames, jnp.bfloat16)
         print(f"{name:28s}" + "".join(f"{m[k]:10.3f}" for k in ("optimizer", "trained", "frozen", "peak")))
 

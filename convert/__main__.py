@@ -12,6 +12,7 @@ nothing else ever is. Exit status: 0 done, 2 a mistake in the arguments or files
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -20,6 +21,7 @@ from convert.io import ConversionError
 from convert.layouts import LAYOUTS
 from convert.to_torch import export_checkpoint
 from csm_jax.core.errors import run_main
+from csm_jax.core.logs import configure_logging
 from csm_jax.io.checkpoint import read_metadata
 
 
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(logging.WARNING, "%(message)s")
     start = time.perf_counter()
     if args.to == "orbax":
         out = convert_to_orbax(args.src, args.out, dtype=args.dtype, config=args.config, overwrite=args.overwrite)

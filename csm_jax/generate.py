@@ -26,10 +26,23 @@ from pathlib import Path
 from csm_jax import generate_modes
 from csm_jax.core.codec import FRAME_SAMPLES, FRAME_SECONDS
 from csm_jax.core.errors import ArgumentParser, UserError, run_main, signals_interrupt
+from csm_jax.core.logs import configure_logging
 from csm_jax.core.numbers import finite_float
 
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4")  # int8 and int4: csm_jax.inference.quantize
+
+
+def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
+    """--dtype and --weights-dtype, shared with the server's command line."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--weights-dtype", choices=WEIGHT_DTYPES, default=None,
+                   help="dtype the weights are held in (default: --dtype); int8: weight-only, per-channel scales; "
+                        "int4: weight-only, 4-bit in groups of 32 input rows with a scale and bias each; on CPU "
+                        "'--dtype float32' with int4, int8 or bfloat16 weights is the fastest")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (python -m train ... lora.rank=N "
                    "writes WORKDIR/adapter; PEFT adapters of CsmForConditionalGeneration work too), merged into the "
                    "--checkpoint weights it was trained on")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--weights-dtype", choices=["float32", "bfloat16", "int8"], default=None,
-                   help="dtype the weights are held in (default: --dtype); int8: weight-only, per-channel scales; on "
-                        "CPU '--dtype float32 --weights-dtype bfloat16' or 'int8' is the fastest")
+    add_dtype_arguments(p)
     p.add_argument("--tokenizer", default=None, help="Llama-3 tokenizer directory or hub id (default: offline "
                    "tokenizer.model from llama-models)")
     p.add_argument("--mimi", default=None, help="Mimi weights (.safetensors, or a .pt read as tensors only) or hub "
@@ -114,7 +124,7 @@ def generate(argv: list[str] | None = None) -> int:
     budget before generating; writes the output through a temporary file (`csm_jax.io.audio.audio_writer`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    configure_logging(logging.WARNING, "%(message)s")
     generate_modes.check_arguments(args, parser)
     with signals_interrupt():
         from csm_jax.inference.prompt import check_seeds, check_text, max_frames_for, speaker_id

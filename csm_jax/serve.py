@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 from csm_jax.core.errors import UserError, run_main
+from csm_jax.core.logs import configure_logging
 from csm_jax.core.numbers import finite_float
+from csm_jax.generate import add_dtype_arguments
 
 # JAX would otherwise take 75% of a GPU's memory at start-up and leave too little for Mimi (PyTorch) beside it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -40,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV})")
     p.add_argument("--voices", default=None, help="voices folder: one subfolder per voice with audio clips and a "
                    ".txt transcript beside each; new voices are saved here (default ~/.cache/csm_jax/voices)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="dtype the weights are held in (default: --dtype)")
+    p.add_argument("--voice-map", default=None, help="JSON file of voice names a request may send without a saved "
+                   "voice of that name -> a saved voice's name or a speaker id, e.g. {\"alloy\": \"narrator\", "
+                   "\"echo\": 3}; OpenAI's names (alloy, ash, ballad, coral, echo, fable, nova, onyx, sage, "
+                   "shimmer, verse, marin, cedar) stand for speaker ids 0-12 unless the file says otherwise")
+    add_dtype_arguments(p)
     p.add_argument("--tokenizer", default=None, help="Llama-3 tokenizer directory or hub id (default: offline "
                    "tokenizer.model from llama-models)")
     p.add_argument("--mimi", default=None, help="Mimi weights (.safetensors) or hub id (default: "
@@ -68,12 +72,13 @@ def load_generator(args):
 
     mimi = audio.random_mimi(0) if args.mimi == "random" else args.mimi
     return load_csm_1b(args.checkpoint, dtype=jnp.dtype(args.dtype),
-                       param_dtype=jnp.dtype(args.weights_dtype or args.dtype), tokenizer=args.tokenizer, mimi=mimi,
+                       param_dtype=args.weights_dtype or args.dtype, tokenizer=args.tokenizer, mimi=mimi,
                        watermark=False)
 
 
 def config_from_args(args, parser):
     from csm_jax.serving.app import ServeConfig
+    from csm_jax.serving.voices import DEFAULT_ALIASES, read_aliases
 
     for name in ("slots", "max_queue", "chunk_frames", "max_input_chars"):
         if getattr(args, name) < 1:
@@ -84,7 +89,8 @@ def config_from_args(args, parser):
                        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_input_chars=args.max_input_chars,
                        max_audio_ms=args.max_audio_length_ms, request_timeout=args.request_timeout,
-                       cache_length=args.cache_length)
+                       cache_length=args.cache_length,
+                       voice_aliases=read_aliases(args.voice_map) if args.voice_map else dict(DEFAULT_ALIASES))
 
 
 @contextlib.contextmanager
@@ -117,7 +123,7 @@ def serve_in_background(app, host: str = "127.0.0.1"):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level, "%(asctime)s %(levelname)s %(name)s %(message)s")
     config = config_from_args(args, parser)
 
     import uvicorn

@@ -19,6 +19,10 @@ from csm_jax.core.config import CsmConfig
 from csm_jax.io.frames import Frames, audio_frames, text_frames
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
+# The bound of every wait in the tests (subprocesses, servers, browsers): it catches a hang, not a slow machine. Far
+# above what any single step here takes on a loaded 2-core machine (the suite has run 3.5x slower under load than on
+# a quiet one, where the slowest step takes about 3 minutes); it claims nothing about speed.
+HANG_SECONDS = 1800
 
 # ---- random model inputs -------------------------------------------------------------------------------------
 
@@ -67,6 +71,18 @@ def random_prompt(config: CsmConfig, seed: int, context_text: int = 7, context_a
     if target_text:
         parts.append(text_frames(rng.integers(0, config.text_vocab_size, target_text), n))
     return Frames.concat(parts)
+
+
+def assert_close_to_scale(got, want, tol: float) -> float:
+    """float32 results that may differ in summation order: max |got - want| <= tol * max |want| (returns that
+    ratio). The bound is relative to the tensor's scale, not to each element: the rounding of the large terms summed
+    into a small element moves it by far more than its own size times float32's epsilon."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    scale = np.abs(want).max()
+    ratio = np.abs(got - want).max() / scale if scale else np.abs(got).max()
+    assert ratio <= tol, f"max |error| is {ratio:.3g} of max |reference| {scale:.3g}, above {tol:g}"
+    return ratio
 
 
 # ---- real speech ---------------------------------------------------------------------------------------------
@@ -197,7 +213,7 @@ def tiny_server(tmp_path_factory, **overrides):
     (voices / "narrator" / "clip.txt").write_text(NARRATOR)
     (voices / "narrator" / "speaker.txt").write_text("1")
     settings = dict(slots=2, max_queue=2, chunk_frames=2, api_key=KEY, max_body_bytes=1 << 20, max_input_chars=300,
-                    max_audio_ms=20_000, request_timeout=120)
+                    max_audio_ms=20_000, request_timeout=HANG_SECONDS)
     config = ServeConfig(**{**settings, **overrides})
     app = build_app(generator, config, voices)
     with serve_in_background(app) as url:
@@ -227,6 +243,38 @@ def random_mimi_file(path) -> str:
     return str(path)
 
 
+class WatchedProcess:
+    """A command line in a subprocess (from the repository root), its stderr collected as it comes; its waits are
+    bounded by `HANG_SECONDS`."""
+
+    def __init__(self, argv: list[str]):
+        import threading
+
+        self.process = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stderr=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL)
+        self.err = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for chunk in iter(lambda: self.process.stderr.read1(4096), b""):
+            self.err += chunk
+
+    def wait_for(self, text: str, timeout: float = HANG_SECONDS):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.err:
+            assert self.process.poll() is None, self.err.decode(errors="replace")
+            assert time.monotonic() < deadline, self.err.decode(errors="replace")
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = HANG_SECONDS) -> tuple[int, str]:
+        code = self.process.wait(timeout)
+        self.reader.join(10)
+        return code, self.err.decode(errors="replace")
+
+
 def our_logits(model, tokens, mask, codes):
     """Our model's codebook-0 logits of every position and depth logits of the last, as numpy."""
     c0, hidden = model(tokens, mask)
@@ -237,7 +285,7 @@ def our_logits(model, tokens, mask, codes):
 def run_train(*overrides: str) -> subprocess.CompletedProcess:
     """`python -m train` with the smoke config and `overrides`, from the repository root; asserts it succeeded."""
     out = subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/smoke.py", *overrides],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 

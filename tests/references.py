@@ -63,11 +63,20 @@ def transformers_config(config: CsmConfig, **overrides):
     return HfCsmConfig(**fields, **overrides)
 
 
-def transformers_model(config: CsmConfig, seed: int = 0):
-    """transformers' CSM with redrawn weights (see `redraw_weights`) and a small Mimi codec, in eval mode."""
+def tied_transformers(hf_config):
+    """`CsmForConditionalGeneration(hf_config)` with the depth decoder's codebook embeddings tied to the backbone's
+    (one tensor, as in the published checkpoint and as the converter expects), on every transformers version:
+    5.21 and later tie them, while earlier 5.x releases force `tie_word_embeddings=False` and build them apart."""
     from transformers import CsmForConditionalGeneration
 
-    model = CsmForConditionalGeneration(transformers_config(config, codec_config=small_mimi_config()))
+    model = CsmForConditionalGeneration(hf_config)
+    model.depth_decoder.model.embed_tokens.weight = model.backbone_model.embed_tokens.embed_audio_tokens.weight
+    return model
+
+
+def transformers_model(config: CsmConfig, seed: int = 0):
+    """transformers' CSM with redrawn weights (see `redraw_weights`) and a small Mimi codec, in eval mode."""
+    model = tied_transformers(transformers_config(config, codec_config=small_mimi_config()))
     redraw_weights(model, seed)
     return model.eval()
 
@@ -107,14 +116,14 @@ def transformers_loss(model, tokens, mask, depth_frames):
 @torch.no_grad()
 def transformers_logits(model, tokens: np.ndarray, mask: np.ndarray, codes: np.ndarray):
     """c0 logits (B, S, V) of the backbone over frames, and depth logits (B, n-1, V) for each row's `codes` (B, n)
-    predicted from the backbone's last hidden state."""
+    predicted from the backbone's last hidden state, as float32 numpy arrays (the model on any device and dtype)."""
     n = model.config.num_codebooks
     out = model(inputs_embeds=transformers_embeds(model, tokens, mask), output_hidden_states=True)
     hidden = out.hidden_states[-1][:, -1]  # transformers' last hidden state is after the final norm
-    codes = torch.tensor(np.asarray(codes), dtype=torch.long)
+    codes = torch.tensor(np.asarray(codes), dtype=torch.long, device=model.device)
     depth = model.depth_decoder(input_ids=nn.functional.pad(codes[:, : n - 1], (1, 0)),
                                 backbone_last_hidden_state=hidden).logits
-    return out.logits.numpy(), depth.numpy(), hidden.numpy()
+    return tuple(t.float().cpu().numpy() for t in (out.logits, depth, hidden))
 
 
 # ---- the original (torchtune) --------------------------------------------------------------------------------

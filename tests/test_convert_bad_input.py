@@ -22,6 +22,7 @@ from csm_jax.core.config import preset
 from csm_jax.io.checkpoint import abstract_model, read_metadata
 from csm_jax.io.output_dir import EXPORT_MARKER, output_kind
 from tests.references import original_model, save_original
+from tests.helpers import HANG_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -269,7 +270,7 @@ sys.exit(main(sys.argv[2:]))
 def start_slow_conversion(argv: list, when: str = "after-orbax") -> subprocess.Popen:
     child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, when, *map(str, argv)], cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert child.stdout.readline() == "writing\n", child.communicate(timeout=60)[1]
+    assert child.stdout.readline() == "writing\n", child.communicate(timeout=HANG_SECONDS)[1]
     return child
 
 
@@ -281,7 +282,7 @@ def test_signal_removes_the_partial_output_and_keeps_the_earlier(sig, when, code
     child = start_slow_conversion([hf_tiny[0], earlier, "--dtype", "bfloat16", "--overwrite"], when)
     assert len(partials(tmp_path)) == 1
     child.send_signal(sig)
-    _, err = child.communicate(timeout=60)
+    _, err = child.communicate(timeout=HANG_SECONDS)
     assert child.returncode == code and "Traceback" not in err
     assert ("stopping once the current write ends" in err) == (when == "during-orbax")
     assert tree(tmp_path) == before and partials(tmp_path) == []
@@ -292,7 +293,7 @@ def test_signal_removes_the_partial_output_and_keeps_the_earlier(sig, when, code
 def test_the_next_run_sweeps_what_a_killed_run_left(hf_tiny, tmp_path, capsys):
     child = start_slow_conversion([hf_tiny[0], tmp_path / "out"])
     child.kill()
-    child.communicate(timeout=60)
+    child.communicate(timeout=HANG_SECONDS)
     [left] = partials(tmp_path)
     assert left.startswith(f".out.partial-{child.pid}-")
     reused = tmp_path / f".out.partial-{os.getppid()}-0123abcd"  # its pid now names a process started after it
@@ -314,7 +315,7 @@ def test_command_line_exits_2_without_traceback(hf_tiny, tmp_path):
     src = hf_tiny[0]
     before = tree(src.parent)
     run = subprocess.run([sys.executable, "-m", "convert", str(src), str(src), "--overwrite"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=HANG_SECONDS)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("error: ") and "another directory" in run.stderr
     assert tree(src.parent) == before

@@ -12,6 +12,7 @@ from csm_jax.inference.sampling import GREEDY, FrameSampling, SamplerConfig
 from csm_jax.io import audio
 from csm_jax.serving.engine import END, Engine, Job
 from csm_jax.serving.mimi_streams import MimiStreams
+from tests.helpers import HANG_SECONDS
 
 
 def test_streams_decoded_together_equal_each_stream_decoded_alone(generator):
@@ -70,7 +71,7 @@ def test_audio_falling_behind_the_batch_keeps_each_requests_single_generation(ge
         with streams.lock:  # Mimi busy: the decode batch runs every request to its end, steps pile up
             for job in jobs:
                 engine.submit(job)
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + HANG_SECONDS
             while (engine.busy() or engine.queue_depth()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         return await asyncio.gather(*(collect(job) for job in jobs))

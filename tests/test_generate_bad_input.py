@@ -7,9 +7,7 @@ import json
 import os
 import pickle
 import signal
-import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -22,7 +20,7 @@ from csm_jax.core.model import Csm
 from csm_jax.generate import main
 from csm_jax.io import audio
 from csm_jax.io.checkpoint import save_model
-from tests.helpers import truncated_adapter
+from tests.helpers import WatchedProcess, truncated_adapter
 
 EXISTING = b"RIFF: the user's own file, which no failed or interrupted run may change"
 
@@ -188,33 +186,10 @@ def long_checkpoint(tmp_path_factory):
     return save_model(Csm(config, rngs=nnx.Rngs(1)), tmp_path_factory.mktemp("long") / "ckpt")
 
 
-class Streaming:
-    """`python -m csm_jax.generate --stream` in a subprocess, its stderr collected as it comes."""
-
-    def __init__(self, out, checkpoint):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "csm_jax.generate", *base(out, checkpoint, "--max-audio-length-ms", "150000",
-                                                               "--stream")],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        self.err = b""
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for chunk in iter(lambda: self.process.stderr.read1(4096), b""):
-            self.err += chunk
-
-    def wait_for(self, text: str, timeout: float = 400):
-        deadline = time.monotonic() + timeout
-        while text.encode() not in self.err:
-            assert self.process.poll() is None, self.err.decode(errors="replace")
-            assert time.monotonic() < deadline, self.err.decode(errors="replace")
-            time.sleep(0.2)
-
-    def finish(self, timeout: float = 120) -> tuple[int, str]:
-        code = self.process.wait(timeout)
-        self.reader.join(10)
-        return code, self.err.decode(errors="replace")
+def start_streaming(out, checkpoint) -> WatchedProcess:
+    """`python -m csm_jax.generate --stream` in a subprocess."""
+    return WatchedProcess([sys.executable, "-m", "csm_jax.generate",
+                           *base(out, checkpoint, "--max-audio-length-ms", "150000", "--stream")])
 
 
 def test_sigint_and_sigterm_keep_a_valid_partial_file_and_the_users_file(long_checkpoint, tmp_path):
@@ -223,7 +198,7 @@ def test_sigint_and_sigterm_keep_a_valid_partial_file_and_the_users_file(long_ch
         (tmp_path / sig.name).mkdir()
         out = tmp_path / sig.name / "out.wav"
         out.write_bytes(EXISTING)
-        runs[sig] = out, Streaming(out, long_checkpoint)
+        runs[sig] = out, start_streaming(out, long_checkpoint)
     for sig, (out, streaming) in runs.items():
         streaming.wait_for("time to first audio")
         time.sleep(1.0)  # a few more chunks

@@ -17,6 +17,7 @@ from csm_jax.inference.generator import Generator, Request
 from csm_jax.io.frames import Segment
 from csm_jax.core.model import Csm
 from csm_jax.io.text import load_tokenizer
+from tests.helpers import HANG_SECONDS
 
 # tiny stacks, but the real vocabularies: Llama-3 text ids and 2048 Mimi codes must embed
 
@@ -28,7 +29,7 @@ def test_cli_writes_a_24k_wav_with_one_frame_of_audio_per_generated_frame(model,
         [sys.executable, "-m", "csm_jax.generate", "--text", "Hello there.", "--speaker", "1", "--out", str(out),
          "--context", context_wav, "this is what came before", "0", "--checkpoint", str(ckpt), "--mimi", "random",
          "--max-audio-length-ms", "800", "--seed", "3", "--depth-topk", "20", "--weights-dtype", "bfloat16"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0, result.stderr
     assert "silentcipher is not installed" in result.stderr  # the watermark is optional, and says so
     assert "resampling from 16000 Hz to 24000 Hz" in result.stderr

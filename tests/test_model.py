@@ -11,7 +11,11 @@ from csm_jax.io.checkpoint import CheckpointError, load_model, read_metadata, sa
 from csm_jax.core.config import CsmConfig, preset
 from csm_jax.core.layers import KVCache
 from csm_jax.core.model import Csm, segment_positions
-from tests.helpers import random_frames
+from tests.helpers import assert_close_to_scale, random_frames
+
+# float32 logits of one model by two paths (cache or not, packed or not), summed in other orders: max |diff| /
+# max |logit| measured at most 7.3e-7 (AMD EPYC, AVX2); the bound is 1e-5.
+LOGITS_TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def test_incremental_decoding_matches_full_forward(model, rng):
         logits, _, cache = model.backbone_forward(tokens[:, t:t + 1], mask[:, t:t + 1], pos[:, t:t + 1],
                                                   seg[:, t:t + 1], cache, t)
         steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, 1), full_logits, atol=2e-6, rtol=1e-5)
+    assert_close_to_scale(jnp.concatenate(steps, 1), full_logits, LOGITS_TOLERANCE)
 
 
 def test_depth_decoder_step_by_step_matches_teacher_forced(model, rng):
@@ -86,7 +90,7 @@ def test_depth_decoder_step_by_step_matches_teacher_forced(model, rng):
         x = model.embed_audio(codes[:, i - 1:i], i - 1)
         h, cache = model.decoder_forward(x, jnp.full((3, 1), i), cache, i)
         stepped.append(model.audio_logits(h[:, -1], i))
-    np.testing.assert_allclose(jnp.stack(stepped, 1), teacher, atol=2e-6, rtol=1e-5)
+    assert_close_to_scale(jnp.stack(stepped, 1), teacher, LOGITS_TOLERANCE)
 
 
 def test_packed_segments_do_not_see_each_other(model, rng):
@@ -98,8 +102,8 @@ def test_packed_segments_do_not_see_each_other(model, rng):
     seg = jnp.array([[1] * 5 + [2] * 7 + [0] * 2])
     packed, _ = model(packed_tok, packed_mask, seg)
     assert np.isfinite(np.asarray(packed)).all()
-    np.testing.assert_allclose(packed[:, :5], model(a_tok, a_mask)[0], atol=2e-6, rtol=1e-5)
-    np.testing.assert_allclose(packed[:, 5:12], model(b_tok, b_mask)[0], atol=2e-6, rtol=1e-5)
+    assert_close_to_scale(packed[:, :5], model(a_tok, a_mask)[0], LOGITS_TOLERANCE)
+    assert_close_to_scale(packed[:, 5:12], model(b_tok, b_mask)[0], LOGITS_TOLERANCE)
 
 
 def test_left_padding_leaves_rows_unchanged(model, rng):
@@ -111,7 +115,7 @@ def test_left_padding_leaves_rows_unchanged(model, rng):
     seg = jnp.array([[0, 0, 0] + [1] * 6])
     pos = jnp.array([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
     logits, _, _ = model.backbone_forward(padded_tok, padded_mask, pos, seg)
-    np.testing.assert_allclose(logits[:, 3:], model(tok, mask)[0], atol=2e-6, rtol=1e-5)
+    assert_close_to_scale(logits[:, 3:], model(tok, mask)[0], LOGITS_TOLERANCE)
 
 
 def test_bfloat16_compute_keeps_float32_logits(rng):

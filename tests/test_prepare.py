@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import ENGLISH, MANDARIN
+from tests.helpers import HANG_SECONDS, ENGLISH, MANDARIN
 from train.data import DataConfig, Featurizer, dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def test_batched_mimi_codes_equal_one_utterance_at_a_time():
 def prepare(shards, out, worker, workers):
     result = subprocess.run([sys.executable, "-m", "train.prepare", str(shards), str(out), "--mimi", "random",
                              "--worker", str(worker), "--workers", str(workers), "--batch-size", "3"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 

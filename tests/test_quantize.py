@@ -12,7 +12,7 @@ from csm_jax.inference.decode_model import decode_model
 from csm_jax.inference.loop import FrameGenerator
 from csm_jax.core.quant import Int8Weight, quantize_int8
 from csm_jax.inference.sampling import GREEDY, FrameSampling
-from tests.helpers import random_frames, random_prompt
+from tests.helpers import assert_close_to_scale, random_frames, random_prompt
 from tests.references import csm_from_transformers, transformers_model
 
 
@@ -40,7 +40,7 @@ def test_int8_kernel_matches_float32_matmul_of_the_same_values(rows, k, n):
     scale = jnp.asarray(rng.uniform(0.001, 0.1, n), jnp.float32)
     out = jax.jit(kernels.matvec_int8)(x, q, scale)
     expect = (np.asarray(x, np.float64) @ np.asarray(q, np.float64)) * np.asarray(scale, np.float64)
-    np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-5, atol=1e-5 * np.sqrt(k) * 127 * 0.1)
+    assert_close_to_scale(out, expect, 1e-5)  # float32 sums vs float64: measured <= 7.3e-7 of the largest
 
 
 @pytest.fixture(scope="module")

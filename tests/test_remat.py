@@ -8,7 +8,7 @@ import pytest
 
 from csm_jax.core.config import preset
 from csm_jax.core.sharding import make_mesh
-from tests.helpers import utterance_batch
+from tests.helpers import assert_close_to_scale, utterance_batch
 from train.trainer import OptimConfig, Trainer
 
 
@@ -30,7 +30,7 @@ def test_remat_policies_give_the_same_loss_and_gradients():
         other_loss, other_grads = loss_and_grads(remat, batch, params)
         assert other_loss == pytest.approx(loss, rel=1e-6)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other_grads)):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+            assert_close_to_scale(b, a, 1e-5)  # float32 gradients, other order: measured <= 7.3e-7 of the largest
 
 
 def test_unknown_remat_policy_names_the_choices():

@@ -7,6 +7,8 @@ import base64
 import concurrent.futures
 import io
 import json
+import signal
+import sys
 import time
 
 import httpx
@@ -19,7 +21,7 @@ from csm_jax.io import audio
 from csm_jax.io.frames import Segment
 from csm_jax.serve import main as serve_main
 from csm_jax.serving.voices import VoiceStore
-from tests.helpers import KEY, NARRATOR, best_lag, espeak_wav, libsndfile_encoding, sox_decode
+from tests.helpers import HANG_SECONDS, KEY, NARRATOR, best_lag, espeak_wav, libsndfile_encoding, sox_decode
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=HANG_SECONDS) as c:
         yield c
 
 
@@ -181,6 +183,41 @@ def test_voices_are_created_listed_persisted_and_consistent(server, http, tmp_pa
     assert http.get("/v1/voices/clone2").status_code == 404
 
 
+def test_openai_voice_names_speak_as_their_speaker_or_mapped_voice_and_a_saved_voice_wins(server, http, monkeypatch,
+                                                                                            tmp_path):
+    body = {"model": "csm-1b", "input": "Hello there.", "response_format": "wav", "seed": 2, "max_audio_length_ms": 240}
+    echo = http.post("/v1/audio/speech", json={**body, "voice": "echo"})  # speaker 4 by default, no context
+    assert echo.status_code == 200, echo.text
+    assert_same_audio(wav_samples(echo.content), expected(server, "Hello there.", 240, seed=2, context=[], speaker="4"))
+
+    monkeypatch.setattr(server.config, "voice_aliases", {"alloy": "narrator", "nova": "gone", "echo": 4})
+    alloy = http.post("/v1/audio/speech", json={**body, "voice": "alloy"})
+    assert_same_audio(wav_samples(alloy.content), expected(server, "Hello there.", 240, seed=2))
+    missing = http.post("/v1/audio/speech", json={**body, "voice": "nova"})
+    assert missing.status_code == 400 and "'gone'" in error_of(missing)["message"]
+    unknown = error_of(http.post("/v1/audio/speech", json={**body, "voice": "onyx"}))
+    assert unknown["param"] == "voice" and "alloy, echo, nova" in unknown["message"]
+
+    wav = espeak_wav(tmp_path / "echo.wav", "my echo")
+    with open(wav, "rb") as f:
+        assert http.post("/v1/voices", data={"name": "echo", "speaker": "1", "text": "my echo"},
+                         files={"file": ("echo.wav", f, "audio/wav")}).status_code == 201
+    try:
+        saved = http.post("/v1/audio/speech", json={**body, "voice": "echo"})
+        context = [Segment("1", "my echo", audio.read_audio(server.voices / "echo" / "clip0.wav"))]
+        assert_same_audio(wav_samples(saved.content), expected(server, "Hello there.", 240, seed=2, context=context))
+    finally:
+        http.delete("/v1/voices/echo")
+
+
+def test_unreadable_uploads_name_the_audio_formats_the_server_reads(http):
+    noise = base64.b64encode(b"noise, no audio").decode()
+    r = http.post("/v1/audio/speech", json={"input": "hi", "context": [{"text": "x", "audio": noise}]})
+    assert r.status_code == 400 and "send a wav, flac, ogg or mp3 file" in error_of(r)["message"]
+    r = http.post("/v1/voices", json={"name": "noisy", "audio": noise, "text": "x"})
+    assert r.status_code == 400 and "send a wav, flac, ogg or mp3 file" in error_of(r)["message"]
+
+
 def good(http):
     r = http.post("/v1/audio/speech", json={"model": "csm-1b", "input": "ok", "response_format": "pcm",
                                             "max_audio_length_ms": 160})
@@ -272,7 +309,7 @@ def test_a_full_queue_answers_429_and_recovers(server, http):
 
 def test_health_and_prometheus_metrics(http):
     health = http.get("/health").json()
-    assert health["status"] == "ok" and health["slots"] == 2 and health["voices"] >= 1
+    assert health["status"] == "ok" and health["slots"] == 2 and health["voices"] >= 1 and health["api_key_required"]
     text = http.get("/metrics").text
     for name in ("csm_requests_total", "csm_frames_generated_total", "csm_frames_per_second",
                  "csm_time_to_first_audio_seconds_bucket", "csm_request_seconds_count", "csm_queue_depth",
@@ -293,6 +330,12 @@ def test_command_line_refuses_bad_settings_and_a_missing_checkpoint(tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         serve_main(["--request-timeout", "nan"])
     assert exit_info.value.code == 2 and "'nan' is not a finite number" in capsys.readouterr().err
+    voice_map = tmp_path / "voices.json"
+    for content, message in [('{"alloy": true}', "'alloy' maps to True"), ('["alloy"]', "holds a JSON list"),
+                             ('{"alloy": "../x"}', "voice name '../x' is not allowed")]:
+        voice_map.write_text(content)
+        assert run_main(serve_main, ["--voice-map", str(voice_map), "--checkpoint", str(tmp_path / "missing")]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_a_second_server_on_one_voices_folder_is_refused_before_loading(tmp_path, capsys, monkeypatch):
@@ -311,3 +354,35 @@ def test_a_second_server_on_one_voices_folder_is_refused_before_loading(tmp_path
     assert err.startswith(f"error: the voices folder {tmp_path / 'v'} is in use by pid {os.getpid()} on "), err
     assert "give this server another --voices folder" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "v").rglob("*")) == ["a.txt", "alice"]
+
+
+def test_the_command_line_logs_its_start_and_each_request_and_answers_openai_voice_names(model, tmp_path):
+    """A real `python -m csm_jax.serve` process, with no voices: its stderr carries "serving on ..." and one JSON line
+    at the start and one at the end of each request (the libraries it imports leave a handler on the root logger
+    that a plain `logging.basicConfig` gives way to), and OpenAI's voice names are answered as speaker ids."""
+    import portpicker
+
+    from csm_jax.io.checkpoint import save_model
+    from tests.helpers import WatchedProcess
+
+    port = portpicker.pick_unused_port()
+    server = WatchedProcess([sys.executable, "-m", "csm_jax.serve", "--checkpoint", save_model(model, tmp_path / "c"),
+                             "--mimi", "random", "--voices", tmp_path / "voices", "--port", port, "--slots", "1",
+                             "--api-key", KEY, "--log-level", "info"])
+    try:
+        server.wait_for(f"serving on http://127.0.0.1:{port}")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=HANG_SECONDS)
+        for voice in ("alloy", "shimmer"):
+            speech = client.audio.speech.create(model="csm-1b", voice=voice, input="Hello.", response_format="wav",
+                                                extra_body={"max_audio_length_ms": 160, "seed": 1})
+            assert len(wav_samples(speech.content)) == 2 * 1920
+        server.wait_for('"event": "speech.end", "id": "speech-2"')
+    finally:
+        server.process.send_signal(signal.SIGINT)
+        server.finish()
+    events = [json.loads(line[line.index("{"):]) for line in server.err.decode().splitlines()
+              if " INFO csm_jax.serve {" in line]
+    assert [(e["event"], e["id"]) for e in events] == [("speech.start", "speech-1"), ("speech.end", "speech-1"),
+                                                       ("speech.start", "speech-2"), ("speech.end", "speech-2")]
+    assert [e["voice"] for e in events[::2]] == ["alloy", "shimmer"]
+    assert all(e["status"] == "ok" and e["frames"] == 2 for e in events[1::2])

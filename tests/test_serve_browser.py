@@ -1,12 +1,12 @@
-"""The playground page in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium): make a
-voice from an uploaded clip, type text, press play, and check that streamed audio arrives and plays."""
+"""The playground page in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium): it asks
+for the API key, then makes a voice from an uploaded clip, takes text, plays, and streamed audio arrives and plays."""
 
 import shutil
 import time
 
 import pytest
 
-from tests.helpers import KEY, espeak_wav
+from tests.helpers import HANG_SECONDS, KEY, espeak_wav
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # the page's progress record without its AudioContext (which does not serialise)
@@ -28,12 +28,12 @@ def browser(tmp_path_factory):
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_script_timeout(120)
+    driver.set_script_timeout(HANG_SECONDS)
     yield driver
     driver.quit()
 
 
-def wait_for(driver, script: str, seconds: float = 180):
+def wait_for(driver, script: str, seconds: float = HANG_SECONDS):
     """Polls a JS expression until it is truthy (a bound on waiting, not a timing claim)."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -51,6 +51,10 @@ def test_playground_makes_a_voice_and_streams_audio_that_plays(server, browser, 
 
     browser.get(server.url + "/")
     assert "CSM speech playground" in browser.title
+    # the server needs a key: the page asks for it first, instead of failing to list the voices without one
+    wait_for(browser, "document.getElementById('status').textContent.includes('needs an API key')")
+    assert browser.execute_script("return [document.getElementById('status').className, "
+                                  "document.activeElement.id]") == ["", "key"]
     browser.find_element(By.ID, "key").send_keys(KEY)
     browser.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
     wait_for(browser, "document.querySelector('#voice option[value=narrator]') !== null")

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import ENGLISH, MANDARIN, run_train
+from tests.helpers import HANG_SECONDS, ENGLISH, MANDARIN, run_train
 from train.data import (SKIPPED, DataConfig, Featurizer, TarShard, keep, list_shards, parse_metadata,
                         process_share, tar_dataset)
 
@@ -116,6 +116,7 @@ def test_gradient_clipping_matches_optax():
         g = jax.tree.map(lambda x: x * scale, grads)
         ours, _ = clip_by_global_norm(1.0).update(g, None)
         theirs, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+        # per element: each is the gradient times the same factor, so the relative error is the factor's
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=0), ours, theirs)
         assert float(optax.global_norm(ours)) <= 1.0 + 1e-6
 
@@ -123,7 +124,7 @@ def test_gradient_clipping_matches_optax():
 def test_sharded_step_equals_single_device_step():
     """2x2x2 (data, fsdp, tensor) mesh of 8 CPU devices vs one device, same step, float32."""
     out = subprocess.run([sys.executable, "-m", "tests.sharded_step", "2", "2", "2"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=HANG_SECONDS)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(report["loss"][0], report["loss"][1], rtol=1e-5)
@@ -169,7 +170,8 @@ def test_cli_overfits_resumes_exactly_and_generates(shards, tmp_path):
     wav = tmp_path / "out.wav"
     out = subprocess.run([sys.executable, "-m", "csm_jax.generate", "--checkpoint", str(tmp_path / "straight" / "export"),
                           "--mimi", "random", "--text", "Hello again.", "--max-audio-length-ms", "400", "--seed", "0",
-                          "--no-watermark", "--out", str(wav)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--no-watermark", "--out", str(wav)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=HANG_SECONDS)
     assert out.returncode == 0, out.stderr[-3000:]
     import soundfile as sf
     audio, rate = sf.read(wav)
@@ -190,7 +192,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(shards, tmp_pat
     logs = [(tmp_path / f"{i}.out", tmp_path / f"{i}.err") for i in range(3)]
     procs = [subprocess.Popen([sys.executable, *c], cwd=ROOT, stdout=open(o, "w"), stderr=open(e, "w"))
              for c, (o, e) in zip(commands, logs)]  # all three at once: the runs are independent
-    codes = [p.wait(timeout=600) for p in procs]
+    codes = [p.wait(timeout=HANG_SECONDS) for p in procs]
     outs = [(o.read_text(), e.read_text()) for o, e in logs]
     assert codes == [0, 0, 0], "\n".join(err[-2000:] for _, err in outs)
     report = lambda out: json.loads([x for x in out.splitlines() if x.startswith("{")][-1])  # noqa: E731
@@ -198,6 +200,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(shards, tmp_pat
     assert multi["process_count"] == other["process_count"] == 2 and multi["local_devices"] == 4
     assert len(multi["shards_read"]) == len(other["shards_read"]) == 1  # each process its own share
     assert sorted(multi["shards_read"] + other["shards_read"]) == sorted(single["shards_read"])
+    # losses and sums of squared parameters: positive scalars, each its own scale
     np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
     np.testing.assert_allclose(multi["trained"], single["trained"], rtol=1e-5)
     assert multi["restored"] == multi["trained"]  # the checkpoint both processes wrote restores exactly
@@ -227,7 +230,7 @@ def test_cli_on_two_processes_exports_the_weights_of_one_process(tmp_path):
     logs = [tmp_path / f"{i}.log" for i in range(3)]
     procs = [subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=ROOT, env=e, stdout=open(log, "w"),
                               stderr=subprocess.STDOUT) for argv, e, log in zip(runs, envs, logs)]
-    codes = [p.wait(timeout=600) for p in procs]
+    codes = [p.wait(timeout=HANG_SECONDS) for p in procs]
     assert codes == [0, 0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     # float32 sums in another order: equal to 1e-4 relative, except where a gradient is at rounding-noise level,
     # which Adam scales up to a step of up to the learning rate (3e-3 in the smoke preset); seen: 1 of 6144 values of

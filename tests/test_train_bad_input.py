@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import add_member, utterance_json
+from tests.helpers import HANG_SECONDS, add_member, utterance_json
 from train.__main__ import main as train_main
 from train.data import SKIPPED, DataConfig, DataError, Featurizer, dataset, list_shards, tar_dataset
 from train.prepare import main as prepare_main
@@ -25,7 +25,7 @@ SMOKE = ["--config", "train/configs/smoke.py"]
 
 
 @contextmanager
-def bounded(seconds: int = 1200):
+def bounded(seconds: int = HANG_SECONDS):
     """Turns a hang (the bug these tests guard against) into a failure instead of a stuck test session; generous,
     as a compile on a loaded 2-core machine takes minutes."""
     def hung(*_):
@@ -144,7 +144,8 @@ def test_empty_data_stops_with_exit_2_instead_of_looping(corrupt, trained):
     """In a subprocess under a timeout: before the fix this looped forever, logging a skip per member."""
     before = snapshot(trained)
     out = subprocess.run([sys.executable, "-m", "train", *SMOKE, f"data.source={corrupt}", f"workdir={trained}",
-                          "steps=3", "data.languages=FR"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                          "steps=3", "data.languages=FR"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=HANG_SECONDS)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no usable example in a full pass") and "language filter" in last
@@ -208,6 +209,9 @@ def config_file(tmp_path: Path, name: str, text: str) -> str:
      "failed (line 2): NameError"),
     (lambda d, tmp: ["--config", config_file(tmp, "c.py", "def get_config():\n    return {}\n")],
      "returned dict, not a TrainConfig"),
+    (lambda d, tmp: ["--config", config_file(tmp, "c.py", "from train.configs.smoke import get_config\n"
+                                                       "def finalize(cfg):\n    cfg.steps\n")],
+     "returned NoneType, not a TrainConfig"),
     (lambda d, tmp: ["--config", config_file(tmp, "c.py", "from train.config import TrainConfig\n"
                                                        "def get_config():\n    return TrainConfig(steps='20')\n")],
      "steps='20' is not a valid whole number"),

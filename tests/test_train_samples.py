@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.helpers import espeak_wav
+from tests.helpers import HANG_SECONDS, espeak_wav
 
 ROOT = Path(__file__).resolve().parents[1]
 # short, so that encoding them with the random Mimi stays cheap; clip03 and clip07 fall in the held-out 25%
@@ -49,7 +49,7 @@ def test_lora_run_speaks_samples_survives_a_failed_one_and_its_adapter_generates
          f"workdir={work}", "mesh=(1,2,1)", "steps=6", "log_every=3", "save_every=100", "lora.rank=4",
          "lora.alpha=8", "lora.targets=q,v,down", "eval_every=6", "data.eval_fraction=0.25", "sample_every=3",
          "sample_max_frames=4"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert out.returncode == 0, out.stderr[-3000:]
 
     metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
@@ -77,7 +77,7 @@ def test_lora_run_speaks_samples_survives_a_failed_one_and_its_adapter_generates
     out = subprocess.run([sys.executable, "-m", "csm_jax.generate", "--checkpoint", str(base), "--adapter",
                           str(work / "adapter"), "--mimi", "random", "--text", "Hello there.",
                           "--max-audio-length-ms", "160", "--no-watermark", "--out", str(wav)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert out.returncode == 0, out.stderr[-3000:]
     wave, rate = sf.read(wav)
     assert rate == 24000 and len(wave) > 0

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from tests.helpers import ENGLISH, espeak_wav
-from train.data import SKIPPED, DataConfig, DataError, Featurizer, dataset, in_split, padding_fraction
+from train.data import SKIPPED, SKIPPED_ONCE, DataConfig, DataError, Featurizer, dataset, in_split, padding_fraction
 from train.sources import detect_format
 
 LONG = "This sentence is spoken slowly and goes on for quite a while, much longer than every other clip here."
@@ -83,6 +83,27 @@ def test_folder_yields_every_good_clip_and_counts_the_bad_ones(folder, featurize
     assert dict(SKIPPED) == {"missing transcript": 1, "empty text": 1, "silent audio": 1, "non-finite audio": 1,
                              "bad audio": 1, "duration filter": 1}
     assert len(padded) == len(ENGLISH) + 1  # the long clip is skipped, never truncated
+
+
+def test_passes_after_the_first_meet_the_bad_items_again_but_count_them_once(folder, featurizer):
+    """`SKIPPED_ONCE` (the training metrics' `skipped/*`) counts each bad item once however many passes meet it,
+    also after the iterator is restored from its state."""
+    import dataclasses
+    SKIPPED.clear()
+    SKIPPED_ONCE.clear()
+    cfg = DataConfig(max_frames=128, batch_size=1, max_duration=3.5)
+    ds = dataset(str(folder), cfg, dataclasses.replace(featurizer, cfg=cfg))  # endless passes
+    it = iter(ds)
+    for _ in range(3 * len(ENGLISH) + 1):  # three passes and the first row of a fourth
+        next(it)
+    once = {"missing transcript": 1, "empty text": 1, "silent audio": 1, "non-finite audio": 1, "bad audio": 1,
+            "duration filter": 1}
+    assert dict(SKIPPED_ONCE) == once
+    assert SKIPPED["silent audio"] >= 3  # met by every pass
+    state = it.get_state()
+    SKIPPED_ONCE.clear()  # as in a new process
+    iter(ds).set_state(state)
+    assert dict(SKIPPED_ONCE) == once
 
 
 def test_manifest_rows_resolve_relative_paths_and_skip_bad_rows(manifest, folder, featurizer):
@@ -221,3 +242,31 @@ def test_the_voice_presets_validate_on_a_folder(folder, tmp_path):
     cfg = load_config("train/configs/lora_voice.py", [f"data.source={folder}", f"workdir={tmp_path / 'run'}"])
     validate(cfg)
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.learning_rate) == (32, 32.0, 2e-4) and cfg.data.packing
+
+
+def test_the_voice_recipes_on_eight_clips_train_without_eval_and_with_a_warm_up_that_fits(folder, tmp_path, capsys):
+    """What a new user tries first: a recipe as it is on a handful of clips and a short run. 5% of 8 clips cannot
+    fill an eval batch, and 10 or 30 warm-up steps do not fit in 4: the run trains on every clip without eval (and
+    says so) and warms up over a tenth of its steps. Both recipes have these settings (lora_voice takes full_voice's);
+    full_voice runs (the tiny model, random Mimi and short rows stand in for CSM-1B)."""
+    import train.__main__ as cli
+    from train.config import load_config
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i, clip in enumerate(sorted(folder.rglob("clip*.wav")) * 2):  # the four good clips, twice
+        shutil.copy(clip, clips / f"clip{i}.wav")
+        shutil.copy(clip.with_suffix(".txt"), clips / f"clip{i}.txt")
+    argv = [f"data.source={clips}", f"workdir={tmp_path / 'run'}", "model=tiny_full_vocab", "mimi=random",
+            "compute_dtype=float32", "data.max_frames=128", "data.batch_size=1", "sample_every=0", "steps=4",
+            "save_every=4", "log_every=2"]
+    for recipe, warmup in (("lora_voice", 10), ("full_voice", 30)):
+        cfg = load_config(f"train/configs/{recipe}.py", argv)
+        assert cfg.optim.warmup_steps == 0 and cfg.eval_every and cfg.eval_optional
+        assert load_config(f"train/configs/{recipe}.py", [*argv, "steps=300"]).optim.warmup_steps == warmup
+    assert cli.main(["--config", "train/configs/full_voice.py", *argv]) == 0
+    err = capsys.readouterr().err
+    assert "no eval in this run: the held-out data.eval_fraction=0.05 of data.source gives fewer usable examples" in err
+    assert "lowered to 0: this recipe warms up over at most a tenth of steps=4" in err
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4] and not any("eval/loss" in m for m in metrics)

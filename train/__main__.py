@@ -22,7 +22,8 @@ from flax import nnx
 
 from csm_jax.core.errors import UserError, run_main
 from csm_jax.core.host_memory import keep_freed_memory
-from train.config import TrainConfig, TrainConfigError, load_config, validate
+from csm_jax.core.logs import configure_logging
+from train.config import DEFAULT_MODEL, TrainConfig, TrainConfigError, load_config, resolve_model, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,19 +234,20 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
 def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> Path:
     from tqdm import tqdm
 
-    from csm_jax.core.config import preset
     from csm_jax.core.sharding import make_mesh
-    from train.data import SKIPPED, padding_fraction
+    from train.data import SKIPPED_ONCE, padding_fraction
     from train.lora import make_trainer
     from train.trainer import checkpoint_manager, checkpoint_meta, save_checkpoint
 
-    model_config = preset(cfg.model)
+    model_config = resolve_model(cfg)
     try:
         mesh = make_mesh(*cfg.mesh)
     except ValueError as e:
         raise TrainConfigError(f"mesh={cfg.mesh}: {e}") from None
-    iterator = iter(build_pipeline(cfg, model_config, cfg.data.source, split="train" if held_out(cfg) else None))
     held_out_batches = read_eval_batches(cfg, model_config) if cfg.eval_every else []
+    if cfg.eval_every and not held_out_batches:  # eval_optional, and too little held-out data
+        cfg = dataclasses.replace(cfg, eval_every=0)
+    iterator = iter(build_pipeline(cfg, model_config, cfg.data.source, split="train" if held_out(cfg) else None))
     if jax.process_index() != 0:
         sample_hook = None  # the other processes only take part in gathering the weights
     elif cfg.sample_every and sample_hook is None:
@@ -256,7 +258,7 @@ def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> P
         trainer.load_base(cfg.init, cfg.seed)
     checkpoints = workdir / "checkpoints"
     manager = checkpoint_manager(checkpoints, cfg.keep_checkpoints, cfg.save_every) if checkpoints.is_dir() else None
-    if manager is not None and cfg.lora.rank:  # resumed adapters must have been trained over this base
+    if manager is not None:  # resumed for the same model (and adapters over the same base)
         trainer.check_resume(checkpoint_meta(manager))
     state = resume(manager, trainer, iterator, checkpoints) if manager is not None else None
     if state is not None and int(state.step) > cfg.steps:
@@ -288,7 +290,7 @@ def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> P
             last = now
             metrics |= {"step_time": step_time, "frames_per_s": rows * cfg.data.max_frames / step_time,
                         "data/padding_fraction": padding,
-                        **{f"skipped/{k}": v for k, v in SKIPPED.items()}}
+                        **{f"skipped/{k}": v for k, v in SKIPPED_ONCE.items()}}  # each item once, whatever the passes
             log.write(step + 1, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", c0=f"{metrics['c0_loss']:.3f}",
                             frames_s=f"{metrics['frames_per_s']:.0f}", step_s=f"{step_time:.2f}")
@@ -299,9 +301,10 @@ def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> P
             take_sample(trainer, state, step + 1, sample_hook, log)
     save_checkpoint(manager, state, iterator, trainer.checkpoint_meta())
     manager.wait_until_finished()
-    if SKIPPED:
-        logging.warning("skipped corrupt or filtered members: %s", dict(SKIPPED))
-    return trainer.export(state, workdir / "export", {"config": cfg.model})
+    if SKIPPED_ONCE:
+        logging.warning("skipped corrupt or filtered items (each counted once): %s", dict(SKIPPED_ONCE))
+    started = {"init": str(Path(cfg.init).absolute())} if cfg.init else {"preset": cfg.model or DEFAULT_MODEL}
+    return trainer.export(state, workdir / "export", started, base=cfg.init)
 
 
 def resume(manager, trainer, iterator, checkpoints: Path):
@@ -320,7 +323,8 @@ def resume(manager, trainer, iterator, checkpoints: Path):
 
 def read_eval_batches(cfg: TrainConfig, model_config) -> list[dict[str, np.ndarray]]:
     """The `eval_batches` held-out batches every eval scores, read once per run (unprepared audio is Mimi-encoded
-    once, not at every eval); a DataError when the held-out data gives not even one batch."""
+    once, not at every eval); a DataError when the held-out data gives not even one batch, or with `eval_optional`
+    and a share of data.source, a notice and no batches."""
     from train.data import DataError
 
     try:
@@ -330,8 +334,12 @@ def read_eval_batches(cfg: TrainConfig, model_config) -> list[dict[str, np.ndarr
     if not batches:
         what = (f"the held-out data.eval_fraction={cfg.data.eval_fraction} of data.source" if held_out(cfg)
                 else f"eval_source={cfg.eval_source}")
-        raise DataError(f"{what} gives fewer usable examples than one batch (data.batch_size x optim.accumulation)"
-                        f"{why}; raise data.eval_fraction, give eval_source=DIR, or set eval_every=0")
+        problem = f"{what} gives fewer usable examples than one batch (data.batch_size x optim.accumulation){why}"
+        if cfg.eval_optional and held_out(cfg):
+            logging.warning("no eval in this run: %s; training on all of data.source (give eval_source=DIR for an "
+                            "eval)", problem)
+            return []
+        raise DataError(f"{problem}; raise data.eval_fraction, give eval_source=DIR, or set eval_every=0")
     return batches
 
 
@@ -347,7 +355,7 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO, "%(levelname)s %(name)s: %(message)s")
     logging.getLogger("train").info("host malloc: %s", keep_freed_memory())  # before JAX starts its backend
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
         from train.distributed import initialize

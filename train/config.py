@@ -1,5 +1,7 @@
 """The training run's configuration: one frozen dataclass tree, read from a Python config file
-(`train/configs/*.py`, each with `get_config()`) and overridden from the command line with `a.b=value`.
+(`train/configs/*.py`, each with `get_config()`) and overridden from the command line with `a.b=value`. A config file
+may also define `finalize(cfg) -> TrainConfig`, applied after the overrides: a recipe's values that follow others
+(the voice recipes cap their warm-up by `steps`).
 
 Every value is checked against its field's type and range (`validate`) before anything is built, so a mistake
 is one sentence naming the fix instead of an error deep in a compiled step.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 import math
 import os
 import traceback
@@ -17,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from csm_jax.core.config import CsmConfig
 from csm_jax.core.errors import UserError
 from csm_jax.core.numbers import is_finite_number
 from train.data import DataConfig
@@ -27,6 +31,7 @@ EXAMPLE_CONFIG = "train/configs/smoke.py"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine")
 LOSS_ON = ("target", "all")
+DEFAULT_MODEL = "csm_1b"  # the preset of a run from scratch that names none
 
 
 class TrainConfigError(UserError):
@@ -35,7 +40,7 @@ class TrainConfigError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str = "csm_1b"  # a CsmConfig preset name
+    model: str | None = None  # a CsmConfig preset for a run from scratch; None = init's config, else csm_1b
     init: str | None = None  # an inference checkpoint (python -m convert output) to start from; None = random
     workdir: str = "runs/default"  # checkpoints/, metrics.jsonl, tensorboard/ and export/ go here
     steps: int = 1000  # optimizer steps of the run; the cosine schedule decays over them
@@ -50,6 +55,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = no eval
     eval_source: str = ""  # held-out data; empty = data.eval_fraction of data.source, split by example id
     eval_batches: int = 4
+    eval_optional: bool = False  # held-out data too small for one eval batch: train without eval (a notice), not stop
     sample_every: int = 0  # speak sample_text with the current weights every N steps (and at step 0); 0 = off
     sample_text: str = "Hello! This is how my voice sounds after fine-tuning."
     sample_speaker: int = 0
@@ -68,17 +74,21 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """The config file's `get_config()` (or the defaults) with `key=value` overrides applied and type-checked."""
-    cfg = TrainConfig() if path is None else _run_config_file(Path(path))
+    cfg, finalize = (TrainConfig(), None) if path is None else _run_config_file(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise TrainConfigError(f"override {item!r} is not of the form key=value (e.g. optim.learning_rate=1e-4)")
         cfg = _replace(cfg, key.split("."), value, key)
     check_types(cfg)
+    if finalize is not None:
+        cfg = _returned(path, "finalize", _in_config_file(path, finalize, cfg))
+        check_types(cfg)
     return cfg
 
 
-def _run_config_file(path: Path) -> TrainConfig:
+def _run_config_file(path: Path):
+    """(`get_config()`, the `finalize` function or None) of the config file `path`."""
     what = (f"a config file is a Python file whose get_config() returns a train.config.TrainConfig "
             f"(e.g. {EXAMPLE_CONFIG}); single fields are set on the command line as key=value")
     if path.suffix != ".py":
@@ -96,12 +106,18 @@ def _run_config_file(path: Path) -> TrainConfig:
         raise TrainConfigError(f"config file {path} cannot be read ({e}); {what}") from None
     module = types.ModuleType("csm_train_config")
     module.__file__ = str(path)
+    _in_config_file(path, exec, code, module.__dict__)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise TrainConfigError(f"config file {path} defines no get_config(); {what}")
+    finalize = getattr(module, "finalize", None)
+    return _returned(path, "get_config", _in_config_file(path, get_config)), finalize if callable(finalize) else None
+
+
+def _in_config_file(path: Path, function, *args):
+    """`function(*args)` of the config file `path`: a mistake in the file is a `TrainConfigError` naming its line."""
     try:
-        exec(code, module.__dict__)  # noqa: S102 - the user's own config file
-        get_config = getattr(module, "get_config", None)
-        if not callable(get_config):
-            raise TrainConfigError(f"config file {path} defines no get_config(); {what}")
-        cfg = get_config()
+        return function(*args)
     except TrainConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - a mistake in the user's file: name the line, not our stack
@@ -109,8 +125,13 @@ def _run_config_file(path: Path) -> TrainConfig:
         where = f" (line {lines[-1]})" if lines else ""
         raise TrainConfigError(f"config file {path} failed{where}: {type(e).__name__}: {e}; fix the file "
                                f"(compare with {EXAMPLE_CONFIG})") from None
+
+
+def _returned(path: Path, name: str, cfg) -> TrainConfig:
     if not isinstance(cfg, TrainConfig):
-        raise TrainConfigError(f"get_config() in {path} returned {type(cfg).__name__}, not a TrainConfig; {what}")
+        raise TrainConfigError(f"{name}() in {path} returned {type(cfg).__name__}, not a TrainConfig; a config file "
+                               f"is a Python file whose get_config() returns a train.config.TrainConfig (e.g. "
+                               f"{EXAMPLE_CONFIG})")
     return cfg
 
 
@@ -280,7 +301,8 @@ def validate(cfg: TrainConfig) -> None:
                                f"0 < shortest < longest, e.g. data.clip_seconds=\"(3,15)\"")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise TrainConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1) (e.g. 0.02)")
-    preset(cfg.model)  # ConfigError listing the presets
+    if cfg.model is not None:
+        preset(cfg.model)  # ConfigError listing the presets
     workdir = Path(cfg.workdir).absolute()
     existing = next(p for p in (workdir, *workdir.parents) if p.exists())
     if not existing.is_dir():
@@ -300,6 +322,30 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"init={cfg.init} is not a csm-jax checkpoint directory (params/ and metadata.json); "
                                f"convert PyTorch weights first (python -m convert SRC OUT, then init=OUT) or give an "
                                f"earlier run's workdir/export")
+
+
+def resolve_model(cfg: TrainConfig) -> CsmConfig:
+    """The model a run trains: init's own config.json (the one the converter recorded) when init is set, else the
+    preset `model` (csm_1b when unset). A preset given beside init must have the checkpoint's weight shapes; where
+    it differs otherwise (norm eps, RoPE), the checkpoint's numbers are the ones its weights were trained with."""
+    from csm_jax.core.config import preset
+    from csm_jax.io.checkpoint import read_config
+
+    if cfg.init is None:
+        return preset(cfg.model or DEFAULT_MODEL)
+    config = read_config(cfg.init)
+    if cfg.model is None:
+        return config
+    shapes = preset(cfg.model).differences(config, shapes_only=True)
+    if shapes:
+        raise TrainConfigError(f"model={cfg.model} is another model than init={cfg.init} (preset != checkpoint: "
+                               f"{'; '.join(shapes)}); the checkpoint's config.json gives the model, so leave "
+                               f"model unset (model=none), or give init a checkpoint of the {cfg.model} model")
+    numbers = preset(cfg.model).differences(config)
+    if numbers:
+        logging.getLogger(__name__).warning("model=%s differs from init=%s in %s: training with the checkpoint's "
+                                            "config", cfg.model, cfg.init, "; ".join(numbers))
+    return config
 
 
 def _check_samples(cfg: TrainConfig) -> None:

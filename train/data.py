@@ -12,7 +12,7 @@ sources; where they give conversation order, each target comes after its earlier
 `loss_mask` that keeps those turns out of the loss by default (held-out turns never serve training targets), and
 their Mimi codes are kept by key (`RecentTurns`) so a turn is not encoded again for each later turn. Every stage is
 checkpointable (pass, shard and position), so training resumes on the next example.
-Corrupt members and shards (unreadable, truncated) are skipped and counted in `SKIPPED` with what the filters
+Corrupt members and shards (unreadable, truncated) are skipped and counted (train/skips.py) with what the filters
 rejected, never fatal; a pass that yields no example at all stops with a `DataError` naming the filters and
 those counts (it would otherwise repeat forever).
 """
@@ -40,7 +40,7 @@ from csm_jax.io.frames import Frames, Segment, segment_frames
 from csm_jax.io.hub import looks_like_hub_id
 from train import sources
 from train.records import SUFFIX, deserialize, key_of
-from train.skips import AUDIO_EXTENSIONS, SKIPPED, DataError, skip, skip_counts
+from train.skips import AUDIO_EXTENSIONS, SKIPPED, SKIPPED_ONCE, DataError, count, first_pass, skip, skip_counts
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class DataConfig:
 
 def skip_shard(reason: str, path: str, error: BaseException) -> None:
     """Counts a shard that is unreadable (or the rest of a truncated one); logs each shard once per process."""
-    SKIPPED[reason] += 1
+    count(reason)
     if path not in _reported_shards:
         _reported_shards.add(path)
         log.warning("skipping %s %s: %s", reason, path, error)
@@ -481,6 +481,7 @@ class _PassIterator(grain.DatasetIterator):
 
     def _begin(self, epoch: int, used: int) -> None:
         self._epoch, self._used, self._skipped_before = epoch, used, SKIPPED.copy()
+        first_pass(epoch == 0)
         self._frames = iter(self._passes.one_pass(epoch))
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -496,11 +497,14 @@ class _PassIterator(grain.DatasetIterator):
             self._begin(self._epoch + 1, 0)
 
     def get_state(self):
-        return {"epoch": self._epoch, "used": self._used, "pass": self._frames.get_state()}
+        return {"epoch": self._epoch, "used": self._used, "pass": self._frames.get_state(),
+                "skipped_once": dict(SKIPPED_ONCE)}
 
     def set_state(self, state):
         self._begin(state["epoch"], state["used"])
         self._frames.set_state(state["pass"])
+        for reason, n in state.get("skipped_once", {}).items():  # what the run counted before it was resumed
+            SKIPPED_ONCE[reason] = max(SKIPPED_ONCE[reason], n)
 
 
 def _nothing_usable(share: list[Path], cfg: DataConfig) -> Callable[[collections.Counter], DataError]:

@@ -1,7 +1,7 @@
 """LoRA / QLoRA fine-tuning: a `Trainer` whose state holds only the adapters (and their optimizer moments).
 
 The base parameters are frozen, kept apart from the state (in float32, bfloat16, or int8 with per-channel scales
-for the blocks' projections) and passed to the jitted step as an argument; the loss runs the model with each
+or 4-bit groups for the blocks' projections) and passed to the jitted step as an argument; the loss runs the model with each
 adapted weight as a `LoraWeight` (x @ W + scale * (x @ a) @ b, `csm_jax.core.lora.adapted`), so the gradient
 reaches only a and b and no full-size weight gradient is computed. Export and evaluation use the merged weights.
 Adapters are sharded by the same rules as their weights (a: (in axes, None), b: (None, out axes)).
@@ -21,13 +21,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from csm_jax.core.errors import UserError
-from csm_jax.core.lora import (STACKS, TARGETS, LoraSpec, adapted, adapter_axes, adapter_shapes, frozen_base,
+from csm_jax.core.lora import (BASE_DTYPES, STACKS, TARGETS, LoraSpec, adapted, adapter_axes, adapter_shapes, frozen_base,
                                get_path, init_adapters, merge, weight_path)
-from csm_jax.core.quant import Int8Weight, is_int8
+from csm_jax.core.quant import Int4Weight, Int8Weight, is_quantized
 from csm_jax.core.sharding import logical_to_spec
 from csm_jax.io.adapters import save_adapter
-from train.trainer import TrainState, Trainer
+from train.trainer import ResumeMismatchError, TrainState, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,13 @@ class LoraConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] | str = tuple(TARGETS)
     stacks: tuple[str, ...] | str = STACKS
-    base_dtype: str = "float32"  # the frozen base: float32, bfloat16, or int8 (QLoRA)
+    base_dtype: str = "float32"  # the frozen base: float32, bfloat16, or int8 / int4 (QLoRA)
 
     def __post_init__(self):
         if self.rank:
             self.spec()  # invalid settings fail when the config is read
-        if self.base_dtype not in ("float32", "bfloat16", "int8"):
-            raise ValueError(f"lora.base_dtype={self.base_dtype!r}: use float32, bfloat16 or int8")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"lora.base_dtype={self.base_dtype!r}: use {', '.join(BASE_DTYPES)}")
 
     def spec(self) -> LoraSpec:
         return LoraSpec(rank=self.rank, alpha=float(self.alpha), targets=_names(self.targets),
@@ -58,10 +57,6 @@ class LoraConfig:
 def _names(x: tuple[str, ...] | str) -> tuple[str, ...]:
     """("q", "v") or "q,v" (a command-line override) -> ("q", "v")."""
     return tuple(n.strip() for n in x.split(",") if n.strip()) if isinstance(x, str) else tuple(x)
-
-
-class BaseMismatchError(UserError):
-    """Resuming a LoRA run on another base model than the one it started from."""
 
 
 def params_fingerprint(params: dict) -> str:
@@ -85,14 +80,18 @@ class LoraTrainer(Trainer):
         super().__init__(config, optim, mesh, **kwargs)
         abstract_frozen = jax.eval_shape(self._freeze, nnx.to_pure_dict(nnx.state(self.abstract, nnx.Param)))
         self.frozen_shardings = jax.tree.map(self._frozen_sharding, abstract_frozen, self.param_shardings,
-                                             is_leaf=is_int8)
+                                             is_leaf=is_quantized)
 
     def _freeze(self, params: dict) -> dict:
         return frozen_base(params, self.lora.base_dtype)
 
     def _frozen_sharding(self, x, weight: NamedSharding):
-        """An int8 weight's values shard like the weight; its scales too, except on their size-1 input axes."""
-        if not is_int8(x):
+        """An int8 weight's values shard like the weight; its scales too, except on their size-1 input axes. A 4-bit
+        weight's arrays (layers, packed input rows, output columns) shard over layers like the weight."""
+        if isinstance(x, Int4Weight):
+            layers = NamedSharding(self.mesh, PartitionSpec(*tuple(weight.spec)[:1]))
+            return Int4Weight(layers, layers, layers, x.in_shape, x.out_shape)
+        if not is_quantized(x):
             return weight
         spec = tuple(weight.spec) + (None,) * (x.scale.ndim - len(weight.spec))
         return Int8Weight(weight, NamedSharding(self.mesh, PartitionSpec(
@@ -147,28 +146,32 @@ class LoraTrainer(Trainer):
         return self.init_state(seed)
 
     def checkpoint_meta(self) -> dict:
-        return {"base": self.base_info or {}, "lora": json.loads(json.dumps(dataclasses.asdict(self.spec)))}
+        return {**super().checkpoint_meta(), "base": self.base_info or {},
+                "lora": json.loads(json.dumps(dataclasses.asdict(self.spec)))}
 
     def check_resume(self, meta: dict | None) -> None:
         """Refuses to resume adapters trained over another base (or with other LoRA settings)."""
+        super().check_resume(meta)
         if meta is None:
             return
         saved, now = meta.get("base", {}), self.base_info or {}
         if saved.get("fingerprint") != now.get("fingerprint"):
-            raise BaseMismatchError(
+            raise ResumeMismatchError(
                 f"the checkpoints were trained over the base {saved.get('path')!r} (fingerprint "
                 f"{saved.get('fingerprint', '')[:12]}), but this run's base {now.get('path')!r} has other weights "
                 f"(fingerprint {now.get('fingerprint', '')[:12]}); set init= to the run's base, or use a new workdir")
         if meta.get("lora") != self.checkpoint_meta()["lora"]:
-            raise BaseMismatchError(f"the checkpoints hold adapters with LoRA settings {meta.get('lora')}, not "
-                                    f"{dataclasses.asdict(self.spec)}; use the same lora.* settings or a new workdir")
+            raise ResumeMismatchError(f"the checkpoints hold adapters with LoRA settings {meta.get('lora')}, not "
+                                      f"{dataclasses.asdict(self.spec)}; use the same lora.* settings or a new "
+                                      f"workdir")
 
     # ---- export -------------------------------------------------------------------------------------------
 
-    def export(self, state: TrainState, path: str | Path, metadata: dict | None = None) -> Path:
-        """The merged model as an inference checkpoint at `path`, and the adapter alone beside it
-        (`path`/../adapter, PEFT's format)."""
-        merged = super().export(state, path, {"lora": dataclasses.asdict(self.spec), **(metadata or {})})
+    def export(self, state: TrainState, path: str | Path, metadata: dict | None = None,
+               base: str | Path | None = None) -> Path:
+        """The merged model as an inference checkpoint at `path` (carrying what `base` carries, as `Trainer.export`),
+        and the adapter alone beside it (`path`/../adapter, PEFT's format)."""
+        merged = super().export(state, path, {"lora": dataclasses.asdict(self.spec), **(metadata or {})}, base)
         adapters = state.params
         if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
             from jax.experimental import multihost_utils

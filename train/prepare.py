@@ -31,6 +31,7 @@ from pathlib import Path
 
 
 from csm_jax.core.errors import UserError, run_main
+from csm_jax.core.logs import configure_logging
 from csm_jax.core.numbers import finite_float
 from train.data import (SKIPPED, DataConfig, DataError, TarShard, check_metadata, decode_audio, list_shards,
                         parse_metadata)
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO, "%(levelname)s %(name)s: %(message)s")
     import torch
 
     from csm_jax.io import audio

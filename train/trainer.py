@@ -22,10 +22,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from csm_jax.io.checkpoint import abstract_model, load_params, save_model
 from csm_jax.core.config import CsmConfig
+from csm_jax.core.errors import UserError
 from csm_jax.core.layers import remat_policy
 from csm_jax.core.model import Csm
 from csm_jax.core.sharding import DEFAULT_RULES, batch_sharding, param_shardings
 from train.loss import choose_depth_frames, csm_loss, depth_frame_count, target_frames
+
+
+class ResumeMismatchError(UserError):
+    """Resuming checkpoints that another run (another model, base or LoRA settings) wrote."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +167,20 @@ class Trainer:
         """Start from an inference checkpoint (converted from PyTorch, or exported by an earlier run)."""
         return self.init_state(seed, self.checkpoint_params(path))
 
-    def checkpoint_meta(self) -> dict | None:
-        """What the checkpoints store besides the state and the data iterator (nothing for a full fine-tune)."""
-        return None
+    def checkpoint_meta(self) -> dict:
+        """What the checkpoints store besides the state and the data iterator: the model's config."""
+        return {"model": self.config.to_dict()}
+
+    def check_resume(self, meta: dict | None) -> None:
+        """Refuses to resume checkpoints written for another model (`meta`: what `checkpoint_meta` saved with them;
+        checkpoints without it are left to the restore's own shape check)."""
+        if meta is None or "model" not in meta:
+            return
+        differences = CsmConfig.from_dict(meta["model"]).differences(self.config)
+        if differences:
+            raise ResumeMismatchError(f"the checkpoints were written for another model than this run's (checkpoints "
+                                      f"!= this run: {'; '.join(differences)}); resume with that run's config, or "
+                                      f"give a new workdir")
 
     # ---- the step -----------------------------------------------------------------------------------------
 
@@ -231,8 +247,10 @@ class Trainer:
             params = jax.device_get(params)
         return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
-    def export(self, state: TrainState, path: str | Path, metadata: dict | None = None) -> Path:
-        """Writes the trained weights as an inference checkpoint (`csm_jax.load_model`, `python -m convert`).
+    def export(self, state: TrainState, path: str | Path, metadata: dict | None = None,
+               base: str | Path | None = None) -> Path:
+        """Writes the trained weights as an inference checkpoint (`csm_jax.load_model`, `python -m convert`), with
+        what the checkpoint `base` it started from carries besides its weights (e.g. the Mimi codec).
 
         In a multi-process run every process takes part (the sharded parameters are gathered from all of them) and
         process 0 writes."""
@@ -240,7 +258,7 @@ class Trainer:
         if jax.process_index() == 0:
             model = nnx.merge(nnx.graphdef(abstract_model(self.config)), params)
             save_model(model, path, {"source": "train", "step": int(state.step), **(metadata or {})},
-                       overwrite=True)  # a resumed run replaces its own earlier export
+                       overwrite=True, base=base)  # a resumed run replaces its own earlier export
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

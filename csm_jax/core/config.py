@@ -30,6 +30,15 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
 
+    def as_map(self) -> dict[str, float]:
+        """What the frequencies depend on: the factor and the wavelengths where scaling begins and is complete."""
+        return {"factor": self.factor, "unscaled_below": self.original_max_position / self.high_freq_factor,
+                "scaled_above": self.original_max_position / self.low_freq_factor}
+
+
+CACHE_LENGTHS = ("max_seq_len",)  # TransformerConfig fields that bound the cache, not the weights or the math
+SHAPE_FIELDS = ("num_layers", "dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")  # ... that shape weights
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -75,6 +84,28 @@ class CsmConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def differences(self, other: CsmConfig, *, shapes_only: bool = False) -> list[str]:
+        """What makes `self` and `other` different models ("decoder.dim: 32 != 64"): every field that sets a
+        weight's shape and, unless `shapes_only`, the model's numbers (norm eps, RoPE, with Llama-3 scalings
+        compared as the map they make). Cache lengths (`max_seq_len`) are left out: they only bound how long a
+        prompt may grow, and checkpoints disagree on them (transformers says 33 for the depth decoder)."""
+        def fields(config: CsmConfig) -> dict[str, Any]:
+            flat = {}
+            for field in dataclasses.fields(config):
+                value = getattr(config, field.name)
+                if not isinstance(value, TransformerConfig):
+                    flat[field.name] = value
+                    continue
+                for name in (f.name for f in dataclasses.fields(value)):
+                    if name in CACHE_LENGTHS or (shapes_only and name not in SHAPE_FIELDS):
+                        continue
+                    number = getattr(value, name)
+                    flat[f"{field.name}.{name}"] = number.as_map() if isinstance(number, RopeScaling) else number
+            return flat
+
+        mine, theirs = fields(self), fields(other)
+        return [f"{k}: {mine[k]} != {theirs[k]}" for k in mine if mine[k] != theirs[k]]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CsmConfig:

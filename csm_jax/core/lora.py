@@ -1,4 +1,4 @@
-"""LoRA as pure functions over the stacked parameter tree, and the int8 base weights of QLoRA.
+"""LoRA as pure functions over the stacked parameter tree, and the int8 / int4 base weights of QLoRA.
 
 An adapter is its own pytree beside the model's parameters, stacked over layers like the weight it adapts:
 `{stack: {target: {"a": (L, *in, r), "b": (L, r, *out)}}}`, e.g. for the backbone's q projection (D, H, hd):
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from csm_jax.core.quant import ReadWhole, is_int8, quantize_int8
+from csm_jax.core.quant import ReadWhole, is_quantized, quantize_int4, quantize_int8
 
 # target name -> (module, parameter, number of leading input axes of the per-layer weight)
 TARGETS: dict[str, tuple[str, str, int]] = {
@@ -123,7 +123,7 @@ def delta(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def merge(params: dict, adapters: dict, spec: LoraSpec) -> dict:
-    """params with every adapted weight replaced by W + scale * a @ b in float32 (`Int8Weight`s are dequantised):
+    """params with every adapted weight replaced by W + scale * a @ b in float32 (`Int8Weight`s and `Int4Weight`s are dequantised):
     for generation and export."""
     params = dequantize_tree(params)
     for stack, target in spec.pairs():
@@ -137,7 +137,7 @@ def merge(params: dict, adapters: dict, spec: LoraSpec) -> dict:
 
 @struct.dataclass
 class LoraWeight(ReadWhole):
-    """A frozen weight `base` (an array or `Int8Weight`) with its adapter `a` (*in, r), `b` (r, *out): the layers'
+    """A frozen weight `base` (an array, `Int8Weight` or `Int4Weight`) with its adapter `a` (*in, r), `b` (r, *out): the layers'
     `dense` computes x @ base + scale * (dropout(x) @ a) @ b without forming the merged weight. Stacked over layers
     (a leading axis on every array, `dropout_key` a key per layer), it is sliced per layer by the blocks' scan
     like any parameter."""
@@ -158,7 +158,7 @@ class LoraWeight(ReadWhole):
         return self.replace(base=self.base.reshape(k, n), a=self.a.reshape(k, -1), b=self.b.reshape(-1, n))
 
     def dense(self, x: jax.Array, dtype, out_dtype=None) -> jax.Array:
-        base = self.base.dequantize(dtype) if is_int8(self.base) else self.base.astype(dtype)
+        base = self.base.dequantize(dtype) if is_quantized(self.base) else self.base.astype(dtype)
         y = jnp.dot(x, base, preferred_element_type=out_dtype)
         if self.dropout_key is not None and self.dropout > 0:
             keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
@@ -181,7 +181,10 @@ def adapted(params: dict, adapters: dict, spec: LoraSpec, dropout_key: jax.Array
     return params
 
 
-# ---- int8 base weights (QLoRA) --------------------------------------------------------------------------------
+# ---- int8 / int4 base weights (QLoRA) -------------------------------------------------------------------------
+
+BASE_DTYPES = ("float32", "bfloat16", "int8", "int4")  # what the frozen base can be held in
+
 
 def input_axes(target: str) -> tuple[int, ...]:
     """The input axes of a target's stacked weight (layers, *in, *out)."""
@@ -189,21 +192,25 @@ def input_axes(target: str) -> tuple[int, ...]:
 
 
 def dequantize_tree(params: dict, dtype=jnp.float32) -> dict:
-    """Every `Int8Weight` of a parameter tree -> a dense array (`dtype`; None = float32); other leaves as they are."""
-    return jax.tree.map(lambda x: x.dequantize(dtype or jnp.float32) if is_int8(x) else x, params, is_leaf=is_int8)
+    """Every quantized weight of a parameter tree -> a dense array (`dtype`; None = float32); other leaves as they
+    are."""
+    return jax.tree.map(lambda x: x.dequantize(dtype or jnp.float32) if is_quantized(x) else x, params,
+                        is_leaf=is_quantized)
 
 
 def frozen_base(params: dict, base_dtype: str) -> dict:
     """The frozen base of LoRA training: "float32" as is; "bfloat16" every matrix in bfloat16 (norm scales stay
-    float32); "int8" the blocks' projection weights in int8 (`Int8Weight`), the other matrices in bfloat16."""
-    if base_dtype not in ("float32", "bfloat16", "int8"):
-        raise ValueError(f"unknown LoRA base dtype {base_dtype!r}: use float32, bfloat16 or int8")
+    float32); "int8" / "int4" the blocks' projection weights in int8 (`Int8Weight`) or 4-bit groups (`Int4Weight`),
+    the other matrices in bfloat16."""
+    if base_dtype not in BASE_DTYPES:
+        raise ValueError(f"unknown LoRA base dtype {base_dtype!r}: use {', '.join(BASE_DTYPES)}")
     if base_dtype == "float32":
         return jax.tree.map(lambda x: x.astype(jnp.float32), params)
     base = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x.astype(jnp.float32), params)
-    if base_dtype == "int8":
+    if base_dtype in ("int8", "int4"):
+        quantize = quantize_int8 if base_dtype == "int8" else quantize_int4
         for stack in STACKS:
             for target in TARGETS:
                 path = weight_path(stack, target)
-                base = set_path(base, path, quantize_int8(get_path(params, path), input_axes(target)))
+                base = set_path(base, path, quantize(get_path(params, path), input_axes(target)))
     return base

@@ -5,16 +5,18 @@ Training and checkpoints keep every transformer's layers stacked on a leading ax
 on CPU: 5 GB/s instead of 22+ GB/s), so decoding uses `DecodeCsm`: one array per layer (an unrolled loop), q|k|v
 and gate|up side by side in one array each (one small product instead of three and two), and one audio-head array
 per codebook (picked with a switch instead of sliced). `decode_params` is the pure map from the stacked parameter
-tree to this one; `decode_model` applies it to a `Csm`, optionally followed by int8 weight-only quantization
-(`csm_jax.inference.quantize`), which the layout's `matmul` understands.
+tree to this one; `decode_model` applies it to a `Csm`, optionally followed by int8 or int4 weight-only
+quantization (`csm_jax.inference.quantize`), which the layout's `matmul` understands.
 
 CPU kernels (`csm_jax.inference.kernels`) are a switch of the decode layout, resolved once when it is built:
-`cpu_kernels=True/False`, else the environment variable `CSM_JAX_CPU_KERNELS` (1/0), else on when JAX's default
-backend is the CPU. Nothing else of the model uses them.
+`cpu_kernels=True/False` forces them on or off, else the environment variable `CSM_JAX_CPU_KERNELS` (1/0), else,
+when JAX's default backend is the CPU, each product kind takes whichever of kernel and XLA measured faster on this
+CPU (`csm_jax.inference.products.faster_kinds`). Nothing else of the model uses them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -22,12 +24,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from csm_jax.core.config import CsmConfig, TransformerConfig
-from csm_jax.core.layers import (Attention, Block, DType, KVCache, MLP, Matmul, RMSNorm, dense, layer_inputs,
-                                 param)
+from csm_jax.core.layers import Attention, Block, DType, KVCache, MLP, Matmul, RMSNorm, dense, layer_inputs, param
 from csm_jax.core.model import Csm
 from csm_jax.inference import kernels
-from csm_jax.core.quant import Int8Weight
-from csm_jax.inference.quantize import int8_dense, quantize_decode_params
+from csm_jax.inference.products import decode_dense, faster_kinds, kernel_matmul, KINDS
+from csm_jax.inference.quantize import QUANTIZED, product_kinds, quantize_decode_params
 
 KERNELS_ENV = "CSM_JAX_CPU_KERNELS"
 
@@ -82,13 +83,15 @@ class LayerList(nnx.Module):
 
 
 class DecodeCsm(Csm):
-    """`Csm` in the decode layout (see the module docstring); `cpu_kernels` says whether the CPU kernels are on."""
+    """`Csm` in the decode layout (see the module docstring); `cpu_kernels` says whether the CPU kernels are on
+    (the sampler's kernel), `kernel_kinds` which product kinds go through them."""
 
     def __init__(self, config: CsmConfig, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
-                 rngs: nnx.Rngs, cpu_kernels: bool = False):
+                 rngs: nnx.Rngs, cpu_kernels: bool = False, kernel_kinds: frozenset[str] = frozenset()):
         self.cpu_kernels = cpu_kernels
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                         matmul=kernel_matmul if cpu_kernels else decode_dense, stack=LayerList)
+        self.kernel_kinds = frozenset(kernel_kinds) if cpu_kernels else frozenset()
+        matmul = functools.partial(kernel_matmul, kinds=self.kernel_kinds) if self.kernel_kinds else decode_dense
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul=matmul, stack=LayerList)
 
     def make_audio_head(self, rngs: nnx.Rngs, param_dtype: DType):
         c = self.config
@@ -110,28 +113,8 @@ class DecodeCsm(Csm):
         return KVCache.empty(cfg, batch, length, self.dtype, per_layer=True)
 
 
-def decode_dense(x: jax.Array, w: jax.Array | Int8Weight, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
-    """`dense`, or `int8_dense` for int8 weights."""
-    if isinstance(w, Int8Weight):
-        return int8_dense(x, w, dtype, out_dtype)
-    return dense(x, w, dtype, out_dtype)
-
-
-def kernel_matmul(x: jax.Array, w: jax.Array | Int8Weight, dtype: DType, out_dtype: DType | None = None) -> jax.Array:
-    """`decode_dense`, through the CPU kernels where they apply (`kernels.applies`; int8 weights whenever the
-    activations and compute are float32)."""
-    if isinstance(w, Int8Weight):
-        if jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32:
-            return kernels.matvec_int8(x, w.values, w.scale.reshape(-1))
-        return int8_dense(x, w, dtype, out_dtype)
-    if kernels.applies(x, w, dtype):
-        return kernels.matvec(x, w)
-    return dense(x, w, dtype, out_dtype)
-
-
-def use_cpu_kernels(requested: bool | None = None) -> bool:
-    """The kernel switch: `requested`, else $CSM_JAX_CPU_KERNELS (1/0), else whether JAX runs on the CPU; and
-    only when the kernels build on this machine (`kernels.available`, which warns once when they do not)."""
+def kernel_switch(requested: bool | None = None) -> bool | None:
+    """The kernel switch: `requested`, else $CSM_JAX_CPU_KERNELS (1/0), else None (measure per product kind)."""
     if requested is None:
         env = os.environ.get(KERNELS_ENV, "").strip().lower()
         if env in ("1", "true", "on", "yes"):
@@ -140,9 +123,22 @@ def use_cpu_kernels(requested: bool | None = None) -> bool:
             requested = False
         elif env:
             raise ValueError(f"{KERNELS_ENV}={env!r} is not a switch; set it to 1 or 0 (or unset it)")
-        else:
-            requested = jax.default_backend() == "cpu"
-    return bool(requested) and jax.default_backend() == "cpu" and kernels.available()
+    return requested
+
+
+def use_cpu_kernels(requested: bool | None = None) -> bool:
+    """Whether the kernels are on: `kernel_switch` not off, JAX running on the CPU, and the kernels built on this
+    machine (`kernels.available`, which warns once when they do not)."""
+    return kernel_switch(requested) is not False and jax.default_backend() == "cpu" and kernels.available()
+
+
+def kernel_kinds(requested: bool | None = None, kinds=KINDS, params: dict | None = None) -> frozenset[str]:
+    """The product kinds among `kinds` that go through the kernels: all when the switch is on, none when it is
+    off or the kernels are not on (`use_cpu_kernels`), else those measured faster here (`faster_kinds`, over the
+    products of `params`, `decode_params`' tree, if given)."""
+    if not use_cpu_kernels(requested):
+        return frozenset()
+    return frozenset(kinds) if kernel_switch(requested) else faster_kinds(kinds, params)
 
 
 def _fused_stack(blocks: dict, norm: dict, num_layers: int) -> dict:
@@ -173,19 +169,23 @@ def decode_params(params: dict, config: CsmConfig) -> dict:
 def decode_model(model: Csm, cpu_kernels: bool | None = None, weights_dtype: str | None = None) -> DecodeCsm:
     """`model` in the decode layout (new arrays for what is rearranged; drop `model` afterwards to free them).
 
-    weights_dtype: None keeps the model's weights; "int8" quantizes the matrices (`quantize_decode_params`).
+    weights_dtype: None keeps the model's weights; "int8" or "int4" quantizes the matrices
+    (`quantize_decode_params`). Measuring whether the kernels pay (`kernel_kinds`) happens here, once per CPU.
     """
-    if weights_dtype not in (None, "int8"):
-        raise ValueError(f"weights_dtype={weights_dtype!r}: the decode layout quantizes only to 'int8' (other "
-                         f"dtypes are chosen when the model is loaded, with param_dtype)")
+    if weights_dtype not in (None, *QUANTIZED):
+        raise ValueError(f"weights_dtype={weights_dtype!r}: the decode layout quantizes only to "
+                         f"{' or '.join(map(repr, QUANTIZED))} (other dtypes are chosen when the model is loaded, "
+                         f"with param_dtype)")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     param_dtype = model.text_embeddings[...].dtype
     use = use_cpu_kernels(cpu_kernels)
-    abstract = nnx.eval_shape(lambda: DecodeCsm(model.config, dtype=model.dtype, param_dtype=param_dtype,
-                                                rngs=nnx.Rngs(0), cpu_kernels=use))
-    graphdef, state = nnx.split(abstract)
     params = decode_params(params, model.config)
-    if weights_dtype == "int8":
-        params = quantize_decode_params(params)
+    if weights_dtype is not None:
+        params = quantize_decode_params(params, weights_dtype)
+    used = product_kinds(weights_dtype or jnp.dtype(param_dtype).name)
+    kinds = kernel_kinds(cpu_kernels, used, params) if use and jnp.dtype(model.dtype) == jnp.float32 else frozenset()
+    abstract = nnx.eval_shape(lambda: DecodeCsm(model.config, dtype=model.dtype, param_dtype=param_dtype,
+                                                rngs=nnx.Rngs(0), cpu_kernels=use, kernel_kinds=kinds))
+    graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

@@ -15,6 +15,7 @@ from csm_jax.core.codec import FRAME_SAMPLES, SAMPLE_RATE
 from csm_jax.core.model import Csm
 from csm_jax.inference.loop import FrameGenerator
 from csm_jax.core.errors import UserError
+from csm_jax.inference.quantize import QUANTIZED
 from csm_jax.inference.prompt import RequestError, check_seeds, max_frames_for, prompt_frames
 from csm_jax.inference.sampler_protocol import Sampler
 from csm_jax.inference.sampling import FrameSampling, LogitsProcessor, SamplerConfig
@@ -222,9 +223,10 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     checkpoint: a csm-jax checkpoint directory, or anything the converter reads (a hub id such as
     "sesame/csm-1b", a PyTorch checkpoint directory or file), converted once into `cache_dir` (default
     $CSM_JAX_CACHE or ~/.cache/csm_jax; see `csm_jax.io.hub`). dtype: the compute dtype; param_dtype: the
-    weights' dtype (default: dtype): float32, bfloat16, or "int8" (weight-only, per-output-channel scales,
-    quantized from the float32 weights; `csm_jax.inference.quantize`). On CPU the fastest choices are float32
-    compute over bfloat16 or int8 weights.
+    weights' dtype (default: dtype): float32, bfloat16, "int8" (weight-only, per-output-channel scales) or
+    "int4" (weight-only, 4-bit codes with a scale and bias per group of 32 input rows; codebook heads int8),
+    both quantized from the float32 weights (`csm_jax.inference.quantize`). On CPU the fastest choices are
+    float32 compute over int4, int8 or bfloat16 weights.
     tokenizer: a path or hub id (default: the offline Llama-3 tokenizer). mimi: a moshi Mimi model, a weights
     path or hub id (default: kyutai's Mimi from the hub). mimi_device: torch's device for Mimi and the watermarker
     (default: the GPU JAX computes on, if torch sees it, else the CPU). cpu_kernels: the decode layout's kernel
@@ -240,8 +242,8 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     # the cheap loads first, so that a wrong tokenizer or Mimi path is reported before the model is read
     text_tokenizer = load_tokenizer(tokenizer)
     param_dtype = dtype if param_dtype is None else param_dtype
-    int8 = isinstance(param_dtype, str) and param_dtype == "int8"
-    load_dtype = jnp.float32 if int8 else jnp.dtype(param_dtype)
+    quantized = param_dtype if isinstance(param_dtype, str) and param_dtype in QUANTIZED else None
+    load_dtype = jnp.float32 if quantized else jnp.dtype(param_dtype)
     path = resolve_checkpoint(checkpoint, jnp.dtype(load_dtype).name, cache_dir)
     config = read_config(path)
     mimi_device = mimi_device or audio.torch_device_beside_jax()
@@ -249,5 +251,4 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
         mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=config.num_codebooks)
     model = load_model(path, dtype=dtype, param_dtype=load_dtype)
     return Generator(model, text_tokenizer, mimi, load_watermarker(mimi_device) if watermark else None,
-                     cpu_kernels=cpu_kernels, adapter=adapter, keep_base=keep_base,
-                     weights_dtype="int8" if int8 else None)
+                     cpu_kernels=cpu_kernels, adapter=adapter, keep_base=keep_base, weights_dtype=quantized)

@@ -1,20 +1,32 @@
-"""int8 weight-only quantization of the decode layout, for generation: each matrix a decode step multiplies by
-(the fused q|k|v, wo, gate|up, down of every layer, the codebook-0 head, the projection and the audio heads) is held
-as int8 with one float32 scale per output column (symmetric, scale = max |w| over the column / 127). Embeddings
-and norms keep their dtype. A frame then reads about half the bytes of bfloat16 weights.
+"""Weight-only quantization of the decode layout, for generation: each matrix a decode step multiplies by (the
+fused q|k|v, wo, gate|up, down of every layer, the codebook-0 head, the projection and the audio heads) is held as
+int8 with one float32 scale per output column (symmetric, scale = max |w| over the column / 127), or as 4-bit codes
+with a float16 scale and bias per group of input rows (`csm_jax.core.quant.Int4Weight`). With int4 the codebook
+heads (codebook 0's and the audio heads) stay int8: they are about 2% of a frame's bytes at full size, and measured
+on random weights they caused half of int4's codebook-0 argmax changes. Embeddings and norms keep their dtype. A
+frame then reads about half (int8) or 5/16 (int4 in groups of 32: 4 bits and 1 bit of scale and bias per weight)
+of the bytes of bfloat16 weights.
 
-`quantize_decode_params` is a pure map of `decode_params`' tree; the decode layout's `matmul` computes
-(x @ values) * scale in the compute dtype with float32 sums (`int8_dense`; on CPU `kernels.matvec_int8`).
+`quantize_decode_params` is a pure map of `decode_params`' tree; the decode layout's `matmul` computes the products
+in the compute dtype with float32 sums (`int8_dense`, `int4_dense`; on CPU the kernels of
+`csm_jax.inference.kernels`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from csm_jax.core.quant import Int8Weight, quantize_int8
+from csm_jax.core.quant import INT4_GROUP, Int4Weight, Int8Weight, quantize_int4, quantize_int8
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8")  # what the weights of a decode layout can be held in
+QUANTIZED = ("int8", "int4")
+
+
+def product_kinds(weights_dtype: str) -> tuple[str, ...]:
+    """The kinds of product (`csm_jax.inference.products.KINDS`) a decode layout of these weights computes."""
+    return ("int4", "int8") if weights_dtype == "int4" else (weights_dtype,)
 
 
 def int8_dense(x: jax.Array, w: Int8Weight, dtype, out_dtype=None) -> jax.Array:
@@ -24,23 +36,36 @@ def int8_dense(x: jax.Array, w: Int8Weight, dtype, out_dtype=None) -> jax.Array:
     return y.astype(out_dtype or dtype)
 
 
-def _quantize_stack(stack: dict) -> dict:
+def int4_dense(x: jax.Array, w: Int4Weight, dtype, out_dtype=None) -> jax.Array:
+    """x (..., K) @ w in the compute dtype with float32 sums of the dequantized weights (unpacked and scaled in
+    the same jitted computation, which XLA may fuse into the product); x is padded to the weight's padded rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    rows = jnp.pad(rows, ((0, 0), (0, 2 * w.packed.shape[0] - rows.shape[1])))
+    y = jnp.dot(rows.astype(dtype), w.matrix(dtype), preferred_element_type=jnp.float32)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).astype(out_dtype or dtype)
+
+
+def _quantize_stack(stack: dict, quantize) -> dict:
     def layer(block: dict) -> dict:
         attn, mlp = block["attn"], block["mlp"]
         wo = attn["wo"]
         return {**block,
-                "attn": {"wqkv": quantize_int8(attn["wqkv"]), "wo": quantize_int8(wo.reshape(-1, wo.shape[-1]))},
-                "mlp": {"w_gate_up": quantize_int8(mlp["w_gate_up"]), "w_down": quantize_int8(mlp["w_down"])}}
+                "attn": {"wqkv": quantize(attn["wqkv"]), "wo": quantize(wo.reshape(-1, wo.shape[-1]))},
+                "mlp": {"w_gate_up": quantize(mlp["w_gate_up"]), "w_down": quantize(mlp["w_down"])}}
 
     return {"blocks": {i: layer(b) for i, b in stack["blocks"].items()}, "norm": stack["norm"]}
 
 
-def quantize_decode_params(params: dict) -> dict:
-    """`decode_params`' tree with every matrix a decode step multiplies by as an `Int8Weight`."""
+def quantize_decode_params(params: dict, weights_dtype: str = "int8", group: int = INT4_GROUP) -> dict:
+    """`decode_params`' tree with every matrix a decode step multiplies by as an `Int8Weight` ("int8") or an
+    `Int4Weight` ("int4", in groups of `group` input rows; the codebook heads as `Int8Weight`s)."""
+    if weights_dtype not in QUANTIZED:
+        raise ValueError(f"weights_dtype={weights_dtype!r}: quantize to one of {', '.join(QUANTIZED)}")
+    quantize = quantize_int8 if weights_dtype == "int8" else functools.partial(quantize_int4, group=group)
     out = dict(params)
     for stack in ("backbone", "decoder"):
-        out[stack] = _quantize_stack(params[stack])
-    for name in ("codebook0_head", "projection"):
-        out[name] = quantize_int8(params[name])
+        out[stack] = _quantize_stack(params[stack], quantize)
+    out["projection"] = quantize(params["projection"])
+    out["codebook0_head"] = quantize_int8(params["codebook0_head"])
     out["audio_head"] = {i: quantize_int8(w) for i, w in params["audio_head"].items()}
     return out

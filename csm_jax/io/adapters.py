@@ -132,11 +132,10 @@ def load_adapter(path: str | os.PathLike, config: CsmConfig) -> Adapter:
         raise AdapterError(f"cannot read {path / WEIGHTS_FILE} ({e}); it is damaged or incomplete: export or "
                            f"download the adapter again") from None
     trained_for = CsmConfig.from_dict(json.loads(header["csm_config"])) if "csm_config" in header else None
-    if trained_for is not None and trained_for != config:
-        diff = [f"{k}: {v} != {config.to_dict()[k]}" for k, v in trained_for.to_dict().items()
-                if config.to_dict().get(k) != v]
-        raise AdapterError(f"adapter {path} was trained for another model than the base checkpoint "
-                           f"({'; '.join(diff)}); load it on the base it was trained from")
+    diff = trained_for.differences(config) if trained_for is not None else []
+    if diff:
+        raise AdapterError(f"adapter {path} was trained for another model than the base checkpoint (adapter != "
+                           f"base: {'; '.join(diff)}); load it on the base it was trained from")
     codec = sorted(k for k in tensors if _CODEC.match(k))
     if codec:
         log.warning("adapter %s: skipped %d LoRA tensors of the Mimi codec (codec_model.*); csm-jax adapts only "

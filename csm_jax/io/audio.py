@@ -35,6 +35,10 @@ class AudioError(UserError):
     """Audio that cannot be read, or a Mimi source that cannot be loaded."""
 
 
+class UnreadableAudio(AudioError):
+    """A file that libsndfile cannot decode (not audio, or a format it lacks)."""
+
+
 # ---- Mimi ------------------------------------------------------------------------------------------------------
 
 
@@ -359,6 +363,14 @@ def to_jax(t):
 # ---- files ---------------------------------------------------------------------------------------------------
 
 
+def readable_formats() -> str:
+    """The audio files `read_audio` reads here, for messages: "wav, flac, ogg or mp3" (mp3 needs libsndfile 1.1)."""
+    import soundfile as sf
+
+    names = [n for n in ("wav", "flac", "ogg", "mp3") if n.upper() in sf.available_formats()]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
 UNKNOWN_FRAMES = 2 ** 63 - 1  # libsndfile's frame count for a file whose header leaves it unknown (a streamed FLAC)
 
 
@@ -377,14 +389,15 @@ def _read_to_end(f) -> np.ndarray:
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Any file soundfile reads (wav, flac, ogg, ...) -> mono float32 at `sample_rate`.
+    """Any file soundfile reads (wav, flac, ogg, mp3, ...) -> mono float32 at `sample_rate`; a file it cannot
+    decode raises `UnreadableAudio`.
 
     Several channels are averaged and other rates resampled (polyphase, scipy), each with a logged notice.
     """
     import soundfile as sf
 
     if Path(path).is_dir():
-        raise AudioError(f"audio file {path} is a directory; give a wav/flac/ogg file")
+        raise AudioError(f"audio file {path} is a directory; give a {readable_formats()} file")
     if not Path(path).exists():
         raise AudioError(f"audio file {path} does not exist; check the path")
     try:
@@ -392,8 +405,8 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
             audio = _read_to_end(f) if f.frames == UNKNOWN_FRAMES else f.read(dtype="float32", always_2d=True)
             rate = f.samplerate
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise AudioError(f"cannot read audio file {path}: {e}. Give a wav/flac/ogg file (convert others with "
-                         f"ffmpeg or sox first)") from None
+        raise UnreadableAudio(f"cannot read audio file {path}: {e}. Give a {readable_formats()} file (convert "
+                              f"others with ffmpeg or sox first)") from None
     mono = as_mono(audio, f"audio file {path}", channel_axis=1)
     if rate != sample_rate:
         log.warning("%s: resampling from %d Hz to %d Hz", path, rate, sample_rate)

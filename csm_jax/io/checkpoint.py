@@ -4,6 +4,7 @@ Layout of a checkpoint directory:
     params/         Orbax StandardCheckpointer output (the nnx.Param state of `Csm`)
     config.json     `CsmConfig.to_dict()`
     metadata.json   {"format": "csm-jax", "dtype": ..., plus whatever the writer adds (source, layout, ...)}
+    codec/          optional: the Mimi codec a transformers checkpoint carried (metadata "codec" names it)
 A checkpoint is written into a temporary sibling directory and renamed into place, so an interrupted write
 never leaves a directory that `load_model` would accept; an existing directory is replaced only under the rule of
 `csm_jax.io.output_dir` (an earlier output of ours, and only when asked to overwrite).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,11 @@ from csm_jax.core.errors import CheckpointError
 from csm_jax.core.json_files import read_json_object
 from csm_jax.core.model import Csm
 from csm_jax.io.output_dir import FORMAT, atomic_directory, signals_deferred
+
+# metadata of a converted checkpoint that the models trained from it keep: the directory of the Mimi codec that a
+# transformers checkpoint carried (copied along, so an export back to transformers has the real codec) and the tied
+# embedding keys the source had (so that export writes the same keys)
+CARRIED = ("codec", "tied_keys")
 
 
 def abstract_model(config: CsmConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> Csm:
@@ -48,17 +55,24 @@ def write_params(directory: Path, params: nnx.State, concurrent_gb: int = 96) ->
 
 
 def save_model(model: Csm, path: str | os.PathLike, metadata: dict[str, Any] | None = None, *,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, base: str | os.PathLike | None = None) -> Path:
     """Writes `model`'s parameters, config and metadata to `path` atomically. Returns the path.
 
     overwrite: replace an earlier csm-jax checkpoint or export at `path` (anything else there is never replaced).
+    base: the checkpoint `model` was trained from, whose `CARRIED` metadata (and codec directory) the new one keeps.
     """
     params = nnx.state(model, nnx.Param)
     dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
+    carried = {k: v for k, v in read_metadata(base).items() if k in CARRIED} if base is not None else {}
+    codec = Path(base) / carried["codec"] if carried.get("codec") else None
     needed = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    needed += sum(f.stat().st_size for f in codec.rglob("*") if f.is_file()) if codec else 0
     with atomic_directory(path, overwrite=overwrite, needed_bytes=needed) as tmp:
         write_params(tmp, params)
-        write_config_and_metadata(tmp, model.config, {"dtype": "/".join(sorted(dtypes)), **(metadata or {})})
+        if codec:
+            shutil.copytree(codec, tmp / carried["codec"])
+        write_config_and_metadata(tmp, model.config, {"dtype": "/".join(sorted(dtypes)), **carried,
+                                                      **(metadata or {})})
     return Path(path)
 
 

@@ -35,7 +35,7 @@ from csm_jax.serving.formats import MEDIA_TYPES, StreamEncoder, available_format
 from csm_jax.serving.metrics import Metrics
 from csm_jax.serving.mimi_streams import MimiStreams
 from csm_jax.serving.speech import ApiError, decode_base64_audio, parse_speech
-from csm_jax.serving.voices import VoiceError, VoiceExists, VoiceStore
+from csm_jax.serving.voices import DEFAULT_ALIASES, VoiceError, VoiceExists, VoiceStore
 
 log = logging.getLogger("csm_jax.serve")
 PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
@@ -55,6 +55,8 @@ class ServeConfig:
     request_timeout: float = 300.0  # seconds from request to its last audio
     cache_length: int | None = None  # a slot's cache length (default: the model's max_seq_len + one bucket)
     model_name: str = "csm-1b"
+    # voice names answered without a saved voice of that name: -> a saved voice's name, or a speaker id
+    voice_aliases: dict[str, str | int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_ALIASES))
 
 
 def event(kind: str, **fields) -> None:
@@ -77,6 +79,9 @@ class SpeechService:
                              self.metrics, config.cache_length)
         self.voices = VoiceStore(voices_dir, self.streams.encode, self.num_codebooks)
         self.voices.load_all()
+        for name, target in config.voice_aliases.items():
+            if isinstance(target, str) and self.voices.get(name) is None and self.voices.get(target) is None:
+                log.warning("voice %s stands for the saved voice %s, which does not exist (yet)", name, target)
         self.ids = itertools.count(1)
         self.engine.warm_up(coded_prompt_frames(generator.tokenizer, "warm up", 0, (), self.num_codebooks))
 
@@ -122,21 +127,37 @@ class SpeechService:
             f.flush()
             try:
                 return audio.read_audio(f.name)
-            except UserError as e:
+            except audio.UnreadableAudio:
+                raise ApiError(400, f"{param}: the uploaded file is no audio this server reads; send a "
+                                    f"{audio.readable_formats()} file", param, "invalid_audio") from None
+            except UserError as e:  # audio that is empty, silent or not finite
                 raise ApiError(400, f"{param}: {str(e).replace(f.name, 'the uploaded audio')}", param,
                                "invalid_audio") from None
+
+    def voice(self, name: str) -> tuple[list, str]:
+        """The context and speaker of a voice name: a saved voice's, else what `config.voice_aliases` maps the name
+        to (a saved voice, or a speaker id without context)."""
+        voice, target = self.voices.get(name), self.config.voice_aliases.get(name)
+        if voice is None and isinstance(target, int):
+            return [], str(target)
+        if voice is None and target is not None:
+            voice = self.voices.get(target)
+            if voice is None:
+                raise ApiError(400, f"voice {name!r} stands for the saved voice {target!r}, which does not exist; "
+                                    f"create it with POST /v1/voices", "voice", "voice_not_found")
+        if voice is None:
+            names = ", ".join(v.name for v in self.voices.list()) or "none saved yet (create one with POST /v1/voices)"
+            raise ApiError(400, f"unknown voice {name!r}; the voices are: {names}; and the names "
+                                f"{', '.join(sorted(self.config.voice_aliases))}", "voice", "voice_not_found")
+        return voice.context(), voice.speaker
 
     def build_prompt(self, params):
         """The request's prompt frames (runs in a worker thread: inline context audio is Mimi-encoded)."""
         context, speaker = [], params.speaker
         if params.voice is not None:
-            voice = self.voices.get(params.voice)
-            if voice is None:
-                names = ", ".join(v.name for v in self.voices.list()) or "none yet: create one with POST /v1/voices"
-                raise ApiError(400, f"unknown voice {params.voice!r}; the voices are: {names}", "voice",
-                               "voice_not_found")
-            context += voice.context()
-            speaker = speaker if speaker is not None else voice.speaker
+            voice_context, voice_speaker = self.voice(params.voice)
+            context += voice_context
+            speaker = speaker if speaker is not None else voice_speaker
         for i, clip in enumerate(params.context):
             wave = self.wave_from_bytes(clip.audio, f"context[{i}].audio")
             context.append((Segment(clip.speaker, clip.text), self.streams.encode(wave)))
@@ -297,7 +318,8 @@ class SpeechService:
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.config.model_name, "slots": self.config.slots,
                              "busy": self.engine.busy(), "queued": self.engine.queue_depth(),
-                             "voices": len(self.voices.voices), "sample_rate": SAMPLE_RATE,
+                             "voices": len(self.voices.voices), "api_key_required": bool(self.config.api_key),
+                             "sample_rate": SAMPLE_RATE,
                              "formats": self.formats})
 
     async def metrics_page(self, request: Request) -> Response:

@@ -10,6 +10,7 @@ import math
 
 from csm_jax.core.codec import FRAME_MS
 from csm_jax.inference.sampling import FrameSampling, SamplerConfig
+from csm_jax.io.audio import readable_formats
 
 
 class ApiError(Exception):
@@ -85,7 +86,7 @@ def _speaker(value, param: str) -> str:
 
 def decode_base64_audio(value, param: str) -> bytes:
     if not isinstance(value, str) or not value:
-        raise _bad(f"'{param}' must be a base64 string of an audio file (wav, flac, ogg or mp3)", param,
+        raise _bad(f"'{param}' must be a base64 string of an audio file ({readable_formats()})", param,
                    "invalid_type")
     if value.startswith("data:") and "," in value:  # a data: URL from a browser
         value = value.split(",", 1)[1]

@@ -29,6 +29,12 @@ log = logging.getLogger("csm_jax.serve")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+# The voice names of OpenAI's speech API, which apps written for it send. Each stands for a speaker id of its own
+# (its place here) unless a saved voice has that name; CSM-1B has no fixed voice per id (without a reference clip
+# the voice varies with the seed), so save voices under these names for voices that stay the same.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
+                 "marin", "cedar")
+DEFAULT_ALIASES: dict[str, str | int] = {name: i for i, name in enumerate(OPENAI_VOICES)}
 
 
 class VoiceError(UserError):
@@ -60,6 +66,22 @@ class Voice:
         return {"id": self.name, "object": "voice", "name": self.name, "speaker": self.speaker,
                 "clips": [{"text": c.text, "speaker": c.speaker, "frames": int(c.codes.shape[1])} for c in self.clips],
                 "seconds": round(seconds, 2)}
+
+
+def read_aliases(path: str | Path) -> dict[str, str | int]:
+    """The voice map file `path`, a JSON object of voice name -> saved voice name (a string) or speaker id (an
+    integer), over `DEFAULT_ALIASES` (its names replace the defaults of the same name)."""
+    from csm_jax.core.json_files import read_json_object
+
+    advice = 'give a JSON object such as {"alloy": "narrator", "echo": 3} (voice name -> saved voice or speaker id)'
+    mapping = read_json_object(path, VoiceError, advice)
+    for name, target in mapping.items():
+        check_name(name)
+        if isinstance(target, bool) or not isinstance(target, (int, str)) or (isinstance(target, int) and target < 0):
+            raise VoiceError(f"{path}: {name!r} maps to {target!r}; {advice}")
+        if isinstance(target, str):
+            check_name(target)
+    return {**DEFAULT_ALIASES, **mapping}
 
 
 def check_name(name) -> str:
@@ -113,7 +135,8 @@ class VoiceStore:
                 try:
                     wave = audio.read_audio(upload)
                 except audio.AudioError:
-                    raise VoiceError(f"clip {i}: the audio cannot be read; send a wav, flac, ogg or mp3 file") from None
+                    raise VoiceError(f"clip {i}: the audio cannot be read; send a {audio.readable_formats()} "
+                                     f"file") from None
                 finally:
                     upload.unlink()
                 if len(wave) > self.max_clip_seconds * SAMPLE_RATE:

@@ -19,7 +19,7 @@ from train.trainer import OptimConfig
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model="csm_1b", steps=20_000, mesh=(-1, 1, 1), mimi=None, save_every=500, eval_every=500,
+        steps=20_000, mesh=(-1, 1, 1), mimi=None, save_every=500, eval_every=500,
         data=DataConfig(languages=("ZH",), max_duration=10.0, min_dnsmos=3.0, max_frames=192, batch_size=8,
                         shuffle_window=1024),
         optim=OptimConfig(learning_rate=1e-5, warmup_steps=500, accumulation=10))

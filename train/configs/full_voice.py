@@ -11,7 +11,15 @@ every clip speaker 0. Eval every 50 steps on 5% of the clips, held out by a hash
 every 50 steps (and at step 0) from the current weights (`sample_text`, optional `sample_context` clip of the
 voice with its `sample_context_text`). Mimi codes once first for speed:
     python -m train.prepare my_voice/ my_voice-mimi/   ... then data.source=my_voice-mimi/
+
+A first try on a handful of clips runs as it is: where the held-out clips cannot fill one eval batch (4 packed rows
+of 512 frames, about 3 min of speech, so about an hour of recordings at 5%), the run trains on every clip without
+eval and says so (`eval_optional`; give eval_source=DIR for an eval), and the warm-up is at most a tenth of
+`steps` (`finalize`, after the command line's overrides).
 """
+
+import dataclasses
+import logging
 
 from train.config import TrainConfig
 from train.data import DataConfig
@@ -20,8 +28,17 @@ from train.trainer import OptimConfig
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model="csm_1b", steps=300, mesh=(-1, 1, 1), mimi=None, save_every=50, eval_every=50, eval_batches=4,
-        sample_every=50,
+        steps=300, mesh=(-1, 1, 1), mimi=None, save_every=50, eval_every=50, eval_batches=4,
+        eval_optional=True, sample_every=50,
         data=DataConfig(max_duration=20.0, max_frames=512, batch_size=4, packing=True, shuffle_window=256,
                         eval_fraction=0.05, speaker=0),
         optim=OptimConfig(learning_rate=2e-5, warmup_steps=30, schedule="cosine"))
+
+
+def finalize(cfg: TrainConfig) -> TrainConfig:
+    """The warm-up capped at a tenth of `steps` (so steps=20 warms up over 2), after the command line's overrides."""
+    warmup = min(cfg.optim.warmup_steps, cfg.steps // 10)
+    if warmup < cfg.optim.warmup_steps:
+        logging.getLogger("train").info("optim.warmup_steps=%d lowered to %d: this recipe warms up over at most a "
+                                        "tenth of steps=%d", cfg.optim.warmup_steps, warmup, cfg.steps)
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, warmup_steps=warmup))

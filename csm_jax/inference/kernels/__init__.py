@@ -1,10 +1,12 @@
-"""CPU kernels for decoding: a matrix-vector product over bfloat16 or float32 weights (matvec.cc) and the token
-sampler (sample.cc); each file says why XLA's CPU backend needs it.
+"""CPU kernels for decoding: a matrix-vector product over float32, bfloat16, int8 or packed 4-bit weights
+(matvec.cc) and the token sampler (sample.cc); each file says why XLA's CPU backend needs it.
 
 Compiled on first use with the system C++ compiler (g++ or c++) for this CPU, cached under
 $CSM_JAX_CACHE/kernels (default ~/.cache/csm_jax/kernels), and registered as an XLA FFI target. Whether decoding
-uses them is the decode layout's switch (`csm_jax.inference.decode_model.use_cpu_kernels`: off on GPUs, and never
-compiled there). Without a compiler everything still works, through XLA's slower path, after a one-time warning.
+uses them is the decode layout's switch (`csm_jax.inference.decode_model.use_cpu_kernels`: off on GPUs, and
+never compiled there; on a CPU, per product kind, whichever of kernel and XLA measured faster on this CPU, see
+`csm_jax.inference.products`). Without a compiler everything still works, through XLA's slower path, after a
+one-time warning.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from csm_jax.core.quant import Int4Weight
 from csm_jax.io.hub import cache_dir
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cc"))
 TARGETS = {  # FFI name -> C symbol
     "csm_matvec_bf16": "CsmMatvecBf16", "csm_matvec_f32": "CsmMatvecF32", "csm_matvec_i8": "CsmMatvecI8",
-    "csm_sample_f32": "CsmSampleF32"}
+    "csm_matvec_i4": "CsmMatvecI4", "csm_sample_f32": "CsmSampleF32"}
 MAX_ROWS = 16  # decode steps (batch x 1 or 2 positions); more rows are a prefill
 SMALL_F32_BYTES = 2 << 20  # float32 weights up to this size take the kernel at batch 1 (see use_for)
 _available: bool | None = None
@@ -40,11 +43,17 @@ def _cpu_signature() -> str:
     return flags
 
 
-def _build() -> Path:
+def library_path() -> Path:
+    """Where the kernels compiled for this CPU, these sources and this JAX are cached (built or not)."""
     sources = b"".join(path.read_bytes() for path in SOURCES)
     digest = hashlib.sha256(sources + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
     cache = cache_dir() / "kernels"
-    library = cache / f"kernels-{digest[:16]}.so"
+    return cache / f"kernels-{digest[:16]}.so"
+
+
+def _build() -> Path:
+    library = library_path()
+    cache = library.parent
     if library.exists():
         return library
     compiler = shutil.which("g++") or shutil.which("c++")
@@ -126,12 +135,33 @@ def matvec_int8(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(rows, q, scale, cpu=cpu, default=other).reshape(*x.shape[:-1], n)
 
 
+def matvec_int4(x: jax.Array, w: Int4Weight) -> jax.Array:
+    """x (..., K) float32 @ a 4-bit (K, N) weight -> (..., N) float32, with float32 sums of the dequantized
+    values (x is padded with zeros to the weight's padded rows): the kernel for up to MAX_ROWS rows on CPU, else a
+    float32 matmul of the dequantized matrix."""
+    kp, n = 2 * w.packed.shape[0], w.packed.shape[1]
+    rows = x.reshape(-1, x.shape[-1])
+    rows = jnp.pad(rows, ((0, 0), (0, kp - rows.shape[1])))
+
+    def cpu(rows, packed, scale, bias):
+        if rows.shape[0] > MAX_ROWS:
+            return rows @ jax.lax.optimization_barrier(w.replace(packed=packed, scale=scale, bias=bias).matrix())
+        return jax.ffi.ffi_call("csm_matvec_i4", jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(
+            rows, packed, scale, bias)
+
+    def other(rows, packed, scale, bias):
+        return rows @ w.replace(packed=packed, scale=scale, bias=bias).matrix()
+
+    y = jax.lax.platform_dependent(rows, w.packed, w.scale, w.bias, cpu=cpu, default=other)
+    return y.reshape(*x.shape[:-1], n)
+
+
 def applies(x: jax.Array, w: jax.Array, dtype) -> bool:
-    """Whether `matvec` is the faster product: float32 activations against bfloat16 weights, and against float32
+    """Whether `matvec` takes this product: float32 activations against bfloat16 weights, and against float32
     weights of at most SMALL_F32_BYTES for a single row (batch-1 decoding of small layers, where a column slab per
-    core lets the cores' L2 caches hold the depth decoder between its 31 steps). XLA's own product is as fast or
-    faster otherwise (measured: larger float32 layers, as in CSM-1B, decode a few percent slower through the
-    kernel)."""
+    core lets the cores' L2 caches hold the depth decoder between its 31 steps; on the Intel machines with
+    AVX-512, larger float32 layers, as in CSM-1B, decoded a few percent slower through the kernel). Whether the
+    kernel is then faster than XLA on this CPU is measured (`csm_jax.inference.products`)."""
     small_single_row = x.size == x.shape[-1] and w.size * 4 <= SMALL_F32_BYTES
     return ((w.dtype == jnp.bfloat16 or (w.dtype == jnp.float32 and small_single_row))
             and jnp.dtype(dtype) == jnp.float32 and x.dtype == jnp.float32)
