@@ -17,10 +17,12 @@ def test_mkdocs_build_strict(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     cli = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
     # the options tables come from the parsers: one option of each command line
-    for option in ["--weights-dtype", "--slots", "--overwrite", "--distributed", "--clip-seconds", "--out"]:
+    for option in ["--weights-dtype", "--slots", "--voice-map", "--overwrite", "--distributed", "--clip-seconds",
+                   "--out"]:
         assert option in cli, option
+    assert "int4" in cli  # --weights-dtype's choices
     train = (tmp_path / "site" / "reference" / "train" / "index.html").read_text()
-    assert "learning_rate" in train and "eval_fraction" in train and "base_dtype" in train
+    assert "learning_rate" in train and "eval_fraction" in train and "eval_optional" in train and "base_dtype" in train
     # the examples are included, not linked
     page = (tmp_path / "site" / "guides" / "sampling-research" / "index.html").read_text()
     assert "def no_repeat(logits, keys, frame, codebook, previous)" in html.unescape(re.sub("<[^>]+>", "", page))
