@@ -25,7 +25,7 @@ from csm_jax.core.logs import configure_logging
 from csm_jax.io.checkpoint import read_metadata
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="--to orbax: a PyTorch checkpoint directory, weights file (model.safetensors, "
@@ -38,11 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "beside the weights (--to orbax only)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it holds an earlier csm-jax checkpoint or export (never anything else)")
-    return p.parse_args(argv)
+    return p
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     configure_logging(logging.WARNING, "%(message)s")
     start = time.perf_counter()
     if args.to == "orbax":

@@ -1,4 +1,4 @@
-"""csm-jax: Sesame's CSM-1B in JAX / Flax NNX. See README.md.
+"""csm-jax: Sesame's CSM-1B in JAX / Flax NNX. See README.md and docs/.
 
 Layers, each importing only those before it: `csm_jax.core` (config, layers, model, sharding) <- `csm_jax.io`
 (checkpoints, audio and Mimi, text, frames, hub and cache) <- `csm_jax.inference` (prompts, decode layout,

@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
                    "(without it such a run is refused before anything is generated)")
     m.add_argument("--crossfade-ms", type=finite_float, default=30.0, help="equal-power crossfade between utterances "
                    "(default 30)")
-    e = p.add_argument_group("end of speech (see README)")
+    e = p.add_argument_group("end of speech (see docs/guides/end-of-speech.md)")
     e.add_argument("--end-bias", type=finite_float, default=0.0,
                    help="added to codebook 0's logit of the end code from "
                    "--min-frames on; a 0 there ends the utterance (default 0 = off)")

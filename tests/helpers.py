@@ -222,6 +222,27 @@ def tiny_server(tmp_path_factory, **overrides):
 
 # ---- our model and command lines -----------------------------------------------------------------------------
 
+def tiny_checkpoint(path) -> str:
+    """A random `tiny_full_vocab` model saved as a csm-jax checkpoint at `path` (what `python -m convert` writes)."""
+    from flax import nnx
+
+    from csm_jax.core.config import preset
+    from csm_jax.core.model import Csm
+    from csm_jax.io.checkpoint import save_model
+
+    return str(save_model(Csm(preset("tiny_full_vocab"), rngs=nnx.Rngs(1)), path))
+
+
+def random_mimi_file(path) -> str:
+    """Random Mimi weights (`csm_jax.io.audio.random_mimi`) in a .safetensors file, as a user passes real ones."""
+    from safetensors.torch import save_file
+
+    from csm_jax.io import audio
+
+    save_file({k: v.contiguous() for k, v in audio.random_mimi(0).state_dict().items()}, path)
+    return str(path)
+
+
 class WatchedProcess:
     """A command line in a subprocess (from the repository root), its stderr collected as it comes; its waits are
     bounded by `HANG_SECONDS`."""

@@ -1,8 +1,8 @@
-"""README's fine-tuning flows, as command lines, over checkpoints whose config is none of our presets: transformers'
-own `CsmConfig` defaults changed only in their sizes (so its depth decoder says max_position_embeddings=33) and
-Sesame's original layout (torchtune flavors, max_seq_len 2048 in both stacks). `init=` alone gives the model; every
-artifact records the base's config; exports carry the base's Mimi codec back to transformers; adapters load on the
-base they were trained on, in csm-jax (`generate --adapter`) and in PEFT."""
+"""The fine-tuning guide's flows (docs/guides/fine-tuning.md), as command lines, over checkpoints whose config is
+none of our presets: transformers' own `CsmConfig` defaults changed only in their sizes (so its depth decoder says
+max_position_embeddings=33) and Sesame's original layout (torchtune flavors, max_seq_len 2048 in both stacks).
+`init=` alone gives the model; every artifact records the base's config; exports carry the base's Mimi codec back
+to transformers; adapters load on the base they were trained on, in csm-jax (`generate --adapter`) and in PEFT."""
 
 import copy
 import subprocess
@@ -30,7 +30,7 @@ DEPTH_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
 ORIGINAL = {"backbone_flavor": dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128),
             "decoder_flavor": dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64),
             "text_vocab_size": 128_256, "audio_vocab_size": 2051, "audio_num_codebooks": 32}
-# the README's own-voice recipes, shrunk to two offline steps on the test shards' Mimi codes
+# the fine-tuning guide's own-voice recipes, shrunk to two offline steps on the test shards' Mimi codes
 SHORT_RUN = ["mimi=random", "steps=2", "save_every=2", "log_every=1", "eval_every=0", "sample_every=0",
              "compute_dtype=float32", "optim.warmup_steps=0", "data.max_frames=128", "data.batch_size=2",
              "data.shuffle_window=4", "data.packing_bins=2"]

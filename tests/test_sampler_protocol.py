@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import csm_jax
 from csm_jax.core.config import preset
 from csm_jax.core.model import Csm
 from csm_jax.inference import kernels, loop
@@ -234,7 +235,7 @@ def test_a_stream_yields_the_state_after_each_chunk_and_ends_with_the_state_of_g
 
 
 def no_repeat_drawn(logits, keys, frame, codebook, previous):
-    """The README's sampler: a draw at temperature 0.8 that never repeats codebook c's code of the frame before."""
+    """The documented sampler: a draw at temperature 0.8 that never repeats codebook c's code of the frame before."""
     logits = jnp.where(jnp.arange(logits.shape[-1]) == previous[:, codebook, None], -jnp.inf, logits)
     tokens = jax.vmap(jax.random.categorical)(keys, logits / 0.8).astype(jnp.int32)
     return tokens, previous.at[:, codebook].set(tokens)
@@ -258,10 +259,10 @@ def test_best_of_n_returns_the_chosen_candidates_state_as_generate_gives_it(gene
                   sampler_state={"calls": 0, "per_row": np.zeros(3, np.int32)}, return_sampler_state=True)
 
 
-def test_the_readme_example_runs(generator):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme[readme.index("### Scoring and sampling research"):]
-    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_the_documented_example_runs(generator, monkeypatch):
+    page = (Path(__file__).parents[1] / "docs" / "guides" / "sampling-research.md").read_text()
+    example = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    monkeypatch.setattr(csm_jax, "load_csm_1b", lambda *args, **kwargs: generator)  # the tiny model, not the hub's
     scope = {"gen": generator}
     exec(example, scope)
     assert scope["last"].shape == (1, 32) and len(scope["audio"]) % 1920 == 0

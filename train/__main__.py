@@ -1,4 +1,4 @@
-"""python -m train --config train/configs/smoke.py [key=value ...]: fine-tune CSM (see README, "Fine-tuning")."""
+"""python -m train --config train/configs/smoke.py [key=value ...]: fine-tune CSM (see docs/guides/fine-tuning.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from csm_jax.core.logs import configure_logging
 from train.config import DEFAULT_MODEL, TrainConfig, TrainConfigError, load_config, resolve_model, validate
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     p.add_argument("--config", help="a Python config file with get_config() (train/configs/*.py)")
     p.add_argument("--distributed", action="store_true",
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-processes", type=int, help="processes in the run (implies --distributed)")
     p.add_argument("--process-id", type=int, help="this process's index, 0..N-1 (implies --distributed)")
     p.add_argument("overrides", nargs="*", help="config overrides such as optim.learning_rate=1e-4 steps=500")
-    return p.parse_args(argv)
+    return p
 
 
 def held_out(cfg: TrainConfig) -> bool:
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     configure_logging(logging.INFO, "%(levelname)s %(name)s: %(message)s")
     logging.getLogger("train").info("host malloc: %s", keep_freed_memory())  # before JAX starts its backend
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     return run_main(_main, argv)
 
 
-def _main(argv) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a directory of Emilia .tar shards (or a hub dataset id), a folder of clips with "
@@ -162,13 +162,20 @@ def _main(argv) -> int:
     p.add_argument("--clip-seconds", type=finite_float, nargs=2, default=defaults.clip_seconds, metavar=("MIN", "MAX"),
                    help="clip lengths for long recordings with segment or word times")
     p.add_argument("out", help="output directory; mirrors the source's layout with .array_record shards")
-    p.add_argument("--worker", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
-    p.add_argument("--workers", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
+    p.add_argument("--worker", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
+                   help="this worker's index, 0..N-1 (default: $SLURM_ARRAY_TASK_ID, else 0)")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
+                   help="workers sharing the shards, worker I taking every N-th (default: $SLURM_ARRAY_TASK_COUNT, "
+                        "else 1)")
     p.add_argument("--mimi", default=None, help="Mimi weights (file or hub id); 'random' for tests")
-    p.add_argument("--num-codebooks", type=int, default=32)
+    p.add_argument("--num-codebooks", type=int, default=32, help="codebooks kept per frame (CSM uses 32)")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per Mimi call")
     p.add_argument("--device", default=None, help="torch device for Mimi (default: cuda when available)")
-    args = p.parse_args(argv)
+    return p
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(logging.INFO, "%(levelname)s %(name)s: %(message)s")
     import torch
 

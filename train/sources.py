@@ -328,6 +328,6 @@ def examples(source: str, fmt: str, cfg) -> Examples | HfExamples:
         raise AssertionError(fmt)
     if not len(found):
         counts = ", ".join(f"{r} {n}" for r, n in (SKIPPED - before).most_common()) or "no items found"
-        raise DataError(f"no usable example in data.source={source} (data.format={fmt}): {counts}; see the README "
-                        f"(Fine-tuning, Data) for the layout of each format")
+        raise DataError(f"no usable example in data.source={source} (data.format={fmt}): {counts}; see "
+                        f"docs/guides/fine-tuning.md (Your own data) for the layout of each format")
     return found

@@ -31,7 +31,8 @@ TRIM_WINDOW = SAMPLE_RATE // 100  # 10 ms
 
 @dataclasses.dataclass(frozen=True)
 class EndOfSpeech:
-    """The end-of-speech rules of one generation; the defaults are the command line's (see README)."""
+    """The end-of-speech rules of one generation; the defaults are the command line's (see
+    docs/guides/end-of-speech.md)."""
 
     end_bias: float = 0.0  # added to codebook 0's logit of code 0; 0 = off
     min_frames: int = 10  # frames (80 ms each) before the bias applies and before a codebook-0 end counts
