@@ -67,6 +67,8 @@ def lora_steps(config, optim, shape):
     return {"loss": [one_loss, many_loss],
             "max_adapter_diff": max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one),
                                                                                 jax.tree.leaves(many))),
+            "adapter_values_off": sum(int((~np.isclose(a, b, rtol=1e-4, atol=1e-5)).sum())
+                                      for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many))),
             "max_b": max(float(np.abs(x["b"]).max()) for s in one.values() for x in s.values()),
             "adapter_size": sum(x.size for x in jax.tree.leaves(one)), "optimizer_moments": moments,
             "specs": {"q_a": str(q["a"].sharding.spec), "q_b": str(q["b"].sharding.spec),

@@ -53,7 +53,7 @@ def test_reference_builder_ties_the_codebook_embeddings_where_transformers_does_
     reference.save_pretrained(tmp_path / "hf")
     tokens, mask, codes = logits_inputs(rng, config)
     assert_logits_close(our_logits(load_model(convert_to_orbax(tmp_path / "hf", tmp_path / "orbax")), tokens, mask,
-                                   codes), transformers_logits(reference, tokens, mask, codes)[:2], FLOAT32_ATOL)
+                                   codes), transformers_logits(reference, tokens, mask, codes)[:2], FLOAT32_TOLERANCE)
 
 
 def test_transformers_checkpoint_matches_transformers_logits(transformers_checkpoint, rng):

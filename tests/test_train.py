@@ -136,7 +136,11 @@ def test_sharded_step_equals_single_device_step():
 
     lora = report["lora"]  # two LoRA steps over an int8 base
     np.testing.assert_allclose(lora["loss"][0], lora["loss"][1], rtol=1e-5)
-    assert lora["max_b"] > 1e-4 and lora["max_adapter_diff"] < 2e-5
+    # b starts at 0, so a's first gradients are at float32 rounding-noise level, and Adam scales each to a step of up
+    # to the learning rate (1e-3): equal to 1e-4 relative except for a few such values (seen: 3.2e-5 off, once); a
+    # wrong gather or a missing shard moves most values.
+    off_allowed = max(2, lora["adapter_size"] // 1000)
+    assert lora["max_b"] > 1e-4 and lora["adapter_values_off"] <= off_allowed and lora["max_adapter_diff"] < 3e-3, lora
     assert lora["optimizer_moments"] == 2 * lora["adapter_size"]  # Adam's two moments of the adapters, no base
     assert lora["specs"] == {"q_a": "P(None, 'fsdp', None)", "q_b": "P(None, None, 'tensor', None)",
                              "down_a": "P(None, 'tensor', None)", "wq_int8": "P(None, 'fsdp', 'tensor', None)",
