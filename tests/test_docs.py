@@ -23,6 +23,9 @@ def test_mkdocs_build_strict(tmp_path):
     assert "int4" in cli  # --weights-dtype's choices
     train = (tmp_path / "site" / "reference" / "train" / "index.html").read_text()
     assert "learning_rate" in train and "eval_fraction" in train and "eval_optional" in train and "base_dtype" in train
+    assert "<code>str | None</code>" in train  # a type's pipe in a table cell, shown without an escaping backslash
+    api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
+    assert "max_queue" in api and "voice_aliases" in api  # ServeConfig's fields
     # the examples are included, not linked
     page = (tmp_path / "site" / "guides" / "sampling-research" / "index.html").read_text()
     assert "def no_repeat(logits, keys, frame, codebook, previous)" in html.unescape(re.sub("<[^>]+>", "", page))

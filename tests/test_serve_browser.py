@@ -1,12 +1,16 @@
 """The playground page in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium): it asks
-for the API key, then makes a voice from an uploaded clip, takes text, plays, and streamed audio arrives and plays."""
+for the API key, then makes a voice from an uploaded clip, takes text, plays, and streamed audio arrives and plays.
 
+The test saves a screenshot of the page after playing into its tmp folder; with CSM_JAX_DOCS_IMAGES=1 also into
+docs/images/playground.png, the picture in docs/guides/serving.md."""
+
+import os
 import shutil
 import time
 
 import pytest
 
-from tests.helpers import HANG_SECONDS, KEY, espeak_wav
+from tests.helpers import HANG_SECONDS, KEY, ROOT, espeak_wav
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # the page's progress record without its AudioContext (which does not serialise)
@@ -88,3 +92,22 @@ def test_playground_makes_a_voice_and_streams_audio_that_plays(server, browser, 
     assert href.startswith("blob:")
     duration = wait_for(browser, "document.getElementById('player').duration")
     assert abs(duration - 2.4) < 0.01
+    screenshot(browser, tmp_path / "playground.png")
+
+
+def screenshot(driver, path):
+    """The whole page as a PNG at `path`, and at docs/images/playground.png when CSM_JAX_DOCS_IMAGES=1."""
+    page = "return [document.documentElement.scrollHeight, window.innerHeight]"
+    height, _ = driver.execute_script(page)
+    driver.set_window_size(900, height)
+    height, inner = driver.execute_script(page)
+    driver.set_window_size(900, 2 * height - inner)  # the window's own bars are not page
+    driver.execute_script("window.scrollTo(0, 0)")
+    png = driver.get_screenshot_as_png()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    path.write_bytes(png)
+    if os.environ.get("CSM_JAX_DOCS_IMAGES") == "1":
+        docs = ROOT / "docs" / "images" / "playground.png"
+        partial = docs.with_name(docs.name + ".partial")
+        partial.write_bytes(png)
+        partial.replace(docs)

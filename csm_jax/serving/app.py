@@ -43,18 +43,20 @@ PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
 
 @dataclasses.dataclass
 class ServeConfig:
-    slots: int = 4
+    """The server's options: slots and queue, per-request limits, API key, voice names (`python -m csm_jax.serve`
+    sets them from its flags)."""
+
+    slots: int = 4  # requests generated together on the device batch
     max_queue: int = 32  # requests waiting for a slot; one more gets 429
     chunk_frames: int = 2  # frames per device call: new requests join and audio leaves at these boundaries
-    api_key: str | None = None
-    voices_dir: str | None = None
-    max_body_bytes: int = 20 << 20
-    max_input_chars: int = 4096
-    max_audio_ms: float = 90_000
-    max_context: int = 8
+    api_key: str | None = None  # required as `Authorization: Bearer KEY`; None: the API is open
+    max_body_bytes: int = 20 << 20  # a larger request body gets 413
+    max_input_chars: int = 4096  # of `input`
+    max_audio_ms: float = 90_000  # the most audio one request may ask for
+    max_context: int = 8  # context segments per request
     request_timeout: float = 300.0  # seconds from request to its last audio
     cache_length: int | None = None  # a slot's cache length (default: the model's max_seq_len + one bucket)
-    model_name: str = "csm-1b"
+    model_name: str = "csm-1b"  # the model's name in /health and /v1/models (a request's `model` may be any string)
     # voice names answered without a saved voice of that name: -> a saved voice's name, or a speaker id
     voice_aliases: dict[str, str | int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_ALIASES))
 

@@ -22,6 +22,11 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _code(text) -> str:
+    """A table cell in backticks: a pipe there splits no cell, and an escaped one would show its backslash."""
+    return "`" + str(text).replace("\n", " ") + "`"
+
+
 def options_table(module: str) -> str:
     parser = importlib.import_module(module).build_parser()
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
@@ -40,8 +45,8 @@ def options_table(module: str) -> str:
                 name += " ..."
         default = action.default
         unset = default is None or default is False or default == argparse.SUPPRESS or default == []
-        shown = "" if unset or action.nargs == "*" else f"`{default}`"
-        rows.append(f"| `{_cell(name)}` | {_cell(shown)} | {_cell(action.help or '')} |")
+        shown = "" if unset or action.nargs == "*" else _code(default)
+        rows.append(f"| {_code(name)} | {shown} | {_cell(action.help or '')} |")
     usage = parser.format_usage().strip().removeprefix("usage: ")
     return f"```text\n{usage}\n```\n\n" + "\n".join(rows)
 
@@ -64,7 +69,7 @@ def fields_table(path: str) -> str:
             default = f"{type(default).__name__}()"
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
         meaning = _cell(comments.get(line, ""))
-        rows.append(f"| `{field.name}` | `{_cell(kind)}` | `{_cell(repr(default))}` | {meaning} |")
+        rows.append(f"| {_code(field.name)} | {_code(kind)} | {_code(repr(default))} | {meaning} |")
     return "\n".join(rows)
 
 
