@@ -371,6 +371,7 @@ def test_the_command_line_logs_its_start_and_each_request_and_answers_openai_voi
                              "--api-key", KEY, "--log-level", "info"])
     try:
         server.wait_for(f"serving on http://127.0.0.1:{port}")
+        server.wait_for(f"Uvicorn running on http://127.0.0.1:{port}")  # "serving on" comes before the port is bound
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=HANG_SECONDS)
         for voice in ("alloy", "shimmer"):
             speech = client.audio.speech.create(model="csm-1b", voice=voice, input="Hello.", response_format="wav",
