@@ -222,13 +222,13 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
         # two-process CPU run (tests/test_train.py) in its first step's collective; the cause is not yet known.
         return _train(cfg, workdir, sample_hook)
     lock = Path(os.path.abspath(workdir))
-    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()][::-1]
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # deepest first
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         with exclusive(lock.parent / f".{lock.name}.lock", f"the workdir {workdir}", "give another workdir"):
             return _train(cfg, workdir, sample_hook)
     finally:
-        for directory in reversed(made):  # made only for the lock: a run refused before writing leaves none
+        for directory in made:  # made only for the lock: a run refused before writing leaves none
             with contextlib.suppress(OSError):
                 directory.rmdir()
 
