@@ -73,13 +73,18 @@ class Int4Weight(ReadWhole):
     Held as matrices (*lead, K, N): input axes folded into K (padded with zero rows to a whole number of groups),
     output axes into N; `in_shape` / `out_shape` are the unfolded axes, so `shape` and `dequantize` give the
     weight's own shape back. `packed` (*lead, K/2, N) uint8 holds rows 2i and 2i+1 in the low and high nibble of
-    row i; `scale`, `bias` are (*lead, K/group, N) float16. Leading axes (stacked layers) slice like any array."""
+    row i; `scale`, `bias` are (*lead, K/group, N) float16. Leading axes (stacked layers) slice like any array.
+
+    `tile` > 0 is the CPU kernel's layout (`tiled`): the N columns (zero-padded to whole strips) in strips of `tile`,
+    each strip's rows one contiguous block, so that a product streams each strip in one sequential read: `packed`
+    (*lead, strips, K/2, tile), `scale` and `bias` (*lead, strips, K/group, tile)."""
 
     packed: jax.Array
     scale: jax.Array
     bias: jax.Array
     in_shape: tuple[int, ...] = struct.field(pytree_node=False)
     out_shape: tuple[int, ...] = struct.field(pytree_node=False)
+    tile: int = struct.field(pytree_node=False, default=0)
 
     @property
     def rows(self) -> int:
@@ -91,29 +96,59 @@ class Int4Weight(ReadWhole):
         return 2 * self.packed.shape[-2] // self.scale.shape[-2]
 
     @property
+    def lead(self) -> tuple[int, ...]:
+        """The leading (stacked layer) axes."""
+        return self.packed.shape[:self.packed.ndim - (3 if self.tile else 2)]
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.packed.shape[:-2], *self.in_shape, *self.out_shape)
+        return (*self.lead, *self.in_shape, *self.out_shape)
 
     def reshape(self, *shape) -> Int4Weight:
         """To a (K, N) matrix, as layers fold heads: input axes into K, output axes into N."""
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
         k, n = self.rows, math.prod(self.out_shape)
-        if self.packed.ndim != 2 or len(shape) != 2 or shape[0] not in (k, -1) or shape[1] not in (n, -1):
+        if self.lead or len(shape) != 2 or shape[0] not in (k, -1) or shape[1] not in (n, -1):
             raise ValueError(f"an Int4Weight folds only to its (K, N) = {(k, n)} matrix, not to {shape}")
         return self.replace(in_shape=(k,), out_shape=(n,))
 
+    def tiled(self, tile: int) -> Int4Weight:
+        """The same weight in strips of `tile` columns (see the class), as the CPU kernel reads it."""
+        if self.tile:
+            return self if self.tile == tile else self.untiled().tiled(tile)
+        n = self.packed.shape[-1]
+        strips = -(-n // tile)
+
+        def strip(a):  # (*lead, R, N) -> (*lead, strips, R, tile), zero columns at the end
+            a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, strips * tile - n)])
+            return jnp.moveaxis(a.reshape(*a.shape[:-1], strips, tile), -2, -3)
+
+        return self.replace(packed=strip(self.packed), scale=strip(self.scale), bias=strip(self.bias), tile=tile)
+
+    def untiled(self) -> Int4Weight:
+        """The same weight in the (*lead, K/2, N) layout."""
+        if not self.tile:
+            return self
+        n = math.prod(self.out_shape)
+
+        def join(a):  # (*lead, strips, R, tile) -> (*lead, R, N)
+            a = jnp.moveaxis(a, -3, -2)
+            return a.reshape(*a.shape[:-2], -1)[..., :n]
+
+        return self.replace(packed=join(self.packed), scale=join(self.scale), bias=join(self.bias), tile=0)
+
     def codes(self) -> jax.Array:
         """The unpacked codes (*lead, K padded, N) uint8 in 0..15."""
-        p = self.packed
+        p = self.untiled().packed
         return jnp.stack([p & 15, p >> 4], axis=-2).reshape(*p.shape[:-2], 2 * p.shape[-2], p.shape[-1])
 
     def matrix(self, dtype=jnp.float32) -> jax.Array:
         """The dequantized (*lead, K padded, N) matrix (zero-padded rows included)."""
-        q = self.codes()
+        q, flat = self.codes(), self.untiled()
         *lead, kp, n = q.shape
-        groups = self.scale.shape[-2]
+        groups = flat.scale.shape[-2]
         q = q.reshape(*lead, groups, kp // groups, n).astype(jnp.float32)
-        w = q * self.scale[..., None, :].astype(jnp.float32) + self.bias[..., None, :].astype(jnp.float32)
+        w = q * flat.scale[..., None, :].astype(jnp.float32) + flat.bias[..., None, :].astype(jnp.float32)
         return w.reshape(*lead, kp, n).astype(dtype)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:

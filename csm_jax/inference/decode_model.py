@@ -27,7 +27,7 @@ from csm_jax.core.config import CsmConfig, TransformerConfig
 from csm_jax.core.layers import Attention, Block, DType, KVCache, MLP, Matmul, RMSNorm, dense, layer_inputs, param
 from csm_jax.core.model import Csm
 from csm_jax.inference import kernels
-from csm_jax.inference.products import decode_dense, faster_kinds, kernel_matmul, KINDS
+from csm_jax.inference.products import decode_dense, faster_kinds, for_kernels, kernel_matmul, KINDS
 from csm_jax.inference.quantize import QUANTIZED, product_kinds, quantize_decode_params
 
 KERNELS_ENV = "CSM_JAX_CPU_KERNELS"
@@ -184,6 +184,7 @@ def decode_model(model: Csm, cpu_kernels: bool | None = None, weights_dtype: str
         params = quantize_decode_params(params, weights_dtype)
     used = product_kinds(weights_dtype or jnp.dtype(param_dtype).name)
     kinds = kernel_kinds(cpu_kernels, used, params) if use and jnp.dtype(model.dtype) == jnp.float32 else frozenset()
+    params = for_kernels(params, kinds)
     abstract = nnx.eval_shape(lambda: DecodeCsm(model.config, dtype=model.dtype, param_dtype=param_dtype,
                                                 rngs=nnx.Rngs(0), cpu_kernels=use, kernel_kinds=kinds))
     graphdef, state = nnx.split(abstract)

@@ -67,6 +67,16 @@ def kernel_product(x: jax.Array, w) -> jax.Array:
     return kernels.matvec(x, w)
 
 
+def for_kernels(params, kinds: frozenset[str]):
+    """`params` (any tree) with its 4-bit weights in the kernel's strips (`Int4Weight.tiled`) when int4 products go
+    through the kernel, so that they are rearranged once, not at every step."""
+    if "int4" not in kinds:
+        return params
+    tile = kernels.int4_tile()
+    return jax.tree.map(lambda w: w.tiled(tile) if isinstance(w, Int4Weight) else w, params,
+                        is_leaf=lambda w: isinstance(w, Int4Weight))
+
+
 def kernel_matmul(x: jax.Array, w, dtype: DType, out_dtype: DType | None = None, *,
                   kinds: frozenset[str] = frozenset(KINDS)) -> jax.Array:
     """`decode_dense`, through the CPU kernel where one takes the product and its kind is in `kinds`."""
@@ -149,12 +159,13 @@ def calibrate(kind: str, weights: list | None = None) -> dict:
     x = [jnp.asarray(rng.standard_normal((1, w.shape[0]), np.float32)) for w in weights]
     products = {"kernel": lambda x, ws: [kernel_product(a, w) for a, w in zip(x, ws)],
                 "xla": lambda x, ws: [decode_dense(a, w, jnp.float32) for a, w in zip(x, ws)]}
-    paths = {name: jax.jit(f).lower(x, weights).compile() for name, f in products.items()}
+    inputs = {"kernel": for_kernels(weights, frozenset(KINDS)), "xla": weights}  # each in the layout it would read
+    paths = {name: jax.jit(f).lower(x, inputs[name]).compile() for name, f in products.items()}
     times: dict[str, list[float]] = {name: [] for name in paths}
     for round_ in range(CALIBRATION_ROUNDS):
         for name, f in paths.items():
             start = time.perf_counter()
-            jax.block_until_ready(f(x, weights))
+            jax.block_until_ready(f(x, inputs[name]))
             times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(t[1:] if len(t) > 1 else t) for name, t in times.items()}
         if round_ >= 2 and max(medians.values()) > 2 * min(medians.values()):

@@ -40,7 +40,7 @@ def int4_dense(x: jax.Array, w: Int4Weight, dtype, out_dtype=None) -> jax.Array:
     """x (..., K) @ w in the compute dtype with float32 sums of the dequantized weights (unpacked and scaled in
     the same jitted computation, which XLA may fuse into the product); x is padded to the weight's padded rows."""
     rows = x.reshape(-1, x.shape[-1])
-    rows = jnp.pad(rows, ((0, 0), (0, 2 * w.packed.shape[0] - rows.shape[1])))
+    rows = jnp.pad(rows, ((0, 0), (0, 2 * w.packed.shape[-2] - rows.shape[1])))
     y = jnp.dot(rows.astype(dtype), w.matrix(dtype), preferred_element_type=jnp.float32)
     return y.reshape(*x.shape[:-1], y.shape[-1]).astype(out_dtype or dtype)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ TARGETS = {  # FFI name -> C symbol
 MAX_ROWS = 16  # decode steps (batch x 1 or 2 positions); more rows are a prefill
 SMALL_F32_BYTES = 2 << 20  # float32 weights up to this size take the kernel at batch 1 (see use_for)
 _available: bool | None = None
+_int4_tile: int | None = None
 
 
 def _cpu_signature() -> str:
@@ -70,12 +72,14 @@ def _build() -> Path:
 
 def available() -> bool:
     """Whether the kernel is built and registered (tries once per process)."""
-    global _available
+    global _available, _int4_tile
     if _available is None:
         try:
             library = ctypes.cdll.LoadLibrary(str(_build()))
             for name, symbol in TARGETS.items():
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+            library.CsmInt4Tile.restype = ctypes.c_int64
+            _int4_tile = int(library.CsmInt4Tile())
             _available = True
         except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
@@ -135,19 +139,30 @@ def matvec_int8(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(rows, q, scale, cpu=cpu, default=other).reshape(*x.shape[:-1], n)
 
 
+def int4_tile() -> int:
+    """The strip width (columns) the 4-bit kernel reads its weights in (`Int4Weight.tiled`): 8 vector registers
+    of this CPU's columns. Needs the kernels built (`available`)."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not built here")
+    return _int4_tile
+
+
 def matvec_int4(x: jax.Array, w: Int4Weight) -> jax.Array:
     """x (..., K) float32 @ a 4-bit (K, N) weight -> (..., N) float32, with float32 sums of the dequantized
     values (x is padded with zeros to the weight's padded rows): the kernel for up to MAX_ROWS rows on CPU, else a
-    float32 matmul of the dequantized matrix."""
-    kp, n = 2 * w.packed.shape[0], w.packed.shape[1]
+    float32 matmul of the dequantized matrix. The kernel reads `w.tiled(int4_tile())`: tile the weights once
+    beforehand (the decode layout does), else every call rearranges them."""
+    w = w.tiled(int4_tile())
+    kp, n = 2 * w.packed.shape[-2], math.prod(w.out_shape)
     rows = x.reshape(-1, x.shape[-1])
     rows = jnp.pad(rows, ((0, 0), (0, kp - rows.shape[1])))
 
     def cpu(rows, packed, scale, bias):
         if rows.shape[0] > MAX_ROWS:
             return rows @ jax.lax.optimization_barrier(w.replace(packed=packed, scale=scale, bias=bias).matrix())
-        return jax.ffi.ffi_call("csm_matvec_i4", jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(
-            rows, packed, scale, bias)
+        strips = jax.ffi.ffi_call("csm_matvec_i4", jax.ShapeDtypeStruct((rows.shape[0], packed.shape[0] * w.tile),
+                                                                        jnp.float32))(rows, packed, scale, bias)
+        return strips[:, :n]
 
     def other(rows, packed, scale, bias):
         return rows @ w.replace(packed=packed, scale=scale, bias=bias).matrix()
