@@ -60,6 +60,33 @@ def test_int4_stacked_layers_slice_and_fold_like_the_weight():
         layer.reshape(32, 8)
 
 
+def test_int4_strips_hold_the_same_weight():
+    """The CPU kernel's layout (`tiled`): columns in strips (the last zero-padded), each strip's rows together; stacked
+    layers keep their leading axes; `untiled` gives the very arrays back."""
+    w = jax.random.normal(jax.random.key(1), (3, 96, 70))
+    q = quantize_int4(w, (1,), group=32)
+    t = q.tiled(64)
+    assert t.tile == 64 and t.packed.shape == (3, 2, 48, 64) and t.scale.shape == t.bias.shape == (3, 2, 3, 64)
+    assert t.shape == q.shape == (3, 96, 70) and t.lead == (3,) and t.group == 32
+    np.testing.assert_array_equal(np.asarray(t.packed[1, 1, :, :6]), np.asarray(q.packed[1, :, 64:]))
+    assert not np.asarray(t.packed[:, 1, :, 6:]).any()
+    for a, b in zip(jax.tree.leaves(t.untiled()), jax.tree.leaves(q)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(t.dequantize()), np.asarray(q.dequantize()))
+    assert t.tiled(64) is t and t.tiled(32).untiled().tile == 0
+
+
+@needs_kernels
+def test_the_decode_layout_hands_the_kernel_its_strips_once():
+    model = csm_from_transformers(transformers_model(preset("tiny"), seed=1), preset("tiny"))
+    on = decode_model(model, cpu_kernels=True, weights_dtype="int4")
+    off = decode_model(model, cpu_kernels=False, weights_dtype="int4")
+    assert on.decoder.blocks[0].mlp.w_down[...].tile == kernels.int4_tile()
+    assert off.decoder.blocks[0].mlp.w_down[...].tile == 0
+    tokens, mask = random_frames(np.random.default_rng(2), model.config, 4, 8)
+    np.testing.assert_allclose(np.asarray(on(tokens, mask)[0]), np.asarray(off(tokens, mask)[0]), rtol=1e-4, atol=1e-4)
+
+
 def _products(rows, k, n, group, seed=0):
     rng = np.random.default_rng(seed)
     q = quantize_int4(jnp.asarray(rng.standard_normal((k, n)) * 0.1, jnp.float32), group=group)
