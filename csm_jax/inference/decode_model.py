@@ -28,7 +28,7 @@ from csm_jax.core.layers import Attention, Block, DType, KVCache, MLP, Matmul, R
 from csm_jax.core.model import Csm
 from csm_jax.inference import kernels
 from csm_jax.inference.products import decode_dense, faster_kinds, for_kernels, kernel_matmul, KINDS
-from csm_jax.inference.quantize import QUANTIZED, product_kinds, quantize_decode_params
+from csm_jax.inference.quantize import QUANTIZED, product_kinds, quantize_heads, quantize_layer
 
 KERNELS_ENV = "CSM_JAX_CPU_KERNELS"
 
@@ -141,8 +141,10 @@ def kernel_kinds(requested: bool | None = None, kinds=KINDS, params: dict | None
     return frozenset(kinds) if kernel_switch(requested) else faster_kinds(kinds, params)
 
 
-def _fused_stack(blocks: dict, norm: dict, num_layers: int) -> dict:
-    """A stacked transformer's pure dict -> the per-layer, fused pure dict of `LayerList`."""
+def _fused_stack(blocks: dict, norm: dict, num_layers: int, finish_layer=None) -> dict:
+    """A stacked transformer's pure dict -> the per-layer, fused pure dict of `LayerList`, each layer passed
+    through `finish_layer` as soon as it is made (so that quantizing holds one float32 layer at a time)."""
+    finish_layer = finish_layer or (lambda block: block)
     def layer(i: int) -> dict:
         attn, mlp = blocks["attn"], blocks["mlp"]
         d = attn["wq"].shape[1]
@@ -153,15 +155,15 @@ def _fused_stack(blocks: dict, norm: dict, num_layers: int) -> dict:
                 "mlp": {"w_gate_up": jnp.concatenate([mlp["w_gate"][i], mlp["w_up"][i]], axis=1),
                         "w_down": mlp["w_down"][i]}}
 
-    return {"blocks": {i: layer(i) for i in range(num_layers)}, "norm": norm}
+    return {"blocks": {i: jax.block_until_ready(finish_layer(layer(i))) for i in range(num_layers)}, "norm": norm}
 
 
-def decode_params(params: dict, config: CsmConfig) -> dict:
+def decode_params(params: dict, config: CsmConfig, finish_layer=None) -> dict:
     """The pure map from `Csm`'s parameter tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`) to
-    `DecodeCsm`'s."""
+    `DecodeCsm`'s; `finish_layer` maps each transformer layer's dict as it is made (`_fused_stack`)."""
     out = {k: v for k, v in params.items() if k not in ("backbone", "decoder", "audio_head")}
     for stack, cfg in (("backbone", config.backbone), ("decoder", config.decoder)):
-        out[stack] = _fused_stack(params[stack]["blocks"], params[stack]["norm"], cfg.num_layers)
+        out[stack] = _fused_stack(params[stack]["blocks"], params[stack]["norm"], cfg.num_layers, finish_layer)
     out["audio_head"] = {i: params["audio_head"][i] for i in range(config.num_codebooks - 1)}
     return out
 
@@ -170,7 +172,7 @@ def decode_model(model: Csm, cpu_kernels: bool | None = None, weights_dtype: str
     """`model` in the decode layout (new arrays for what is rearranged; drop `model` afterwards to free them).
 
     weights_dtype: None keeps the model's weights; "int8" or "int4" quantizes the matrices
-    (`quantize_decode_params`). Measuring whether the kernels pay (`kernel_kinds`) happens here, once per CPU.
+    (`quantize_decode_params`, applied layer by layer as the layout is made). Measuring whether the kernels pay (`kernel_kinds`) happens here, once per CPU.
     """
     if weights_dtype not in (None, *QUANTIZED):
         raise ValueError(f"weights_dtype={weights_dtype!r}: the decode layout quantizes only to "
@@ -179,9 +181,11 @@ def decode_model(model: Csm, cpu_kernels: bool | None = None, weights_dtype: str
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     param_dtype = model.text_embeddings[...].dtype
     use = use_cpu_kernels(cpu_kernels)
-    params = decode_params(params, model.config)
-    if weights_dtype is not None:
-        params = quantize_decode_params(params, weights_dtype)
+    if weights_dtype is None:
+        params = decode_params(params, model.config)
+    else:  # layer by layer: one float32 copy of a layer at a time
+        params = decode_params(params, model.config, functools.partial(quantize_layer, weights_dtype=weights_dtype))
+        params = quantize_heads(params, weights_dtype)
     used = product_kinds(weights_dtype or jnp.dtype(param_dtype).name)
     kinds = kernel_kinds(cpu_kernels, used, params) if use and jnp.dtype(model.dtype) == jnp.float32 else frozenset()
     params = for_kernels(params, kinds)

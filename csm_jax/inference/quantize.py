@@ -45,27 +45,37 @@ def int4_dense(x: jax.Array, w: Int4Weight, dtype, out_dtype=None) -> jax.Array:
     return y.reshape(*x.shape[:-1], y.shape[-1]).astype(out_dtype or dtype)
 
 
-def _quantize_stack(stack: dict, quantize) -> dict:
-    def layer(block: dict) -> dict:
-        attn, mlp = block["attn"], block["mlp"]
-        wo = attn["wo"]
-        return {**block,
-                "attn": {"wqkv": quantize(attn["wqkv"]), "wo": quantize(wo.reshape(-1, wo.shape[-1]))},
-                "mlp": {"w_gate_up": quantize(mlp["w_gate_up"]), "w_down": quantize(mlp["w_down"])}}
+def _quantizer(weights_dtype: str, group: int):
+    if weights_dtype not in QUANTIZED:
+        raise ValueError(f"weights_dtype={weights_dtype!r}: quantize to one of {', '.join(QUANTIZED)}")
+    return quantize_int8 if weights_dtype == "int8" else functools.partial(quantize_int4, group=group)
 
-    return {"blocks": {i: layer(b) for i, b in stack["blocks"].items()}, "norm": stack["norm"]}
+
+def quantize_layer(block: dict, weights_dtype: str = "int8", group: int = INT4_GROUP) -> dict:
+    """One layer of `decode_params`' stacks with its four matrices quantized (see `quantize_decode_params`)."""
+    quantize = _quantizer(weights_dtype, group)
+    attn, mlp = block["attn"], block["mlp"]
+    wo = attn["wo"]
+    return {**block,
+            "attn": {"wqkv": quantize(attn["wqkv"]), "wo": quantize(wo.reshape(-1, wo.shape[-1]))},
+            "mlp": {"w_gate_up": quantize(mlp["w_gate_up"]), "w_down": quantize(mlp["w_down"])}}
+
+
+def quantize_heads(params: dict, weights_dtype: str = "int8", group: int = INT4_GROUP) -> dict:
+    """`decode_params`' tree with the projection and the codebook heads quantized, the stacks as they are."""
+    out = dict(params)
+    out["projection"] = _quantizer(weights_dtype, group)(params["projection"])
+    out["codebook0_head"] = quantize_int8(params["codebook0_head"])
+    out["audio_head"] = {i: quantize_int8(w) for i, w in params["audio_head"].items()}
+    return out
 
 
 def quantize_decode_params(params: dict, weights_dtype: str = "int8", group: int = INT4_GROUP) -> dict:
     """`decode_params`' tree with every matrix a decode step multiplies by as an `Int8Weight` ("int8") or an
     `Int4Weight` ("int4", in groups of `group` input rows; the codebook heads as `Int8Weight`s)."""
-    if weights_dtype not in QUANTIZED:
-        raise ValueError(f"weights_dtype={weights_dtype!r}: quantize to one of {', '.join(QUANTIZED)}")
-    quantize = quantize_int8 if weights_dtype == "int8" else functools.partial(quantize_int4, group=group)
-    out = dict(params)
+    out = quantize_heads(params, weights_dtype, group)
     for stack in ("backbone", "decoder"):
-        out[stack] = _quantize_stack(params[stack], quantize)
-    out["projection"] = quantize(params["projection"])
-    out["codebook0_head"] = quantize_int8(params["codebook0_head"])
-    out["audio_head"] = {i: quantize_int8(w) for i, w in params["audio_head"].items()}
+        blocks = params[stack]["blocks"]
+        out[stack] = {"blocks": {i: quantize_layer(b, weights_dtype, group) for i, b in blocks.items()},
+                      "norm": params[stack]["norm"]}
     return out
