@@ -144,7 +144,8 @@ class Int4Weight(ReadWhole):
 
     def matrix(self, dtype=jnp.float32) -> jax.Array:
         """The dequantized (*lead, K padded, N) matrix (zero-padded rows included)."""
-        q, flat = self.codes(), self.untiled()
+        flat = self.untiled()
+        q = flat.codes()
         *lead, kp, n = q.shape
         groups = flat.scale.shape[-2]
         q = q.reshape(*lead, groups, kp // groups, n).astype(jnp.float32)
