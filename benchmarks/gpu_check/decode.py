@@ -1,4 +1,4 @@
-"""Steps decode_bf16, decode_int8 and decode_batches: full-size CSM-1B at random weights (those of transformers'
+"""Steps decode_bf16, decode_int8, decode_int4 and decode_batches: full-size CSM-1B at random weights (those of transformers'
 model with the same seed, so that transformers' figures are on the same weights): ms/frame at batch 1 and time to
 first audio first, then the larger batches. Per-frame time = (time for 2N frames - time for N frames) / N."""
 
@@ -24,23 +24,24 @@ def full_size_transformers(config, dtype: str, seed: int = 0):
 
 
 def full_size_ours(config, weights_dtype: str):
-    """Our decode layout with the weights of `full_size_transformers(config, "bfloat16")`, bf16 compute; int8
-    quantizes them."""
+    """Our decode layout with the weights of `full_size_transformers(config, "bfloat16")`, bf16 compute; int8 and
+    int4 quantize them."""
     from benchmarks.bench_generate import build_ours, ours_from_transformers
     from csm_jax.inference.loop import FrameGenerator
+    from csm_jax.inference.quantize import QUANTIZED
 
     params = ours_from_transformers(full_size_transformers(config, "bfloat16"), config, "bfloat16")
     free_device_memory()  # the transformers model is gone: free its memory before ours is placed
     model = build_ours(params, config, "bfloat16")
     del params
-    return FrameGenerator(model, weights_dtype="int8" if weights_dtype == "int8" else None)
+    return FrameGenerator(model, weights_dtype=weights_dtype if weights_dtype in QUANTIZED else None)
 
 
 def bandwidth_floor(config, weights_dtype: str, out: Path) -> tuple[int, float | None]:
     """(weight bytes one frame reads, seconds they take at the read bandwidth env measured, None without it)."""
-    from benchmarks.bench_generate import weight_bytes_per_frame
+    from benchmarks.bench_generate import frame_bytes
 
-    nbytes = weight_bytes_per_frame(config, 1 if weights_dtype == "int8" else 2)
+    nbytes = frame_bytes(config, weights_dtype)
     bandwidth = (read_figures(out).get("env", {}).get("read_bandwidth") or {}).get("bytes_per_s")
     return nbytes, nbytes / bandwidth if bandwidth else None
 
@@ -130,6 +131,10 @@ def step_bf16(rec, size: dict, out: Path) -> None:
 
 def step_int8(rec, size: dict, out: Path) -> None:
     first_figures(rec, size, out, "int8", audio=False)
+
+
+def step_int4(rec, size: dict, out: Path) -> None:
+    first_figures(rec, size, out, "int4", audio=False)
 
 
 def step_batches(rec, size: dict, out: Path) -> None:

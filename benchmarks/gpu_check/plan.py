@@ -24,10 +24,11 @@ STEPS = [
     ("decode_bf16", "decode:step_bf16", 60),                        # CSM-1B batch 1 ms/frame, time to first audio
     ("decode_int8", "decode:step_int8", 45),                        # the same, int8 weights, batch 1
     ("transformers_eager", "transformers_generate:step_eager", 35),  # transformers' generate, batch 1, eager
+    ("decode_int4", "decode:step_int4", 30),                        # CSM-1B batch 1, int4 weights (XLA unpacks)
     ("correctness", "correctness:step", 40),                        # tiny configs against transformers and the CPU
     ("mimi", "mimi:step", 15),                                      # the codec on the card
     ("decode_batches", "decode:step_batches", 45),                  # batches 8 and 64, bf16 and int8
-    ("command_buffer", "command_buffer:step", 90),                  # XLA command-buffer settings, batch 1
+    ("command_buffer", "command_buffer:step", 60),                  # XLA command-buffer settings, batch 1
     ("train", "train:step", 40),                                    # one CSM-1B training step
     ("serve", "serve:step", 35),                                    # the streaming server's load test
     ("lora", "lora:step", 30),                                      # our LoRA step against transformers + PEFT

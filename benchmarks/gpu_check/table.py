@@ -115,7 +115,7 @@ def table(figures: dict, steps: dict, size: dict) -> str:
     r = {name: figures.get(name) or {} for name in steps} | figures
     full, first, more = size["full"], size["first_batch"], size["more_batches"]
     rows = env_rows(r.get("env") or {})
-    for step, label in (("decode_bf16", "bf16"), ("decode_int8", "int8")):
+    for step, label in (("decode_bf16", "bf16"), ("decode_int8", "int8"), ("decode_int4", "int4")):
         d = r.get(step) or {}
         rows.append((f"{full} decode, {label} weights, batch {first}", decode_row(d.get(f"batch_{first}"))
                      + f" (floor {fmt(d.get('floor_ms_per_frame'), '.2f', ' ms')})"))
