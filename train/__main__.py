@@ -217,15 +217,17 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
 
     validate(cfg)
     workdir = Path(cfg.workdir)
-    if jax.process_count() > 1:
-        # A run of several processes is not locked: process 0 holding the lock while the others did not hung the
-        # two-process CPU run (tests/test_train.py) in its first step's collective; the cause is not yet known.
-        return _train(cfg, workdir, sample_hook)
     lock = Path(os.path.abspath(workdir))
     made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # deepest first
     lock.parent.mkdir(parents=True, exist_ok=True)
+    # Every process of a run holds a lock file of its own (process 0's names the workdir alone), so a second run into
+    # the workdir is refused on each of its processes, and every process opens the same files before its first step:
+    # with JAX's CPU collectives (gloo), one more open file on process 0 than on the others hung the first step's
+    # collective (tests/test_train.py; opening one on each process did not).
+    index = jax.process_index()
     try:
-        with exclusive(lock.parent / f".{lock.name}.lock", f"the workdir {workdir}", "give another workdir"):
+        with exclusive(lock.parent / f".{lock.name}.lock{f'.{index}' if index else ''}", f"the workdir {workdir}",
+                       "give another workdir"):
             return _train(cfg, workdir, sample_hook)
     finally:
         for directory in made:  # made only for the lock: a run refused before writing leaves none
