@@ -302,6 +302,15 @@ def test_a_second_run_in_a_workdir_is_refused_and_a_killed_run_leaves_no_lock(co
     assert snapshot(trained) == before and not lock.exists()
 
 
+def test_a_refused_run_into_a_new_nested_workdir_leaves_no_directory(corrupt, tmp_path, capsys):
+    """The directories made to hold the workdir's lock go again when the run stops before writing anything."""
+    workdir = tmp_path / "new" / "nested" / "run"
+    code, err = run(train_main, capsys, *SMOKE, f"data.source={corrupt}", f"workdir={workdir}", "steps=3",
+                    "data.languages=FR")
+    assert code == 2 and err.startswith("error: no usable example in a full pass"), err
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_resumed_run_drops_the_metrics_its_checkpoint_does_not_hold(corrupt, trained, tmp_path, capsys):
     workdir = tmp_path / "workdir"
     shutil.copytree(trained, workdir)
