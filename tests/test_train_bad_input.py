@@ -374,6 +374,23 @@ def test_prepare_refuses_data_where_nothing_survives_with_the_skip_counts(tmp_pa
         assert sorted(p.name for p in out.iterdir()) == [], err  # no part, no report, no lock, no stale partial
 
 
+def test_a_second_prepare_worker_is_refused_before_mimi_loads(tmp_path, capsys):
+    """The worker's lock comes first: a Mimi path that does not exist is not even read."""
+    from csm_jax.io.locks import exclusive
+
+    source = clip_folder(tmp_path / "clips", {"one": 1.0})
+    out = tmp_path / "new" / "out"
+    out.mkdir(parents=True)
+    with exclusive(out / ".worker-00001-of-00002.lock", "it", "wait"):
+        code, err = run(prepare_main, capsys, str(source), str(out), "--mimi", str(tmp_path / "no-mimi.safetensors"),
+                        "--worker", "1", "--workers", "2")
+    assert code == 2 and err.startswith(f"error: worker 1 of 2 in {out} is in use by pid {os.getpid()}"), err
+    assert "give each worker its own --worker" in err and sorted(out.iterdir()) == []
+    out.rmdir(), out.parent.rmdir()  # a worker stopped before writing leaves no folder it made:
+    code, err = run(prepare_main, capsys, str(source), str(out), "--mimi", str(tmp_path / "no-mimi.safetensors"))
+    assert code == 2 and "no-mimi.safetensors" in err and not (tmp_path / "new").exists(), err
+
+
 def test_a_second_prepare_worker_on_the_same_part_is_refused(tmp_path, shared_mimi, capsys):
     from csm_jax.io.locks import exclusive
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -213,26 +212,19 @@ def train(cfg: TrainConfig, sample_hook: SampleHook | None = None) -> Path:
     With `cfg.sample_every`, `sample_hook(step, params, log)` runs on process 0 at step 0 of a fresh run and every
     `sample_every` steps, with the model's current parameters (default: a `VoiceSampler`); a fresh run with eval
     also logs the eval loss of step 0."""
-    from csm_jax.io.locks import exclusive
+    from csm_jax.io.locks import exclusive_making_parents
 
     validate(cfg)
     workdir = Path(cfg.workdir)
     lock = Path(os.path.abspath(workdir))
-    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # deepest first
-    lock.parent.mkdir(parents=True, exist_ok=True)
     # Every process of a run holds a lock file of its own (process 0's names the workdir alone), so a second run into
     # the workdir is refused on each of its processes, and every process opens the same files before its first step:
     # with JAX's CPU collectives (gloo), one more open file on process 0 than on the others hung the first step's
     # collective (tests/test_train.py; opening one on each process did not).
     index = jax.process_index()
-    try:
-        with exclusive(lock.parent / f".{lock.name}.lock{f'.{index}' if index else ''}", f"the workdir {workdir}",
-                       "give another workdir"):
-            return _train(cfg, workdir, sample_hook)
-    finally:
-        for directory in made:  # made only for the lock: a run refused before writing leaves none
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+    with exclusive_making_parents(lock.parent / f".{lock.name}.lock{f'.{index}' if index else ''}",
+                                  f"the workdir {workdir}", "give another workdir"):
+        return _train(cfg, workdir, sample_hook)
 
 
 def _train(cfg: TrainConfig, workdir: Path, sample_hook: SampleHook | None) -> Path:

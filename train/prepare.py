@@ -33,6 +33,7 @@ from pathlib import Path
 from csm_jax.core.errors import UserError, run_main
 from csm_jax.core.logs import configure_logging
 from csm_jax.core.numbers import finite_float
+from csm_jax.io.locks import exclusive_making_parents
 from train.data import (SKIPPED, DataConfig, DataError, TarShard, check_metadata, decode_audio, list_shards,
                         parse_metadata)
 from train.records import SUFFIX, serialize
@@ -177,10 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO, "%(levelname)s %(name)s: %(message)s")
-    import torch
-
-    from csm_jax.io import audio
-
     if args.context_turns < 0 or not 0 < args.clip_seconds[0] < args.clip_seconds[1]:
         clips = " ".join(map(str, args.clip_seconds))
         raise UserError(f"--context-turns {args.context_turns} and --clip-seconds {clips}: give 0 or more context "
@@ -191,6 +188,18 @@ def _main(argv) -> int:
     fmt = detect_format(args.source, args.format)
     todo = my_shards(args.source, Path(args.out), args.worker, args.workers) if fmt == "emilia" else []
     _check_worker(args.worker, args.workers)
+    # this worker's share, before Mimi loads: a second process with the same --worker is refused at once
+    with exclusive_making_parents(Path(args.out) / f".worker-{args.worker:05d}-of-{args.workers:05d}.lock",
+                                  f"worker {args.worker} of {args.workers} in {args.out}",
+                                  "give each worker its own --worker"):
+        return _prepare(args, fmt, todo)
+
+
+def _prepare(args, fmt: str, todo: list[tuple[Path, Path]]) -> int:
+    import torch
+
+    from csm_jax.io import audio
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mimi = (audio.random_mimi(0, device, args.num_codebooks) if args.mimi == "random"
             else audio.load_mimi(args.mimi, device, args.num_codebooks))

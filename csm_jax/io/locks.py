@@ -59,3 +59,19 @@ def exclusive(lock_file: str | os.PathLike, what: str, alternative: str) -> Iter
         with contextlib.suppress(OSError):
             os.unlink(lock_file)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_making_parents(lock_file: str | os.PathLike, what: str, alternative: str) -> Iterator[None]:
+    """`exclusive`, creating the lock file's missing parent directories first and removing those of them that are
+    empty afterwards: a run refused, or stopped before it wrote anything, leaves no directory behind."""
+    lock_file = Path(os.path.abspath(lock_file))
+    made = [p for p in lock_file.parents if not p.exists()]  # deepest first
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(lock_file, what, alternative):
+            yield
+    finally:
+        for directory in made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there
+                directory.rmdir()
