@@ -2,6 +2,11 @@
 CPU kernel and XLA's, exact against a float64 product of the same dequantized values; XLA's lowers for CUDA and
 TPU), and accuracy against the float32 weights they were made from."""
 
+import json
+import platform
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +21,7 @@ from csm_jax.inference.loop import FrameGenerator
 from csm_jax.inference.quantize import int4_dense, quantize_decode_params
 from csm_jax.inference.sampling import GREEDY, FrameSampling
 from csm_jax.inference.score import score_codes
-from tests.helpers import random_frames, random_prompt
+from tests.helpers import HANG_SECONDS, ROOT, random_frames, random_prompt
 from tests.references import csm_from_transformers, transformers_model
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build the kernel")
@@ -107,6 +112,28 @@ def test_int4_kernel_matches_float64_product_of_the_dequantized_weights(rows, k,
     assert out.dtype == jnp.float32 and out.shape == (rows, n)
     # float32 sums of k terms of size |x| |w| ~ 0.3: relative to that scale
     np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-5, atol=1e-5 * np.sqrt(k) * 0.3)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@needs_kernels
+@pytest.mark.parametrize("march, needs", [("haswell", {"avx2", "fma", "f16c"}), ("x86-64", set())])
+def test_the_kernels_built_for_a_smaller_instruction_set_are_exact(tmp_path, march, needs):
+    """The AVX2 code (what an AVX2-only CPU runs, 64-column strips) and the plain loops, whatever this CPU has: each
+    product within the float32 bounds of the tests above against float64."""
+    if platform.machine() != "x86_64" or not needs <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run code built for {march}")
+    out = subprocess.run([sys.executable, "-m", "tests.kernel_isa", march, str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=HANG_SECONDS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["int4_tile"] == 64 and len(report["errors"]) == 21
+    assert report["worst"] <= 1.0, report["errors"]
 
 
 @pytest.mark.parametrize("rows, k, n, group", SHAPES[:4])

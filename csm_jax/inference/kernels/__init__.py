@@ -53,34 +53,40 @@ def library_path() -> Path:
     return cache / f"kernels-{digest[:16]}.so"
 
 
-def _build() -> Path:
-    library = library_path()
-    cache = library.parent
-    if library.exists():
-        return library
+def compile_library(library: Path, march: str = "native") -> Path:
+    """Compiles the kernels for `-march=march` into `library` (through a temporary sibling, so a killed compile leaves
+    nothing half-written)."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
-    cache.mkdir(parents=True, exist_ok=True)
+    library.parent.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(f".{os.getpid()}.tmp")
-    subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+    subprocess.run([compiler, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w",
                     f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial)],
                    check=True, capture_output=True, text=True)
     partial.rename(library)
     return library
 
 
+def register(library: Path) -> None:
+    """Loads a compiled kernel library and registers its targets with XLA (once per process; `available` then says
+    True)."""
+    global _available, _int4_tile
+    loaded = ctypes.cdll.LoadLibrary(str(library))
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
+    loaded.CsmInt4Tile.restype = ctypes.c_int64
+    _int4_tile = int(loaded.CsmInt4Tile())
+    _available = True
+
+
 def available() -> bool:
     """Whether the kernel is built and registered (tries once per process)."""
-    global _available, _int4_tile
+    global _available
     if _available is None:
         try:
-            library = ctypes.cdll.LoadLibrary(str(_build()))
-            for name, symbol in TARGETS.items():
-                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-            library.CsmInt4Tile.restype = ctypes.c_int64
-            _int4_tile = int(library.CsmInt4Tile())
-            _available = True
+            library = library_path()
+            register(library if library.exists() else compile_library(library))
         except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
             warnings.warn(f"the CPU decode kernels could not be built ({detail.strip()[:300]}); bfloat16 weights "
