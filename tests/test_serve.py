@@ -168,9 +168,10 @@ def test_voices_are_created_listed_persisted_and_consistent(server, http, tmp_pa
     assert {"narrator", "clone", "clone2"} <= set(names)
 
     body = {"model": "csm-1b", "input": "Same voice.", "response_format": "wav", "seed": 4, "max_audio_length_ms": 320}
-    first = http.post("/v1/audio/speech", json={**body, "voice": "clone"}).content
-    assert http.post("/v1/audio/speech", json={**body, "voice": "clone"}).content == first
-    assert http.post("/v1/audio/speech", json={**body, "voice": "clone2"}).content == first
+    # the same codes each time; Mimi decodes the frames in chunks that depend on timing, hence a rounding's slack
+    first = wav_samples(http.post("/v1/audio/speech", json={**body, "voice": "clone"}).content)
+    assert_same_audio(wav_samples(http.post("/v1/audio/speech", json={**body, "voice": "clone"}).content), first)
+    assert_same_audio(wav_samples(http.post("/v1/audio/speech", json={**body, "voice": "clone2"}).content), first)
     saved = server.voices / "clone"
     assert (saved / "codes.npz").is_file() and (saved / "voice.json").is_file()
     encoded = []
