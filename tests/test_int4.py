@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from csm_jax.core.config import preset
-from csm_jax.core.quant import INT4_GROUP, INT4_GROUPS, Int4Weight, quantize_int4
+from csm_jax.core.quant import INT4_GROUP, INT4_GROUPS, Int4Weight, Int8Weight, quantize_int4
 from csm_jax.inference import kernels
 from csm_jax.inference.decode_model import decode_model
 from csm_jax.inference.loop import FrameGenerator
@@ -90,6 +90,51 @@ def test_the_decode_layout_hands_the_kernel_its_strips_once():
     assert off.decoder.blocks[0].mlp.w_down[...].tile == 0
     tokens, mask = random_frames(np.random.default_rng(2), model.config, 4, 8)
     np.testing.assert_allclose(np.asarray(on(tokens, mask)[0]), np.asarray(off(tokens, mask)[0]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("weights_dtype", ["int8", "int4"])
+def test_a_checkpoint_reads_straight_into_the_quantized_decode_layout(tmp_path, weights_dtype):
+    """`load_decode_model` (one stacked weight at a time, quantized layer by layer, then q|k|v and gate|up joined)
+    makes the same arrays as quantizing the joined matrices of the whole float32 model (tiny_odd: padded groups)."""
+    from csm_jax.core.quant import is_quantized
+    from csm_jax.inference.decode_model import load_decode_model
+    from csm_jax.inference.quantize import quantize_decode_params
+    from csm_jax.io.checkpoint import save_model
+
+    config = preset("tiny_odd")
+    model = csm_from_transformers(transformers_model(config, seed=3), config)
+    ckpt = save_model(model, tmp_path / "ckpt")
+    read = load_decode_model(ckpt, weights_dtype, cpu_kernels=False)
+    whole = decode_model(model, cpu_kernels=False)
+    expected = quantize_decode_params(nnx.to_pure_dict(nnx.state(whole, nnx.Param)), weights_dtype)
+    got = nnx.to_pure_dict(nnx.state(read, nnx.Param))
+    leaf = lambda x: is_quantized(x)
+    assert jax.tree.structure(got, is_leaf=leaf) == jax.tree.structure(expected, is_leaf=leaf)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    assert isinstance(read.backbone.blocks[0].attn.wqkv[...], Int4Weight if weights_dtype == "int4" else Int8Weight)
+
+
+@pytest.mark.parametrize("weights_dtype, cpu_kernels", [("int8", False), ("int4", False),
+                                                        pytest.param("int4", True, marks=needs_kernels),
+                                                        pytest.param("int8", True, marks=needs_kernels)])
+def test_a_prefill_widens_one_layers_weights_at_a_time(weights_dtype, cpu_kernels):
+    """XLA's own buffers for a prefill (64 rows: the dequantized-matrix path) stay under half of what every
+    backbone layer's float32 matrices take: widening waits for each layer's input (`quantize.when_needed`; without
+    it XLA widened all layers first: 17.4 MB here, 3.9 GB for CSM-1B int4)."""
+    from csm_jax.core.model import Csm
+    from csm_jax.inference import loop
+
+    config = preset("small")
+    graphdef, params = nnx.split(decode_model(Csm(config, rngs=nnx.Rngs(0)), cpu_kernels, weights_dtype))
+    tokens = np.zeros((1, 64, config.num_codebooks + 1), np.int32)
+    keys = jax.vmap(jax.random.key)(jnp.zeros((1,), jnp.uint32))
+    compiled = loop._prefill.lower(graphdef, params, tokens, np.ones(tokens.shape, bool), np.ones((1, 64), np.int32),
+                                   keys, 8, frame_capacity=64).compile()
+    b = config.backbone
+    attention = b.dim * (2 * b.num_heads + 2 * b.num_kv_heads) * b.head_dim  # q|k|v and wo
+    layer = attention + 3 * b.dim * b.mlp_dim
+    assert compiled.memory_analysis().temp_size_in_bytes < 4 * layer * b.num_layers / 2
 
 
 def _products(rows, k, n, group, seed=0):

@@ -209,6 +209,20 @@ def quantize_int4(w: jax.Array, input_axes: tuple[int, ...] = (0,), group: int =
     return Int4Weight(packed, scale, bias, tuple(in_shape), tuple(out_shape))
 
 
+def concat_columns(matrices: list):
+    """(K, N_i) matrices side by side, (K, sum N_i): arrays, `Int8Weight`s or (untiled) `Int4Weight`s. Each output
+    column is quantized on its own, so joining quantized matrices equals quantizing the joined one."""
+    first = matrices[0]
+    if isinstance(first, Int8Weight):
+        return Int8Weight(*(jnp.concatenate([getattr(m, f) for m in matrices], axis=-1) for f in ("values", "scale")))
+    if isinstance(first, Int4Weight):
+        if any(m.tile or m.in_shape != first.in_shape or m.group != first.group for m in matrices):
+            raise ValueError("only untiled Int4Weights of the same rows and group size join")
+        joined = [jnp.concatenate([getattr(m, f) for m in matrices], axis=-1) for f in ("packed", "scale", "bias")]
+        return Int4Weight(*joined, first.in_shape, (joined[0].shape[-1],))
+    return jnp.concatenate(matrices, axis=-1)
+
+
 def is_quantized(x) -> bool:
     """An `Int8Weight` or an `Int4Weight`."""
     return isinstance(x, (Int8Weight, Int4Weight))

@@ -5,8 +5,9 @@ Training and checkpoints keep every transformer's layers stacked on a leading ax
 on CPU: 5 GB/s instead of 22+ GB/s), so decoding uses `DecodeCsm`: one array per layer (an unrolled loop), q|k|v
 and gate|up side by side in one array each (one small product instead of three and two), and one audio-head array
 per codebook (picked with a switch instead of sliced). `decode_params` is the pure map from the stacked parameter
-tree to this one; `decode_model` applies it to a `Csm`, optionally followed by int8 or int4 weight-only
-quantization (`csm_jax.inference.quantize`), which the layout's `matmul` understands.
+tree to this one; `decode_model` applies it to a `Csm`, optionally with int8 or int4 weight-only quantization
+(`csm_jax.inference.quantize`, which the layout's `matmul` understands); `load_decode_model` reads a checkpoint
+straight into a quantized layout, one stacked weight at a time.
 
 CPU kernels (`csm_jax.inference.kernels`) are a switch of the decode layout, resolved once when it is built:
 `cpu_kernels=True/False` forces them on or off, else the environment variable `CSM_JAX_CPU_KERNELS` (1/0), else,
@@ -26,9 +27,11 @@ from flax import nnx
 from csm_jax.core.config import CsmConfig, TransformerConfig
 from csm_jax.core.layers import Attention, Block, DType, KVCache, MLP, Matmul, RMSNorm, dense, layer_inputs, param
 from csm_jax.core.model import Csm
+from csm_jax.core.quant import concat_columns
 from csm_jax.inference import kernels
 from csm_jax.inference.products import decode_dense, faster_kinds, for_kernels, kernel_matmul, KINDS
-from csm_jax.inference.quantize import QUANTIZED, product_kinds, quantize_heads, quantize_layer
+from csm_jax.inference.quantize import QUANTIZED, matrix_quantizer, product_kinds, quantize_heads
+from csm_jax.io.checkpoint import abstract_model, read_config, restore_part
 
 KERNELS_ENV = "CSM_JAX_CPU_KERNELS"
 
@@ -141,55 +144,124 @@ def kernel_kinds(requested: bool | None = None, kinds=KINDS, params: dict | None
     return frozenset(kinds) if kernel_switch(requested) else faster_kinds(kinds, params)
 
 
-def _fused_stack(blocks: dict, norm: dict, num_layers: int, finish_layer=None) -> dict:
-    """A stacked transformer's pure dict -> the per-layer, fused pure dict of `LayerList`, each layer passed
-    through `finish_layer` as soon as it is made (so that quantizing holds one float32 layer at a time)."""
-    finish_layer = finish_layer or (lambda block: block)
+MATRICES = {"attn": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_down")}  # a layer's, by module
+
+
+def layer_matrix(name: str, w: jax.Array) -> jax.Array:
+    """One layer's weight `name` as the (K, N) matrix a decode step multiplies by: heads folded into the columns
+    (wq, wk, wv) or into the rows (wo)."""
+    return w.reshape(-1, w.shape[-1]) if name == "wo" else w.reshape(w.shape[0], -1)
+
+
+def _fused_stack(matrix, norms: dict, num_layers: int) -> dict:
+    """A transformer's per-layer, fused pure dict of `LayerList`. matrix(name, i): layer i's weight `name` as
+    `layer_matrix` gives it, plain or quantized (q|k|v and gate|up are joined after quantizing: each column is
+    quantized alone, so it is the same); norms: the stacked norms ({"attn_norm", "mlp_norm"}) and "norm"."""
     def layer(i: int) -> dict:
-        attn, mlp = blocks["attn"], blocks["mlp"]
-        d = attn["wq"].shape[1]
-        wqkv = jnp.concatenate([attn[w][i].reshape(d, -1) for w in ("wq", "wk", "wv")], axis=1)
-        return {"attn_norm": {"scale": blocks["attn_norm"]["scale"][i]},
-                "attn": {"wqkv": wqkv, "wo": attn["wo"][i]},
-                "mlp_norm": {"scale": blocks["mlp_norm"]["scale"][i]},
-                "mlp": {"w_gate_up": jnp.concatenate([mlp["w_gate"][i], mlp["w_up"][i]], axis=1),
-                        "w_down": mlp["w_down"][i]}}
+        return {"attn_norm": {"scale": norms["attn_norm"]["scale"][i]},
+                "attn": {"wqkv": concat_columns([matrix(w, i) for w in ("wq", "wk", "wv")]), "wo": matrix("wo", i)},
+                "mlp_norm": {"scale": norms["mlp_norm"]["scale"][i]},
+                "mlp": {"w_gate_up": concat_columns([matrix(w, i) for w in ("w_gate", "w_up")]),
+                        "w_down": matrix("w_down", i)}}
 
-    return {"blocks": {i: jax.block_until_ready(finish_layer(layer(i))) for i in range(num_layers)}, "norm": norm}
+    return {"blocks": {i: jax.block_until_ready(layer(i)) for i in range(num_layers)}, "norm": norms["norm"]}
 
 
-def decode_params(params: dict, config: CsmConfig, finish_layer=None) -> dict:
-    """The pure map from `Csm`'s parameter tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`) to
-    `DecodeCsm`'s; `finish_layer` maps each transformer layer's dict as it is made (`_fused_stack`)."""
+def _unfused(params: dict, config: CsmConfig) -> dict:
+    """What the decode layout keeps of `Csm`'s tree as it is (embeddings, heads): all but the stacks, with one
+    audio-head array per codebook."""
     out = {k: v for k, v in params.items() if k not in ("backbone", "decoder", "audio_head")}
-    for stack, cfg in (("backbone", config.backbone), ("decoder", config.decoder)):
-        out[stack] = _fused_stack(params[stack]["blocks"], params[stack]["norm"], cfg.num_layers, finish_layer)
     out["audio_head"] = {i: params["audio_head"][i] for i in range(config.num_codebooks - 1)}
     return out
+
+
+def decode_params(params: dict, config: CsmConfig, quantize=None) -> dict:
+    """The pure map from `Csm`'s parameter tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`) to
+    `DecodeCsm`'s; `quantize` maps each layer matrix as it is sliced (one float32 matrix at a time)."""
+    prepare = quantize or (lambda w: w)
+    out = _unfused(params, config)
+    for stack, cfg in (("backbone", config.backbone), ("decoder", config.decoder)):
+        blocks = params[stack]["blocks"]
+        module = {w: m for m, names in MATRICES.items() for w in names}
+
+        def matrix(name: str, i: int, blocks=blocks):
+            return prepare(layer_matrix(name, blocks[module[name]][name][i]))
+
+        out[stack] = _fused_stack(matrix, {**blocks, "norm": params[stack]["norm"]}, cfg.num_layers)
+    return out
+
+
+def _check_weights_dtype(weights_dtype: str | None) -> None:
+    if weights_dtype not in (None, *QUANTIZED):
+        raise ValueError(f"weights_dtype={weights_dtype!r}: the decode layout quantizes only to "
+                         f"{' or '.join(map(repr, QUANTIZED))} (other dtypes are chosen when the model is loaded, "
+                         f"with param_dtype)")
 
 
 def decode_model(model: Csm, cpu_kernels: bool | None = None, weights_dtype: str | None = None) -> DecodeCsm:
     """`model` in the decode layout (new arrays for what is rearranged; drop `model` afterwards to free them).
 
     weights_dtype: None keeps the model's weights; "int8" or "int4" quantizes the matrices
-    (`quantize_decode_params`, applied layer by layer as the layout is made). Measuring whether the kernels pay (`kernel_kinds`) happens here, once per CPU.
+    (`csm_jax.inference.quantize`, one layer matrix at a time as the layout is made). Measuring whether the kernels
+    pay (`kernel_kinds`) happens here, once per CPU.
     """
-    if weights_dtype not in (None, *QUANTIZED):
-        raise ValueError(f"weights_dtype={weights_dtype!r}: the decode layout quantizes only to "
-                         f"{' or '.join(map(repr, QUANTIZED))} (other dtypes are chosen when the model is loaded, "
-                         f"with param_dtype)")
+    _check_weights_dtype(weights_dtype)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    param_dtype = model.text_embeddings[...].dtype
-    use = use_cpu_kernels(cpu_kernels)
-    if weights_dtype is None:
-        params = decode_params(params, model.config)
-    else:  # layer by layer: one float32 copy of a layer at a time
-        params = decode_params(params, model.config, functools.partial(quantize_layer, weights_dtype=weights_dtype))
+    quantize = matrix_quantizer(weights_dtype) if weights_dtype else None
+    return _built(model.config, model.dtype, model.text_embeddings[...].dtype,
+                  decode_params(params, model.config, quantize), weights_dtype, cpu_kernels)
+
+
+def load_decode_model(path: str | os.PathLike, weights_dtype: str, dtype: DType = jnp.float32,
+                      cpu_kernels: bool | None = None) -> DecodeCsm:
+    """A checkpoint (`csm_jax.io.checkpoint`) read straight into the decode layout with "int8" or "int4" weights:
+    as `decode_model(load_model(path), cpu_kernels, weights_dtype)`, but reading one stacked weight at a time and
+    quantizing its layers before the next, so the float32 model is never whole in memory (CSM-1B int4: a peak near
+    its float32 embeddings and one stacked weight, not the whole float32 model)."""
+    if weights_dtype not in QUANTIZED:
+        raise ValueError(f"weights_dtype={weights_dtype!r}: load_decode_model quantizes to "
+                         f"{' or '.join(map(repr, QUANTIZED))}; load other dtypes with load_model")
+    config = read_config(path)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                          nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param)))
+    rest = {k: v for k, v in target.items() if k not in ("backbone", "decoder")}
+    for stack in ("backbone", "decoder"):
+        blocks = target[stack]["blocks"]  # attn and mlp hold only matrices
+        rest[stack] = {"norm": target[stack]["norm"],  # the stacked norms
+                       "blocks": {m: sub for m, sub in blocks.items() if m not in MATRICES}}
+    params = jax.tree.map(jnp.asarray, restore_part(path, rest))
+    quantize = matrix_quantizer(weights_dtype)
+    out = _unfused(params, config)
+    for stack, cfg in (("backbone", config.backbone), ("decoder", config.decoder)):
+        layers = {}
+        for m, names in MATRICES.items():
+            for w in names:
+                stacked = restore_part(path, {stack: {"blocks": {m: {w: target[stack]["blocks"][m][w]}}}})
+                stacked = stacked[stack]["blocks"][m][w]
+                layers[w] = [jax.block_until_ready(quantize(layer_matrix(w, jnp.asarray(stacked[i]))))
+                             for i in range(cfg.num_layers)]
+                del stacked
+
+        def taken(name: str, i: int, layers=layers):  # each quantized part dropped once it is joined
+            part, layers[name][i] = layers[name][i], None
+            return part
+
+        blocks = params[stack]["blocks"]
+        out[stack] = _fused_stack(taken, {**blocks, "norm": params[stack]["norm"]}, cfg.num_layers)
+    return _built(config, dtype, jnp.float32, out, weights_dtype, cpu_kernels)
+
+
+def _built(config: CsmConfig, dtype: DType, param_dtype: DType, params: dict, weights_dtype: str | None,
+           cpu_kernels: bool | None) -> DecodeCsm:
+    """The `DecodeCsm` over `decode_params`' tree (its stacks quantized already if `weights_dtype`; the heads are
+    quantized here), with its kernel kinds measured."""
+    if weights_dtype is not None:
         params = quantize_heads(params, weights_dtype)
+    use = use_cpu_kernels(cpu_kernels)
     used = product_kinds(weights_dtype or jnp.dtype(param_dtype).name)
-    kinds = kernel_kinds(cpu_kernels, used, params) if use and jnp.dtype(model.dtype) == jnp.float32 else frozenset()
+    kinds = kernel_kinds(cpu_kernels, used, params) if use and jnp.dtype(dtype) == jnp.float32 else frozenset()
     params = for_kernels(params, kinds)
-    abstract = nnx.eval_shape(lambda: DecodeCsm(model.config, dtype=model.dtype, param_dtype=param_dtype,
+    abstract = nnx.eval_shape(lambda: DecodeCsm(config, dtype=dtype, param_dtype=param_dtype,
                                                 rngs=nnx.Rngs(0), cpu_kernels=use, kernel_kinds=kinds))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)

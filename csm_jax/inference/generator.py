@@ -13,6 +13,7 @@ from flax import nnx
 
 from csm_jax.core.codec import FRAME_SAMPLES, SAMPLE_RATE
 from csm_jax.core.model import Csm
+from csm_jax.inference.decode_model import load_decode_model
 from csm_jax.inference.loop import FrameGenerator
 from csm_jax.core.errors import UserError
 from csm_jax.inference.quantize import QUANTIZED
@@ -249,6 +250,9 @@ def load_csm_1b(checkpoint: str = "sesame/csm-1b", *, dtype=jnp.float32, param_d
     mimi_device = mimi_device or audio.torch_device_beside_jax()
     if mimi is None or isinstance(mimi, (str, bytes)) or hasattr(mimi, "__fspath__"):
         mimi = audio.load_mimi(mimi, device=mimi_device, num_codebooks=config.num_codebooks)
-    model = load_model(path, dtype=dtype, param_dtype=load_dtype)
+    if quantized and adapter is None and not keep_base:  # no float32 model to keep: read it layer by layer
+        model = load_decode_model(path, quantized, dtype=dtype, cpu_kernels=cpu_kernels)
+    else:
+        model = load_model(path, dtype=dtype, param_dtype=load_dtype)
     return Generator(model, text_tokenizer, mimi, load_watermarker(mimi_device) if watermark else None,
                      cpu_kernels=cpu_kernels, adapter=adapter, keep_base=keep_base, weights_dtype=quantized)

@@ -29,9 +29,17 @@ def product_kinds(weights_dtype: str) -> tuple[str, ...]:
     return ("int4", "int8") if weights_dtype == "int4" else (weights_dtype,)
 
 
+def when_needed(x: jax.Array, w):
+    """(x, w) through an optimization barrier, so that whatever widens w comes after x: widening depends on
+    nothing else, and XLA did it for every layer before the first product (a CSM-1B int4 prefill held 3.9 GB of
+    float32 weights at once) or could hoist it out of a decode loop."""
+    return jax.lax.optimization_barrier((x, w))
+
+
 def int8_dense(x: jax.Array, w: Int8Weight, dtype, out_dtype=None) -> jax.Array:
     """x (..., K) @ w in the compute dtype with float32 sums, scaled per output column after the product (int8
     values are exact in bfloat16, so only the sums round)."""
+    x, w = when_needed(x, w)
     y = jnp.dot(x.astype(dtype), w.values.astype(dtype), preferred_element_type=jnp.float32) * w.scale.reshape(-1)
     return y.astype(out_dtype or dtype)
 
@@ -41,11 +49,13 @@ def int4_dense(x: jax.Array, w: Int4Weight, dtype, out_dtype=None) -> jax.Array:
     the same jitted computation, which XLA may fuse into the product); x is padded to the weight's padded rows."""
     rows = x.reshape(-1, x.shape[-1])
     rows = jnp.pad(rows, ((0, 0), (0, 2 * w.packed.shape[-2] - rows.shape[1])))
+    rows, w = when_needed(rows, w)
     y = jnp.dot(rows.astype(dtype), w.matrix(dtype), preferred_element_type=jnp.float32)
     return y.reshape(*x.shape[:-1], y.shape[-1]).astype(out_dtype or dtype)
 
 
-def _quantizer(weights_dtype: str, group: int):
+def matrix_quantizer(weights_dtype: str, group: int = INT4_GROUP):
+    """The quantizer of a (K, N) matrix: "int8" (`quantize_int8`), "int4" (`quantize_int4`, groups of `group`)."""
     if weights_dtype not in QUANTIZED:
         raise ValueError(f"weights_dtype={weights_dtype!r}: quantize to one of {', '.join(QUANTIZED)}")
     return quantize_int8 if weights_dtype == "int8" else functools.partial(quantize_int4, group=group)
@@ -53,7 +63,7 @@ def _quantizer(weights_dtype: str, group: int):
 
 def quantize_layer(block: dict, weights_dtype: str = "int8", group: int = INT4_GROUP) -> dict:
     """One layer of `decode_params`' stacks with its four matrices quantized (see `quantize_decode_params`)."""
-    quantize = _quantizer(weights_dtype, group)
+    quantize = matrix_quantizer(weights_dtype, group)
     attn, mlp = block["attn"], block["mlp"]
     wo = attn["wo"]
     return {**block,
@@ -64,7 +74,7 @@ def quantize_layer(block: dict, weights_dtype: str = "int8", group: int = INT4_G
 def quantize_heads(params: dict, weights_dtype: str = "int8", group: int = INT4_GROUP) -> dict:
     """`decode_params`' tree with the projection and the codebook heads quantized, the stacks as they are."""
     out = dict(params)
-    out["projection"] = _quantizer(weights_dtype, group)(params["projection"])
+    out["projection"] = matrix_quantizer(weights_dtype, group)(params["projection"])
     out["codebook0_head"] = quantize_int8(params["codebook0_head"])
     out["audio_head"] = {i: quantize_int8(w) for i, w in params["audio_head"].items()}
     return out

@@ -108,23 +108,51 @@ def _read_json(file: Path) -> dict[str, Any]:
     return read_json_object(file, CheckpointError, "the checkpoint is damaged: convert or save it again.")
 
 
+def _restored(path: str | os.PathLike, restore) -> Any:
+    """restore(params_dir)'s result, with a damaged checkpoint reported as a CheckpointError."""
+    params = Path(path).absolute() / "params"
+    try:
+        return restore(params)
+    except (OSError, ValueError, KeyError) as e:  # missing or truncated files, or shapes config.json does not give
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot restore the parameters in {params} ({type(e).__name__}: {reason}); the "
+                              f"checkpoint is damaged or its config.json does not belong to it: convert or save it "
+                              f"again.") from e
+
+
 def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
     """Restores the parameter state into the shapes, dtypes (cast on restore) and shardings of `abstract`."""
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           target)
-    params = Path(path).absolute() / "params"
-    try:
+
+    def restore(params: Path):
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(params, target)
-    except (OSError, ValueError) as e:  # missing or truncated files, or shapes that config.json does not give
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"cannot restore the parameters in {params} ({type(e).__name__}: {reason}); the "
-                              f"checkpoint is damaged or its config.json does not belong to it: convert or save it "
-                              f"again.") from e
+            return ckptr.restore(params, target)
+
     state = nnx.state(abstract, nnx.Param)
-    nnx.replace_by_pure_dict(state, restored)
+    nnx.replace_by_pure_dict(state, _restored(path, restore))
     return state
+
+
+def restore_part(path: str | os.PathLike, target: dict) -> dict:
+    """Some of a checkpoint's parameters, as host (numpy) arrays: `target` is a subtree of its pure parameter dict
+    with `jax.ShapeDtypeStruct` leaves (dtypes cast on restore), so that a large checkpoint can be read a part at a
+    time."""
+    def restore(params: Path):
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return ckptr.restore(params, args=args)
+
+    restored = _restored(path, restore)
+    wrong = [f"{jax.tree_util.keystr(k)}: {tuple(x.shape)} stored, {tuple(t.shape)} expected"
+             for (k, x), t in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(target))
+             if tuple(x.shape) != tuple(t.shape)]
+    if wrong:
+        raise CheckpointError(f"the parameters in {Path(path) / 'params'} do not have the shapes of its config.json "
+                              f"({'; '.join(wrong)}); the checkpoint is damaged: convert or save it again.")
+    return restored
 
 
 def load_model(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any | None = None) -> Csm:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from csm_jax.core.quant import Int4Weight
+from csm_jax.inference.quantize import when_needed
 from csm_jax.io.hub import cache_dir
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cc"))
@@ -95,6 +96,13 @@ def available() -> bool:
     return _available
 
 
+def widened(rows: jax.Array, w, widen) -> jax.Array:
+    """rows @ widen(w) for a prefill: the float32 weights made once rows is there (`when_needed`: one layer's at a
+    time), unfused from the matmul (XLA's CPU matmul is slow on a fused widening)."""
+    rows, w = when_needed(rows, w)
+    return rows @ jax.lax.optimization_barrier(widen(w))
+
+
 @jax.custom_vjp
 def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
     """x (..., K) float32 @ w (K, N) bfloat16 or float32 -> (..., N) float32, exact (weights widened, float32
@@ -104,7 +112,7 @@ def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
 
     def cpu(rows, w):
         if rows.shape[0] > MAX_ROWS:  # a prefill: widen bfloat16 weights once, unfused, then a float32 matmul
-            return rows @ (w if w.dtype == jnp.float32 else jax.lax.optimization_barrier(w.astype(jnp.float32)))
+            return widened(rows, w, lambda w: w.astype(jnp.float32))
         target = "csm_matvec_bf16" if w.dtype == jnp.bfloat16 else "csm_matvec_f32"
         return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, w)
 
@@ -136,7 +144,7 @@ def matvec_int8(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
 
     def cpu(rows, q, scale):
         if rows.shape[0] > MAX_ROWS:
-            return (rows @ jax.lax.optimization_barrier(q.astype(jnp.float32))) * scale
+            return widened(rows, q, lambda q: q.astype(jnp.float32)) * scale
         return jax.ffi.ffi_call("csm_matvec_i8", jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, q, scale)
 
     def other(rows, q, scale):
@@ -165,7 +173,8 @@ def matvec_int4(x: jax.Array, w: Int4Weight) -> jax.Array:
 
     def cpu(rows, packed, scale, bias):
         if rows.shape[0] > MAX_ROWS:
-            return rows @ jax.lax.optimization_barrier(w.replace(packed=packed, scale=scale, bias=bias).matrix())
+            return widened(rows, (packed, scale, bias),
+                           lambda a: w.replace(packed=a[0], scale=a[1], bias=a[2]).matrix())
         strips = jax.ffi.ffi_call("csm_matvec_i4", jax.ShapeDtypeStruct((rows.shape[0], packed.shape[0] * w.tile),
                                                                         jnp.float32))(rows, packed, scale, bias)
         return strips[:, :n]
