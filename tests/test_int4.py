@@ -115,6 +115,24 @@ def test_a_checkpoint_reads_straight_into_the_quantized_decode_layout(tmp_path, 
     assert isinstance(read.backbone.blocks[0].attn.wqkv[...], Int4Weight if weights_dtype == "int4" else Int8Weight)
 
 
+def test_a_checkpoint_that_does_not_match_its_config_is_reported_whole_before_reading(tmp_path):
+    import json
+
+    from csm_jax.core.errors import CheckpointError
+    from csm_jax.core.model import Csm
+    from csm_jax.inference.decode_model import load_decode_model
+    from csm_jax.io.checkpoint import save_model
+
+    ckpt = save_model(Csm(preset("tiny"), rngs=nnx.Rngs(0)), tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["backbone"]["mlp_dim"] += 8
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="3 wrong") as error:
+        load_decode_model(ckpt, "int4")
+    for name in ("w_gate", "w_up", "w_down"):
+        assert f"['backbone']['blocks']['mlp']['{name}']" in str(error.value)
+
+
 @pytest.mark.parametrize("weights_dtype, cpu_kernels", [("int8", False), ("int4", False),
                                                         pytest.param("int4", True, marks=needs_kernels),
                                                         pytest.param("int8", True, marks=needs_kernels)])

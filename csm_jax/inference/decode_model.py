@@ -31,7 +31,7 @@ from csm_jax.core.quant import concat_columns
 from csm_jax.inference import kernels
 from csm_jax.inference.products import decode_dense, faster_kinds, for_kernels, kernel_matmul, KINDS
 from csm_jax.inference.quantize import QUANTIZED, matrix_quantizer, product_kinds, quantize_heads
-from csm_jax.io.checkpoint import abstract_model, read_config, restore_part
+from csm_jax.io.checkpoint import abstract_model, check_stored_shapes, read_config, restore_part
 
 KERNELS_ENV = "CSM_JAX_CPU_KERNELS"
 
@@ -224,6 +224,7 @@ def load_decode_model(path: str | os.PathLike, weights_dtype: str, dtype: DType 
     config = read_config(path)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
                           nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param)))
+    check_stored_shapes(path, target)
     rest = {k: v for k, v in target.items() if k not in ("backbone", "decoder")}
     for stack in ("backbone", "decoder"):
         blocks = target[stack]["blocks"]  # attn and mlp hold only matrices

@@ -135,24 +135,33 @@ def load_params(path: str | os.PathLike, abstract: Csm) -> nnx.State:
     return state
 
 
+def check_stored_shapes(path: str | os.PathLike, target: dict) -> None:
+    """Raises a CheckpointError that lists every leaf of `target` (a pure parameter dict of arrays or
+    `jax.ShapeDtypeStruct`s) that the checkpoint's parameters lack or hold in another shape (read from Orbax's
+    metadata, before any array is read)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        metadata = _restored(path, lambda params: ckptr.metadata(params))
+    stored = {jax.tree_util.keystr(k): tuple(x.shape)
+              for k, x in jax.tree_util.tree_leaves_with_path(getattr(metadata, "item_metadata", None) or {})}
+    wanted = {jax.tree_util.keystr(k): tuple(x.shape) for k, x in jax.tree_util.tree_leaves_with_path(target)}
+    wrong = [f"{k}: missing" if k not in stored else f"{k}: {stored[k]} stored, {shape} expected"
+             for k, shape in wanted.items() if stored.get(k) != shape]
+    if wrong:
+        raise CheckpointError(f"the parameters in {Path(path) / 'params'} do not match its config.json ({len(wrong)} "
+                              f"wrong: {'; '.join(wrong)}); the checkpoint is damaged: convert or save it again.")
+
+
 def restore_part(path: str | os.PathLike, target: dict) -> dict:
     """Some of a checkpoint's parameters, as host (numpy) arrays: `target` is a subtree of its pure parameter dict
-    with `jax.ShapeDtypeStruct` leaves (dtypes cast on restore), so that a large checkpoint can be read a part at a
-    time."""
+    with `jax.ShapeDtypeStruct` leaves (dtypes cast on restore; shapes as stored: `check_stored_shapes` first), so
+    that a large checkpoint can be read a part at a time."""
     def restore(params: Path):
         args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                       partial_restore=True)
         with ocp.PyTreeCheckpointer() as ckptr:
             return ckptr.restore(params, args=args)
 
-    restored = _restored(path, restore)
-    wrong = [f"{jax.tree_util.keystr(k)}: {tuple(x.shape)} stored, {tuple(t.shape)} expected"
-             for (k, x), t in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(target))
-             if tuple(x.shape) != tuple(t.shape)]
-    if wrong:
-        raise CheckpointError(f"the parameters in {Path(path) / 'params'} do not have the shapes of its config.json "
-                              f"({'; '.join(wrong)}); the checkpoint is damaged: convert or save it again.")
-    return restored
+    return _restored(path, restore)
 
 
 def load_model(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any | None = None) -> Csm:
