@@ -108,8 +108,7 @@ def test_a_checkpoint_reads_straight_into_the_quantized_decode_layout(tmp_path, 
     whole = decode_model(model, cpu_kernels=False)
     expected = quantize_decode_params(nnx.to_pure_dict(nnx.state(whole, nnx.Param)), weights_dtype)
     got = nnx.to_pure_dict(nnx.state(read, nnx.Param))
-    leaf = lambda x: is_quantized(x)
-    assert jax.tree.structure(got, is_leaf=leaf) == jax.tree.structure(expected, is_leaf=leaf)
+    assert jax.tree.structure(got, is_leaf=is_quantized) == jax.tree.structure(expected, is_leaf=is_quantized)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
     assert isinstance(read.backbone.blocks[0].attn.wqkv[...], Int4Weight if weights_dtype == "int4" else Int8Weight)

@@ -145,6 +145,7 @@ def kernel_kinds(requested: bool | None = None, kinds=KINDS, params: dict | None
 
 
 MATRICES = {"attn": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_down")}  # a layer's, by module
+MODULE_OF = {w: m for m, names in MATRICES.items() for w in names}
 
 
 def layer_matrix(name: str, w: jax.Array) -> jax.Array:
@@ -182,10 +183,9 @@ def decode_params(params: dict, config: CsmConfig, quantize=None) -> dict:
     out = _unfused(params, config)
     for stack, cfg in (("backbone", config.backbone), ("decoder", config.decoder)):
         blocks = params[stack]["blocks"]
-        module = {w: m for m, names in MATRICES.items() for w in names}
 
         def matrix(name: str, i: int, blocks=blocks):
-            return prepare(layer_matrix(name, blocks[module[name]][name][i]))
+            return prepare(layer_matrix(name, blocks[MODULE_OF[name]][name][i]))
 
         out[stack] = _fused_stack(matrix, {**blocks, "norm": params[stack]["norm"]}, cfg.num_layers)
     return out
